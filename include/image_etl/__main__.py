@@ -1,0 +1,3 @@
+from image_etl.cli import main
+
+raise SystemExit(main())

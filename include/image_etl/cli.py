@@ -1,0 +1,126 @@
+"""``python -m image_etl ...``: the pipeline's stages without Airflow.
+
+    make-drop DIR --date YYYY-MM-DD --count N     synthetic drop + ground truth
+    infer IMAGES_DIR --out OUT --model PATH       one worker over a folder of images
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+from image_etl.settings import InferSettings, SettingsError
+
+log = logging.getLogger("image_etl")
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    if w < 64 or h < 64:
+        raise argparse.ArgumentTypeError("width and height must be at least 64")
+    return w, h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m image_etl", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    drop = sub.add_parser("make-drop", help="write a synthetic drop with ground-truth labels")
+    drop.add_argument("dir", type=Path)
+    drop.add_argument("--date", type=_date, default=dt.date.today())
+    drop.add_argument("--count", type=int, default=24)
+    drop.add_argument("--size", type=_size, default=(2048, 12000), help="WIDTHxHEIGHT")
+    drop.add_argument("--seed", type=int, default=0)
+    drop.add_argument("--quality", type=int, default=90, help="JPEG quality")
+
+    infer = sub.add_parser("infer", help="run one worker over every image under a folder")
+    infer.add_argument("images_dir", type=Path)
+    infer.add_argument("--out", type=Path, help="output root (labels/, annotated/)")
+    infer.add_argument("--beside-images", action="store_true",
+                       help="write each .txt next to its image instead of under --out")
+    infer.add_argument("--model", type=Path, required=True, help="Ultralytics .pt weights file")
+    infer.add_argument("--device", default="cpu", help="cpu, 0, cuda:0 (one device)")
+    infer.add_argument("--imgsz", type=int, default=None, help="default: the model's own")
+    infer.add_argument("--conf", type=float, default=0.25)
+    infer.add_argument("--iou", type=float, default=0.7)
+    infer.add_argument("--batch", type=int, default=8)
+    infer.add_argument("--decode-workers", type=int, default=None)
+    infer.add_argument("--fast-decode", action="store_true",
+                       help="reduced-scale JPEG decode when the model input is much smaller")
+    infer.add_argument("--save-annotated", action="store_true")
+    infer.add_argument("--staging", type=Path, default=None,
+                       help="JSONL of finished images; makes the run resumable")
+    infer.add_argument("--summary", type=Path, default=None, help="write a JSON summary here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "make-drop":
+            return _make_drop(args)
+        return _infer(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _make_drop(args: argparse.Namespace) -> int:
+    from image_etl import synth
+
+    width, height = args.size
+    paths = synth.make_drop(args.dir, args.date, args.count, width=width, height=height,
+                            seed=args.seed, quality=args.quality)
+    size = sum(p.stat().st_size for p in paths)
+    print(f"wrote {len(paths)} images ({size / 1e6:.0f} MB) under {args.dir / args.date.isoformat()}"
+          f", ground truth under {args.dir / synth.GROUND_TRUTH_DIR / args.date.isoformat()}")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from image_etl.devices import parse_devices
+    from image_etl.discover import list_images
+    from image_etl.model import load_model
+    from image_etl.outputs import OutputLayout
+    from image_etl.worker import ImageTask, run_shard
+
+    if args.out is None and not args.beside_images:
+        raise SettingsError("out", "give an output folder, or --beside-images")
+    settings = InferSettings(imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+                             batch_size=args.batch, fast_decode=args.fast_decode,
+                             save_annotated=args.save_annotated,
+                             decode_workers=args.decode_workers)
+    devices = parse_devices(args.device)
+    if len(devices) != 1:
+        raise SettingsError("device", f"infer runs one worker on one device, got {devices}")
+    root = args.images_dir.resolve()
+    listing = list_images(root)
+    tasks = [ImageTask(root / f.rel_path, f.rel_path) for f in listing.images]
+    model = load_model(args.model, devices[0], half=settings.half, imgsz=settings.imgsz)
+    layout = OutputLayout((args.out or root).resolve(), beside_images=args.beside_images)
+    report = run_shard(tasks, model, settings, layout, staging_path=args.staging)
+    summary = {"images_dir": str(root), "model": str(args.model), "model_sha256": model.sha256,
+               "settings": settings.to_dict(), **report.to_dict()}
+    if args.summary:
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(f"{report.processed} images ({report.failed} failed, {report.resumed} resumed), "
+          f"{report.detections} detections, {report.images_per_s:.2f} images/s")
+    return 0

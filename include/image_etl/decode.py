@@ -1,0 +1,147 @@
+"""Read + decode (+ reduced-scale JPEG decode) + letterbox one image, on a worker thread.
+
+OpenCV releases the GIL while it decodes and resizes, so a few threads decode in parallel.
+Exact mode reads like Ultralytics' ``imread`` (``np.fromfile`` + ``cv2.imdecode``) and
+letterboxes with Ultralytics' own ``LetterBox``, so its model input equals ``model.predict``'s.
+
+Fast mode asks libjpeg for a 1/2, 1/4 or 1/8 scale decode (DCT-domain scaling: most of the
+inverse DCT and colour conversion is skipped) when the model input is that much smaller than
+the image; boxes are scaled back to the full-size image afterwards. Pixels differ slightly
+from a full decode + resize, so the mode is an option with a measured agreement.
+
+A bad image never raises here: it comes back with ``error`` set to a specific reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# Pillow reads only the header here; the size check below is ours, so silence its own.
+Image.MAX_IMAGE_PIXELS = None
+
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                  8: cv2.IMREAD_REDUCED_COLOR_8}
+JPEG_FORMATS = {"JPEG", "MPO"}
+
+
+@dataclasses.dataclass
+class DecodedImage:
+    index: int  # position in the shard, keeps batches and outputs in manifest order
+    path: Path
+    rel_path: str
+    bytes: int = 0
+    orig_shape: tuple[int, int] = (0, 0)  # (h, w) of the full-size image
+    decoded_shape: tuple[int, int] = (0, 0)  # (h, w) actually decoded (smaller in fast mode)
+    input: np.ndarray | None = None  # letterboxed HWC BGR uint8 model input
+    image: np.ndarray | None = None  # decoded image, kept only for annotated outputs
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def reduction_factor(orig_hw: tuple[int, int], imgsz: int) -> int:
+    """Largest libjpeg scale (1, 2, 4, 8) whose output still covers the letterboxed size.
+
+    The letterbox scales the long side to ``imgsz``; decoding at 1/k never drops below that,
+    so the resize that follows is still a downscale and the tensor shape is unchanged.
+    """
+    ratio = max(orig_hw) / imgsz
+    for k in (8, 4, 2):
+        if ratio >= k:
+            return k
+    return 1
+
+
+class Decoder:
+    """Callable that turns a file into a ``DecodedImage`` (thread-safe, no shared state)."""
+
+    def __init__(self, imgsz: int, stride: int, fast: bool = False, keep_image: bool = False,
+                 max_pixels: int = 400_000_000) -> None:
+        from ultralytics.data.augment import LetterBox
+
+        self.imgsz = imgsz
+        self.fast = fast
+        self.keep_image = keep_image
+        self.max_pixels = max_pixels
+        # Same construction as Ultralytics' predictor for one image: rect (auto) padding.
+        self.letterbox = LetterBox((imgsz, imgsz), auto=True, stride=stride)
+
+    def __call__(self, index: int, path: Path, rel_path: str) -> DecodedImage:
+        start = time.perf_counter()
+        item = DecodedImage(index=index, path=path, rel_path=rel_path)
+        try:
+            self._decode(item)
+        except MemoryError:
+            item.error = "out of memory while decoding"
+        except cv2.error as exc:
+            item.error = f"decoder error: {str(exc).strip().splitlines()[-1][:200]}"
+        item.seconds = time.perf_counter() - start
+        return item
+
+    def _decode(self, item: DecodedImage) -> None:
+        path = item.path
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            data = np.fromfile(path, np.uint8)
+        except PermissionError:
+            item.error = "unreadable: permission denied"
+            return
+        except IsADirectoryError:
+            item.error = "not a file: is a directory"
+            return
+        except FileNotFoundError:
+            item.error = "missing: the file disappeared before it was read"
+            return
+        except OSError as exc:
+            item.error = f"unreadable: {exc.strerror or exc}"
+            return
+        item.bytes = st.st_size
+        if data.size == 0:
+            item.error = "empty file (0 bytes)"
+            return
+        header = _probe(data)
+        if isinstance(header, str):
+            item.error = header
+            return
+        fmt, (w, h) = header
+        if w * h > self.max_pixels:
+            item.error = (f"image too large: header says {w}x{h} "
+                          f"({w * h / 1e6:.0f} MP > limit {self.max_pixels / 1e6:.0f} MP)")
+            return
+        item.orig_shape = (h, w)
+        factor = reduction_factor((h, w), self.imgsz) if self.fast and fmt in JPEG_FORMATS else 1
+        img = cv2.imdecode(data, _REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_COLOR)
+        del data
+        if img is None:
+            item.error = f"cannot decode {fmt} data (corrupt or truncated)"
+            return
+        if img.ndim == 2:
+            img = img[..., None]
+        if factor == 1 and img.shape[:2] != (h, w):
+            item.orig_shape = img.shape[:2]  # EXIF orientation swapped the axes
+        elif factor > 1 and (img.shape[0] > img.shape[1]) != (h > w):
+            item.orig_shape = (w, h)
+        item.decoded_shape = img.shape[:2]
+        item.input = self.letterbox(image=img)
+        if self.keep_image:
+            item.image = img
+
+
+def _probe(data: np.ndarray) -> tuple[str, tuple[int, int]] | str:
+    """Format and (w, h) from the header alone, or a reason why this is not an image."""
+    import io
+
+    try:
+        # Headers sit in the first bytes (JPEG APPn segments are < 64 KiB each).
+        with Image.open(io.BytesIO(data[: 1 << 20].tobytes())) as im:
+            return str(im.format), im.size
+    except Image.DecompressionBombError as exc:  # pragma: no cover - disabled above
+        return f"image too large: {exc}"
+    except Exception:
+        return "not an image (unrecognised header)"

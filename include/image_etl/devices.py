@@ -1,0 +1,106 @@
+"""Device lists ("auto", "cpu", "0,1", "cuda:0,cuda:1") and the per-host device lease.
+
+The lease is an exclusive ``flock`` on one lock file per device, so two workers on one host
+(a backfill and the nightly run, say) never share a GPU. The kernel drops the lock when the
+process dies, so a killed task never leaves a device locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from image_etl.settings import SettingsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOCK_DIR = Path(os.environ.get("IMAGE_ETL_LOCK_DIR", "/tmp/image_etl-device-locks"))
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency of the worker
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_devices(spec: str | list[str] | tuple[str, ...], available_gpus: int | None = None
+                  ) -> list[str]:
+    """Normalise a device list to torch names: ``["cuda:0", "cuda:1"]`` or ``["cpu", ...]``.
+
+    ``auto`` means every visible GPU, or one ``cpu`` if there is none. ``cpu`` may repeat
+    (``cpu,cpu`` = two CPU workers), which makes multi-worker runs testable without a GPU.
+    A GPU may not repeat: two workers on one GPU is what the lease exists to prevent.
+    """
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    items = [str(i).strip().lower() for i in items if str(i).strip()]
+    if not items:
+        raise SettingsError("devices", "is empty; use 'auto', 'cpu' or GPU indices like '0,1'")
+    gpus = cuda_device_count() if available_gpus is None else available_gpus
+    if items == ["auto"]:
+        return [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
+    devices: list[str] = []
+    for item in items:
+        if item == "cpu":
+            devices.append("cpu")
+            continue
+        index = item.removeprefix("cuda:")
+        if not index.isdigit():
+            raise SettingsError("devices", f"unknown device {item!r}; use 'auto', 'cpu', "
+                                           "'0,1' or 'cuda:0,cuda:1'")
+        if int(index) >= gpus:
+            raise SettingsError("devices", f"{item!r} does not exist on this host "
+                                           f"({gpus} GPU(s) visible)")
+        name = f"cuda:{int(index)}"
+        if name in devices:
+            raise SettingsError("devices", f"{name} is listed twice")
+        devices.append(name)
+    return devices
+
+
+@contextlib.contextmanager
+def lease(device: str, lock_dir: Path = DEFAULT_LOCK_DIR, timeout_s: float | None = None,
+          poll_s: float = 0.5) -> Iterator[str]:
+    """Hold ``device`` exclusively on this host for the ``with`` block.
+
+    CPU is not leased (repeated ``cpu`` workers share the cores by design). Waits for a busy
+    GPU, logging who has it, up to ``timeout_s`` (None = forever).
+    """
+    if device == "cpu":
+        yield device
+        return
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"{device.replace(':', '-')}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        start = time.monotonic()
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if timeout_s is not None and time.monotonic() - start > timeout_s:
+                    raise TimeoutError(f"{device} stayed busy for {timeout_s:.0f}s "
+                                       f"(lock {path}, held by {_holder(fd)})") from None
+                if not announced:
+                    log.info("waiting for %s, held by %s", device, _holder(fd))
+                    announced = True
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        yield device
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _holder(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+    return "unknown"

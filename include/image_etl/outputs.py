@@ -1,0 +1,195 @@
+"""What a worker leaves behind: YOLO txt files, annotated images and staged rows for the load.
+
+- txt: byte-compatible with Ultralytics ``Results.save_txt(save_conf=True)``: one line per
+  box, ``cls xc yc w h conf`` normalised, ``%g``; an empty file when nothing was detected.
+  Written to a temp file and renamed over the old one: readers never see half a file and a
+  re-run overwrites, never appends.
+- staging: one JSON line per image (status, size, detections) appended to the shard's file as
+  each image completes. A retried shard reads it back and skips what is already done; the load
+  task turns it into rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+
+STAGING_VERSION = 1
+# One detection row as staged: class, confidence, pixel box (x1, y1, x2, y2) in the full-size
+# image, normalised centre box (xc, yc, w, h) exactly as written to the txt file.
+DET_FIELDS = ("cls", "conf", "x1", "y1", "x2", "y2", "xc", "yc", "w", "h")
+
+
+class OutputPathError(ValueError):
+    """A file name would place an output outside the output root."""
+
+
+def format_txt(dets: np.ndarray) -> str:
+    """``dets`` rows as DET_FIELDS → the txt body Ultralytics' save_txt would write."""
+    lines = []
+    for row in dets.tolist():
+        line = (int(row[0]), row[6], row[7], row[8], row[9], row[1])
+        lines.append(("%g " * len(line)).rstrip() % line)
+    return "".join(line + "\n" for line in lines)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputLayout:
+    """Where outputs go. ``root/labels/<rel>.txt`` and ``root/annotated/<rel>``, mirroring the
+    drop's relative paths; or, with ``beside_images``, ``<image>.txt`` next to each image (the
+    original script's layout)."""
+
+    root: Path
+    beside_images: bool = False
+
+    def _inside(self, base: Path, rel_path: str, suffix: str | None) -> Path:
+        rel = Path(rel_path)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise OutputPathError(f"refusing output path for {rel_path!r}: not a plain relative path")
+        target = base / (rel.with_suffix(suffix) if suffix is not None else rel)
+        if not target.resolve().is_relative_to(base.resolve()):
+            raise OutputPathError(f"refusing output path for {rel_path!r}: escapes {base}")
+        return target
+
+    def txt_path(self, rel_path: str, image_path: Path) -> Path:
+        if self.beside_images:
+            return image_path.with_suffix(".txt")
+        return self._inside(self.root / "labels", rel_path, ".txt")
+
+    def annotated_path(self, rel_path: str) -> Path:
+        return self._inside(self.root / "annotated", rel_path, ".jpg")
+
+
+def draw_annotations(image: np.ndarray, dets: np.ndarray, names: dict[int, str],
+                     scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """Boxes and labels drawn on a copy of ``image`` (whose pixels are ``scale`` x full size)."""
+    out = image.copy() if image.shape[2] == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    thickness = max(2, round(max(out.shape[:2]) / 1500))
+    palette = ((56, 56, 255), (255, 157, 151), (31, 112, 255), (29, 178, 255), (49, 210, 207))
+    for row in dets.tolist():
+        cls, conf = int(row[0]), row[1]
+        x1, y1, x2, y2 = (round(row[2] * scale[0]), round(row[3] * scale[1]),
+                          round(row[4] * scale[0]), round(row[5] * scale[1]))
+        color = palette[cls % len(palette)]
+        cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness)
+        label = f"{names.get(cls, cls)} {conf:.2f}"
+        font_scale = thickness / 3
+        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        top = max(y1 - th - 4, 0)
+        cv2.rectangle(out, (x1, top), (x1 + tw + 4, top + th + 4), color, -1)
+        cv2.putText(out, label, (x1 + 2, top + th + 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                    (255, 255, 255), thickness, cv2.LINE_AA)
+    return out
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding of an annotated image failed")
+    return buf.tobytes()
+
+
+# --- staged rows ---------------------------------------------------------------------------
+
+def image_record(rel_path: str, *, status: str, bytes_: int, width: int, height: int,
+                 error: str | None, dets: np.ndarray | None) -> dict[str, Any]:
+    return {"rel_path": rel_path, "status": status, "bytes": bytes_, "width": width,
+            "height": height, "error": error,
+            "detections": [] if dets is None else dets.tolist()}
+
+
+class StagingWriter:
+    """Append-only JSONL of finished images for one shard, flushed line by line.
+
+    The first line is a header with the result fingerprint; an existing file with another
+    fingerprint (other model or settings) is discarded rather than resumed.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.meta = meta
+        self._f: TextIO | None = None
+
+    def resume(self) -> dict[str, dict[str, Any]]:
+        """Open for appending; returns the records already staged by an earlier attempt."""
+        done: dict[str, dict[str, Any]] = {}
+        header, records = read_staging(self.path) if self.path.exists() else (None, [])
+        if header is not None and header.get("fingerprint") == self.fingerprint:
+            done = {r["rel_path"]: r for r in records}
+            # Rewrite only the complete lines: a line cut by a crash must not stay in the file.
+            self._rewrite(header, list(done.values()))
+        else:
+            self._rewrite({"kind": "header", "version": STAGING_VERSION,
+                           "fingerprint": self.fingerprint, **self.meta}, [])
+        self._f = open(self.path, "a", encoding="utf-8")
+        return done
+
+    def _rewrite(self, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [header, *records])
+        atomic_write(self.path, body)
+
+    def append(self, record: dict[str, Any]) -> None:
+        assert self._f is not None, "resume() opens the staging file"
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()  # survives a killed process (the page cache keeps it)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_staging(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Header and complete records of a staging file; a torn last line is ignored.
+
+    Later records for the same image win (a retried failure appends a new line).
+    """
+    header: dict[str, Any] | None = None
+    latest: dict[str, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn write from a killed process
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if obj.get("kind") == "header":
+                header = obj
+            else:
+                latest[obj["rel_path"]] = obj
+    return header, list(latest.values())
+
+
+def iter_staged(paths: list[Path]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(header, record) over several shards' staging files."""
+    for path in paths:
+        header, records = read_staging(path)
+        if header is None:
+            raise ValueError(f"staging file {path} has no header")
+        for record in records:
+            yield header, record
