@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+# Airflow reads its configuration at import: point it at a throwaway home before anything does.
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="image_etl_airflow_"))
+os.environ["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 DEMO_MODEL = Path(os.environ.get("IMAGE_ETL_TEST_MODEL", ROOT / "models" / "demo-yolo11n-2cls.pt"))
 DROP_DATE = dt.date(2026, 11, 20)
 
@@ -45,3 +53,11 @@ def small_drop(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small_drops")
     synth.make_drop(root, DROP_DATE, 8, width=512, height=3000, seed=7)
     return root
+
+
+@pytest.fixture(scope="session")
+def airflow_home() -> Path:
+    """A migrated SQLite metadata DB for dag.test()."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,
+                   stdout=subprocess.DEVNULL, timeout=600)
+    return AIRFLOW_HOME

@@ -6,8 +6,11 @@ Validation happens here, before any work starts, and every error names the param
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +120,101 @@ def absolute_path(name: str, value: Any, allowed_roots: tuple[Path, ...] = ()) -
         roots = ", ".join(str(r) for r in allowed_roots)
         raise SettingsError(name, f"{str(path)!r} is not under an allowed root ({roots})")
     return resolved
+
+
+# --- a whole run: what the DAG's params (or the CLI) ask for ------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = PROJECT_ROOT / "models" / "demo-yolo11n-2cls.pt"
+
+
+def env_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Param defaults a deployment sets once through the environment (IMAGE_ETL_*)."""
+    env = os.environ if env is None else env
+    return {
+        "drop_dir": env.get("IMAGE_ETL_DROP_DIR", "/data/drops/{date}"),
+        "output_dir": env.get("IMAGE_ETL_OUTPUT_DIR", "/data/outputs/{model}/{date}"),
+        "model_path": env.get("IMAGE_ETL_MODEL", str(DEMO_MODEL)),
+        "devices": env.get("IMAGE_ETL_DEVICES", "auto"),
+        "imgsz": int(env["IMAGE_ETL_IMGSZ"]) if env.get("IMAGE_ETL_IMGSZ") else None,
+        "conf": float(env.get("IMAGE_ETL_CONF", 0.25)),
+        "iou": float(env.get("IMAGE_ETL_IOU", 0.7)),
+        "batch_size": int(env.get("IMAGE_ETL_BATCH_SIZE", 8)),
+        "fast_decode": env.get("IMAGE_ETL_FAST_DECODE", "false").lower() in {"1", "true", "yes"},
+        "save_annotated": env.get("IMAGE_ETL_SAVE_ANNOTATED", "false").lower() in {"1", "true", "yes"},
+        "settle_seconds": float(env.get("IMAGE_ETL_SETTLE_SECONDS", 60)),
+        "max_failed_fraction": float(env.get("IMAGE_ETL_MAX_FAILED_FRACTION", 0.5)),
+        "schedule": env.get("IMAGE_ETL_SCHEDULE", "0 2 * * *"),
+        "allowed_roots": tuple(Path(p) for p in env.get("IMAGE_ETL_ALLOWED_ROOTS", "").split(":") if p),
+    }
+
+
+def _fill(template: str, drop_date: dt.date, model: Path) -> str:
+    # Plain replacement, not str.format: a path may legitimately contain other braces.
+    return template.replace("{date}", drop_date.isoformat()).replace("{model}", model.stem)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    drop_date: dt.date
+    drop_dir: Path
+    output_dir: Path
+    model_path: Path
+    devices: str
+    infer: InferSettings
+    reprocess: bool = False
+    settle_seconds: float = 60.0
+    max_failed_fraction: float = 0.5
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], run_date: dt.date,
+                    allowed_roots: tuple[Path, ...] = ()) -> RunSettings:
+        """Validate DAG params / CLI options; raise SettingsError naming the first bad one."""
+        known = {"date", "drop_dir", "output_dir", "model_path", "devices", "imgsz", "conf", "iou",
+                 "batch_size", "fast_decode", "save_annotated", "reprocess", "settle_seconds",
+                 "max_failed_fraction"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise SettingsError(unknown[0], f"unknown parameter (known: {', '.join(sorted(known))})")
+        raw_date = params.get("date")
+        if raw_date in (None, ""):
+            drop_date = run_date
+        else:
+            try:
+                drop_date = dt.date.fromisoformat(str(raw_date).strip())
+            except ValueError:
+                raise SettingsError("date", f"expected YYYY-MM-DD or empty, got {raw_date!r}") from None
+        model_path = absolute_path("model_path", params.get("model_path"), allowed_roots)
+        if not model_path.is_file():
+            raise SettingsError("model_path", f"no such file: {model_path}")
+        if model_path.suffix != ".pt":
+            raise SettingsError("model_path", f"expected an Ultralytics .pt file, got {model_path.name}")
+        drop_dir = absolute_path("drop_dir", _fill(str(params.get("drop_dir") or ""), drop_date,
+                                                   model_path), allowed_roots)
+        output_dir = absolute_path("output_dir", _fill(str(params.get("output_dir") or ""),
+                                                       drop_date, model_path), allowed_roots)
+        devices = params.get("devices") or "auto"
+        if isinstance(devices, (list, tuple)):
+            devices = ",".join(str(d) for d in devices)
+        if not isinstance(devices, str):
+            raise SettingsError("devices", f"expected text like 'auto', 'cpu' or '0,1', got {devices!r}")
+        infer = InferSettings(imgsz=params.get("imgsz") or None, conf=params.get("conf", 0.25),
+                              iou=params.get("iou", 0.7), batch_size=params.get("batch_size", 8),
+                              fast_decode=params.get("fast_decode", False),
+                              save_annotated=params.get("save_annotated", False))
+        return cls(drop_date=drop_date, drop_dir=drop_dir, output_dir=output_dir,
+                   model_path=model_path, devices=devices, infer=infer,
+                   reprocess=_flag("reprocess", params.get("reprocess", False)),
+                   settle_seconds=_number("settle_seconds", params.get("settle_seconds", 60.0),
+                                          float, 0, 86_400),
+                   max_failed_fraction=_number("max_failed_fraction",
+                                               params.get("max_failed_fraction", 0.5), float, 0, 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"date": self.drop_date.isoformat(), "drop_dir": str(self.drop_dir),
+                "output_dir": str(self.output_dir), "model_path": str(self.model_path),
+                "devices": self.devices, **{k: v for k, v in self.infer.to_dict().items()
+                                            if k in {"imgsz", "conf", "iou", "batch_size",
+                                                     "fast_decode", "save_annotated"}},
+                "reprocess": self.reprocess, "settle_seconds": self.settle_seconds,
+                "max_failed_fraction": self.max_failed_fraction}

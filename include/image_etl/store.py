@@ -1,0 +1,675 @@
+"""The results database: schema, migrations and the idempotent load of staged rows.
+
+SQLAlchemy 2 Core, no ORM. A SQLite file by default (no server needed), PostgreSQL in
+production. Identity: a result is (model_sha256, drop_date, rel_path); loading it again
+replaces that image's row (same id) and its detections, all in one transaction.
+
+PostgreSQL is filled with ``COPY ... FROM STDIN (FORMAT csv)`` through psycopg2's
+``copy_expert`` on the very connection (and transaction) SQLAlchemy holds; SQLite with
+``executemany``. File names never become SQL text: they travel as bound parameters or as
+COPY data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Connection,
+    Date,
+    DateTime,
+    Double,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    literal,
+    select,
+    true,
+)
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from image_etl.outputs import DET_FIELDS, read_staging
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+# pg_advisory_xact_lock keys: one for migrations, one namespace for loads (ASCII "imgetl").
+_PG_LOCK_MIGRATE = 0x696D6765746C
+_PG_LOCK_LOAD_NS = 0x696D6765
+_COPY_CHUNK_ROWS = 50_000
+
+
+class StoreError(ValueError):
+    """The database or its URL cannot be used; the message says which (password hidden)."""
+
+
+# --- engine ---------------------------------------------------------------------------------
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: safe for logs and error messages."""
+    try:
+        text = make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        text = str(url)
+        # Not parseable by SQLAlchemy: hide whatever sits between "user:" and "@".
+        text = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
+    # libpq also takes the password as a query parameter.
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", text)
+
+
+def engine_from_url(url: str) -> Engine:
+    """An Engine for ``sqlite:///path`` or ``postgresql+psycopg2://...``.
+
+    SQLite: the file's folder is created; every connection gets foreign keys on, WAL and a
+    busy timeout, and SQLAlchemy (not the sqlite3 module) emits BEGIN, so DDL is
+    transactional too; :func:`write_transaction` begins with ``BEGIN IMMEDIATE``.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as e:
+        raise StoreError(f"db_url: cannot parse {redact_url(url)!r}: {e}") from None
+    backend = parsed.get_backend_name()
+    kwargs: dict[str, Any] = {}
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    elif backend == "postgresql":
+        if parsed.get_driver_name() == "psycopg2":
+            kwargs["client_encoding"] = "utf8"
+    else:
+        raise StoreError(f"db_url: unsupported database {backend!r} in {redact_url(url)!r}; "
+                         "use sqlite:///path or postgresql+psycopg2://...")
+    try:
+        engine = create_engine(parsed, pool_pre_ping=backend == "postgresql", **kwargs)
+    except Exception as e:  # a missing driver etc.: name the URL, never the password
+        raise StoreError(f"db_url: cannot create an engine for {redact_url(url)!r}: {e}") from None
+    if backend == "sqlite":
+        _sqlite_events(engine)
+    return engine
+
+
+def _sqlite_events(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN (the sqlite3 module would only begin
+        # before DML, leaving DDL and reads outside the transaction).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
+            cur.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # A writer takes the write lock up front: a deferred transaction that reads first
+        # and writes later can fail with SQLITE_BUSY instead of waiting for the other writer.
+        write = conn.get_execution_options().get("image_etl_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One read-write transaction: committed when the block ends, rolled back if it raises."""
+    with engine.connect().execution_options(image_etl_write=True) as conn, conn.begin():
+        yield conn
+
+
+@contextlib.contextmanager
+def _in_transaction(conn_or_engine: Connection | Engine) -> Iterator[Connection]:
+    """Use the caller's connection (and its transaction) or open a write transaction."""
+    if isinstance(conn_or_engine, Connection):
+        if conn_or_engine.in_transaction():
+            yield conn_or_engine
+        else:
+            with conn_or_engine.begin():
+                yield conn_or_engine
+    else:
+        with write_transaction(conn_or_engine) as conn:
+            yield conn
+
+
+def _insert(conn: Connection, table: Table) -> Any:
+    """The dialect's INSERT, which has ``on_conflict_do_update``/``do_nothing``."""
+    if conn.dialect.name == "postgresql":
+        return pg_dialect.insert(table)
+    if conn.dialect.name == "sqlite":
+        return sqlite_dialect.insert(table)
+    raise StoreError(f"unsupported database {conn.dialect.name!r}")
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+def _id_type() -> Any:
+    return BigInteger().with_variant(Integer, "sqlite")
+
+
+def _schema_v1(md: MetaData) -> tuple[Table, Table, Table, Table]:
+    models_ = Table(
+        "models", md,
+        Column("sha256", String(64), primary_key=True),
+        Column("name", Text),
+        Column("path", Text),
+        Column("class_names", Text, nullable=False),  # JSON object {"0": "person", ...}
+        Column("first_seen", DateTime(timezone=True), nullable=False),
+    )
+    runs_ = Table(
+        "runs", md,
+        Column("run_key", Text, primary_key=True),  # "<dag_id>/<run_id>"
+        Column("dag_id", Text),
+        Column("run_id", Text),
+        Column("drop_date", Date, nullable=False),
+        Column("model_sha256", String(64), ForeignKey("models.sha256"), nullable=True),
+        Column("settings", Text, nullable=False),  # JSON
+        Column("loaded_at", DateTime(timezone=True), nullable=False),
+        Column("images", Integer, nullable=False),
+        Column("ok", Integer, nullable=False),
+        Column("failed", Integer, nullable=False),
+        Column("detections", BigInteger, nullable=False),
+        Column("infer_seconds", Double, nullable=False),
+        Column("images_per_s", Double, nullable=True),  # NULL when the time is unknown
+    )
+    images_ = Table(
+        "images", md,
+        Column("id", _id_type(), primary_key=True, autoincrement=True),
+        Column("model_sha256", String(64), ForeignKey("models.sha256"), nullable=False),
+        Column("drop_date", Date, nullable=False),
+        Column("rel_path", Text, nullable=False),
+        Column("run_key", Text, nullable=False),
+        Column("bytes", BigInteger),
+        Column("width", Integer),
+        Column("height", Integer),
+        Column("status", Text, nullable=False),
+        Column("error", Text, nullable=True),
+        Column("processed_at", DateTime(timezone=True), nullable=False),
+        # Its unique index also serves every lookup by (model_sha256, drop_date): a second
+        # index on that prefix would only slow the loads down.
+        UniqueConstraint("model_sha256", "drop_date", "rel_path", name="uq_images_identity"),
+        CheckConstraint("status IN ('ok', 'failed')", name="ck_images_status"),
+    )
+    detections_ = Table(
+        "detections", md,
+        Column("image_id", _id_type(), ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
+        Column("det_index", Integer, nullable=False),
+        Column("class_id", Integer, nullable=False),
+        Column("class_name", Text, nullable=False),
+        Column("confidence", Double, nullable=False),
+        *(Column(c, Double, nullable=False) for c in ("x1", "y1", "x2", "y2")),  # pixels
+        *(Column(c, Double, nullable=False) for c in ("xc", "yc", "w", "h")),  # normalised
+        PrimaryKeyConstraint("image_id", "det_index", name="pk_detections"),
+        CheckConstraint("confidence >= 0 AND confidence <= 1", name="ck_detections_confidence"),
+        CheckConstraint("det_index >= 0", name="ck_detections_det_index"),
+    )
+    return models_, runs_, images_, detections_
+
+
+# The current schema, for queries (the migrations below build their own copies).
+SCHEMA = MetaData()
+models, runs, images, detections = _schema_v1(SCHEMA)
+schema_version = Table("image_etl_schema_version", MetaData(),
+                       Column("version", Integer, primary_key=True, autoincrement=False))
+
+
+def _migration_1(conn: Connection) -> None:
+    md = MetaData()
+    for table in _schema_v1(md):
+        table.create(conn)
+
+
+# Ordered: MIGRATIONS[n] takes the schema from version n to n + 1. Append, never edit.
+MIGRATIONS: Sequence[Callable[[Connection], None]] = (_migration_1,)
+
+
+def schema_version_of(conn: Connection) -> int:
+    """The version recorded in the database; 0 when it was never migrated."""
+    if not inspect(conn).has_table(schema_version.name):
+        return 0
+    return conn.execute(select(func.coalesce(func.max(schema_version.c.version), 0))).scalar_one()
+
+
+def migrate(engine: Engine) -> int:
+    """Apply the missing migrations, each in its own transaction; return the schema version.
+
+    Idempotent, and safe when several processes call it at once: on PostgreSQL each step runs
+    under a transaction-scoped advisory lock, SQLite serialises writers (BEGIN IMMEDIATE).
+    """
+    while True:
+        with write_transaction(engine) as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(_PG_LOCK_MIGRATE)))
+            schema_version.create(conn, checkfirst=True)
+            current = schema_version_of(conn)
+            if current > len(MIGRATIONS):
+                raise StoreError(f"database schema is version {current}, newer than this code "
+                                 f"knows ({len(MIGRATIONS)}): upgrade image_etl")
+            if current == len(MIGRATIONS):
+                return current
+            MIGRATIONS[current](conn)
+            conn.execute(schema_version.insert().values(version=current + 1))
+            log.info("migrated the results database to schema version %d", current + 1)
+
+
+# --- models, runs -----------------------------------------------------------------------------
+
+def _names_json(names: dict[int, str]) -> str:
+    return json.dumps({str(int(k)): str(v) for k, v in sorted(names.items())}, ensure_ascii=False)
+
+
+def upsert_model(conn_or_engine: Connection | Engine, sha256: str, path: str,
+                 names: dict[int, str] | None) -> None:
+    """Insert or update the model's row; ``first_seen`` stays as first written.
+
+    ``names`` None keeps the class names already stored (``{}`` for a new row).
+    """
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+        raise ValueError(f"model sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    with _in_transaction(conn_or_engine) as conn:
+        stmt = _insert(conn, models).values(
+            sha256=sha256, name=Path(path).name if path else None, path=path or None,
+            class_names=_names_json(names or {}), first_seen=_now())
+        update: dict[str, Any] = {"name": stmt.excluded.name, "path": stmt.excluded.path}
+        if names is not None:
+            update["class_names"] = stmt.excluded.class_names
+        conn.execute(stmt.on_conflict_do_update(index_elements=[models.c.sha256], set_=update))
+
+
+def model_names(conn: Connection, sha256: str) -> dict[int, str] | None:
+    """The class names stored for a model, or None when the model is unknown."""
+    text = conn.execute(select(models.c.class_names).where(models.c.sha256 == sha256)).scalar()
+    return None if text is None else {int(k): v for k, v in json.loads(text).items()}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --- load -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunInfo:
+    """The DAG run a load belongs to; ``run_key`` is its identity in ``runs``."""
+
+    run_key: str
+    dag_id: str
+    run_id: str
+    drop_date: dt.date
+    settings: dict[str, Any]
+    infer_seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class LoadReport:
+    images: int
+    ok: int
+    failed: int
+    detections: int
+    seconds: float
+    rows_per_s: float
+
+
+_STAGE = MetaData()
+_stage_images = Table(
+    "image_etl_stage_images", _STAGE,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("rel_path", Text, nullable=False),
+    Column("bytes", BigInteger),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("status", Text, nullable=False),
+    Column("error", Text),
+    prefixes=["TEMPORARY"], postgresql_on_commit="DROP",
+)
+_stage_dets = Table(
+    "image_etl_stage_detections", _STAGE,
+    Column("seq", Integer, nullable=False),
+    Column("det_index", Integer, nullable=False),
+    Column("class_id", Integer, nullable=False),
+    Column("class_name", Text, nullable=False),
+    Column("confidence", Double, nullable=False),
+    *(Column(c, Double, nullable=False) for c in ("x1", "y1", "x2", "y2", "xc", "yc", "w", "h")),
+    prefixes=["TEMPORARY"], postgresql_on_commit="DROP",
+)
+_DET_COLS = ("confidence", "x1", "y1", "x2", "y2", "xc", "yc", "w", "h")
+# DET_FIELDS is (cls, conf, x1..y2, xc..h): everything after cls maps onto _DET_COLS in order.
+assert DET_FIELDS[0] == "cls" and DET_FIELDS[1] == "conf" and len(DET_FIELDS) == 1 + len(_DET_COLS)
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        header = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"staging file {path}: cannot read its header: {e}") from None
+    if not isinstance(header, dict) or header.get("kind") != "header":
+        raise ValueError(f"staging file {path} has no header")
+    sha = header.get("model_sha256")
+    if not isinstance(sha, str) or not sha:
+        raise ValueError(f"staging file {path}: header has no model_sha256")
+    return header
+
+
+def _check_complete_lines(path: Path) -> None:
+    """read_staging stops at the first unreadable line; only a torn LAST line (a killed
+    writer) may be dropped, so corruption anywhere before it is an error, not a silent loss."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                return
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"staging file {path}, line {lineno}: corrupt record ({e})") from None
+
+
+def _int_or_none(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return value
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return number
+
+
+def _record_rows(record: dict[str, Any], seq: int, names: dict[int, str]
+                 ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """One staged record → its stage_images row and stage_detections rows (validated)."""
+    rel_path = record.get("rel_path")
+    if not isinstance(rel_path, str) or not rel_path or "\x00" in rel_path:
+        raise ValueError(f"bad rel_path {rel_path!r}")
+    status = record.get("status")
+    if status not in ("ok", "failed"):
+        raise ValueError(f"{rel_path!r}: status must be 'ok' or 'failed', got {status!r}")
+    error = record.get("error")
+    if error is not None and not isinstance(error, str):
+        raise ValueError(f"{rel_path!r}: error must be text, got {error!r}")
+    if error is not None:
+        error = error.replace("\x00", "\\x00")  # text columns cannot hold NUL
+    image = (seq, rel_path, _int_or_none(record.get("bytes"), f"{rel_path!r}: bytes"),
+             _int_or_none(record.get("width"), f"{rel_path!r}: width"),
+             _int_or_none(record.get("height"), f"{rel_path!r}: height"), status, error)
+    dets: list[tuple[Any, ...]] = []
+    if status == "ok":  # a failed image has no detections, whatever was staged with it
+        raw = record.get("detections") or []
+        if not isinstance(raw, list):
+            raise ValueError(f"{rel_path!r}: detections must be a list")
+        for i, row in enumerate(raw):
+            what = f"{rel_path!r}: detection {i}"
+            if not isinstance(row, list) or len(row) != len(DET_FIELDS):
+                raise ValueError(f"{what}: expected {len(DET_FIELDS)} numbers {DET_FIELDS}, "
+                                 f"got {row!r}")
+            cls = _finite(row[0], f"{what}: cls")
+            if cls != int(cls) or cls < 0:
+                raise ValueError(f"{what}: cls must be a class index, got {row[0]!r}")
+            class_id = int(cls)
+            values = [_finite(v, f"{what}: {name}") for v, name in zip(row[1:], DET_FIELDS[1:])]
+            dets.append((seq, i, class_id, names.get(class_id, str(class_id)), *values))
+    return image, dets
+
+
+def _csv_field(value: Any) -> str:
+    # NULL is an empty unquoted field and every text value is quoted, so '' and NULL stay
+    # apart (Python 3.11's csv module cannot write that distinction: QUOTE_NOTNULL is 3.12+).
+    # Inside quotes only '"' is special in PostgreSQL's CSV; newlines, tabs, commas and
+    # backslashes go through as they are.
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return '"' + value.replace('"', '""') + '"'
+    if isinstance(value, float):
+        return repr(value)  # shortest text that reads back as the same double
+    return str(int(value))
+
+
+class _CsvStream:
+    """A read-only text file over rows, encoded as CSV as COPY asks for more."""
+
+    def __init__(self, rows: Iterable[Sequence[Any]]) -> None:
+        self._rows = iter(rows)
+        self._buf = ""
+
+    def read(self, size: int = -1) -> str:
+        parts = [self._buf]
+        have = len(self._buf)
+        while size < 0 or have < size:
+            row = next(self._rows, None)
+            if row is None:
+                break
+            line = ",".join(map(_csv_field, row)) + "\n"
+            parts.append(line)
+            have += len(line)
+        data = "".join(parts)
+        if size < 0 or len(data) <= size:
+            self._buf = ""
+            return data
+        self._buf = data[size:]
+        return data[:size]
+
+
+def _fill(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    cols = [c.name for c in table.columns]
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg2":
+        # The DBAPI connection under this SQLAlchemy connection: same session, same transaction.
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        sql = f"COPY {table.name} ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv)"
+        with dbapi.cursor() as cur:
+            cur.copy_expert(sql, _CsvStream(rows), size=65536)
+        return
+    for start in range(0, len(rows), _COPY_CHUNK_ROWS):
+        chunk = rows[start:start + _COPY_CHUNK_ROWS]
+        conn.execute(table.insert(), [dict(zip(cols, row)) for row in chunk])
+
+
+def _create_stage(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        # Temp tables live as long as the pooled connection: start from a clean slate.
+        for table in (_stage_dets, _stage_images):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{table.name}")
+    _stage_images.create(conn)
+    _stage_dets.create(conn)
+
+
+def _drop_stage(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":  # PostgreSQL drops them at commit (ON COMMIT DROP)
+        _stage_dets.drop(conn)
+        _stage_images.drop(conn)
+
+
+def _staging_headers(staging_files: Sequence[Path]) -> dict[Path, dict[str, Any]]:
+    headers = {Path(p): _read_header(Path(p)) for p in staging_files}
+    by_model: dict[str, list[str]] = {}
+    for path, header in headers.items():
+        by_model.setdefault(header["model_sha256"], []).append(str(path))
+    if len(by_model) > 1:
+        detail = "; ".join(f"{sha[:12]}… in {', '.join(paths)}" for sha, paths in by_model.items())
+        raise ValueError(f"staging files were made by different models: {detail}")
+    if len(headers) != len(staging_files):
+        raise ValueError("the same staging file is listed twice")
+    return headers
+
+
+def load_staged(engine: Engine, staging_files: list[Path], run: RunInfo,
+                names: dict[int, str] | None = None) -> LoadReport:
+    """Load shards' staging files as one transaction; return what was loaded.
+
+    Upserts the model and the run, then for every staged image replaces its row (the id is
+    kept) and all its detections. Anything failing rolls the whole load back. ``names`` are
+    the model's class names (stored with the model); None uses those already stored.
+    """
+    started = time.perf_counter()
+    files = [Path(p) for p in staging_files]
+    headers = _staging_headers(files)
+    sha = next(iter(headers.values()))["model_sha256"] if headers else None
+    model_path = next(iter(headers.values())).get("model_path") if headers else None
+    n_images = n_ok = n_failed = n_dets = 0
+    with write_transaction(engine) as conn:
+        is_pg = conn.dialect.name == "postgresql"
+        now = _now()
+        if sha is not None:
+            if is_pg:  # two loads of the same model and date take turns
+                conn.execute(select(func.pg_advisory_xact_lock(
+                    _PG_LOCK_LOAD_NS, func.hashtext(f"{sha}/{run.drop_date.isoformat()}"))))
+            upsert_model(conn, sha, str(model_path or ""), names)
+            if names is None:
+                names = model_names(conn, sha) or {}
+        _create_stage(conn)
+        seen: dict[str, Path] = {}
+        for path in files:
+            header, records = read_staging(path)
+            if header is None or header.get("model_sha256") != sha:
+                raise ValueError(f"staging file {path}: header changed while loading")
+            _check_complete_lines(path)
+            image_rows: list[tuple[Any, ...]] = []
+            det_rows: list[tuple[Any, ...]] = []
+            for record in records:
+                try:
+                    image, dets = _record_rows(record, n_images, names or {})
+                except ValueError as e:
+                    raise ValueError(f"staging file {path}: {e}") from None
+                rel_path = image[1]
+                if rel_path in seen:
+                    raise ValueError(f"{rel_path!r} is staged in both {seen[rel_path]} and {path}")
+                seen[rel_path] = path
+                image_rows.append(image)
+                det_rows.extend(dets)
+                n_images += 1
+                n_ok += image[5] == "ok"
+                n_failed += image[5] == "failed"
+                n_dets += len(dets)
+            _fill(conn, _stage_images, image_rows)
+            _fill(conn, _stage_dets, det_rows)
+            del image_rows, det_rows
+        if is_pg:
+            conn.exec_driver_sql(f"ANALYZE {_stage_images.name}")
+            conn.exec_driver_sql(f"ANALYZE {_stage_dets.name}")
+
+        ips = n_images / run.infer_seconds if run.infer_seconds and run.infer_seconds > 0 else None
+        run_row = {"run_key": run.run_key, "dag_id": run.dag_id, "run_id": run.run_id,
+                   "drop_date": run.drop_date, "model_sha256": sha,
+                   "settings": json.dumps(run.settings, sort_keys=True, default=str),
+                   "loaded_at": now, "images": n_images, "ok": n_ok, "failed": n_failed,
+                   "detections": n_dets, "infer_seconds": float(run.infer_seconds or 0.0),
+                   "images_per_s": ips}
+        stmt = _insert(conn, runs).values(**run_row)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=[runs.c.run_key],
+            set_={k: stmt.excluded[k] for k in run_row if k != "run_key"}))
+
+        if sha is not None and n_images:
+            _replace_images(conn, sha, run, now)
+        _drop_stage(conn)
+    seconds = time.perf_counter() - started
+    report = LoadReport(images=n_images, ok=n_ok, failed=n_failed, detections=n_dets,
+                        seconds=seconds,
+                        rows_per_s=(n_images + n_dets) / seconds if seconds > 0 else 0.0)
+    log.info("loaded %d images (%d ok, %d failed), %d detections for %s in %.2fs (%.0f rows/s)",
+             n_images, n_ok, n_failed, n_dets, run.run_key, seconds, report.rows_per_s)
+    return report
+
+
+def _replace_images(conn: Connection, sha: str, run: RunInfo, now: dt.datetime) -> None:
+    """Set-based: stage → images (upsert, ids kept) → old detections out → new ones in."""
+    s, d, i = _stage_images, _stage_dets, images
+    identity = and_(i.c.model_sha256 == sha, i.c.drop_date == run.drop_date,
+                    i.c.rel_path == s.c.rel_path)
+    source = select(
+        literal(sha, String(64)), literal(run.drop_date, Date), s.c.rel_path,
+        literal(run.run_key, Text), s.c.bytes, s.c.width, s.c.height, s.c.status, s.c.error,
+        literal(now, DateTime(timezone=True)),
+    ).where(true()).order_by(s.c.rel_path)  # WHERE: SQLite's INSERT…SELECT…ON CONFLICT needs one
+    cols = ["model_sha256", "drop_date", "rel_path", "run_key", "bytes", "width", "height",
+            "status", "error", "processed_at"]
+    stmt = _insert(conn, i).from_select(cols, source)
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=[i.c.model_sha256, i.c.drop_date, i.c.rel_path],
+        set_={c: stmt.excluded[c] for c in cols[3:]}))
+
+    staged_ids = select(i.c.id).join(s, identity)
+    conn.execute(delete(detections).where(detections.c.image_id.in_(staged_ids)))
+
+    det_cols = ["det_index", "class_id", "class_name", *_DET_COLS]
+    new_dets = (select(i.c.id, *(d.c[c] for c in det_cols))
+                .select_from(d.join(s, s.c.seq == d.c.seq).join(i, identity))
+                .where(s.c.status == "ok"))
+    conn.execute(detections.insert().from_select(["image_id", *det_cols], new_dets))
+
+
+# --- queries --------------------------------------------------------------------------------
+
+def loaded_rel_paths(engine: Engine, model_sha256: str, drop_date: dt.date) -> set[str]:
+    """rel_paths this model already loaded with status 'ok' for ``drop_date``."""
+    query = select(images.c.rel_path).where(
+        images.c.model_sha256 == model_sha256, images.c.drop_date == drop_date,
+        images.c.status == "ok")
+    with engine.connect() as conn:
+        return set(conn.execute(query).scalars())
+
+
+def drop_summary(engine: Engine, drop_date: dt.date | None = None,
+                 model_sha256: str | None = None) -> dict[str, Any]:
+    """Counts for a drop (all drops / all models when None).
+
+    ``{"images", "ok", "failed", "detections": total, "per_class": {class_name: count}}``.
+    """
+    where = []
+    if drop_date is not None:
+        where.append(images.c.drop_date == drop_date)
+    if model_sha256 is not None:
+        where.append(images.c.model_sha256 == model_sha256)
+    counts = select(
+        func.count(),
+        func.coalesce(func.sum(case((images.c.status == "ok", 1), else_=0)), 0),
+        func.coalesce(func.sum(case((images.c.status == "failed", 1), else_=0)), 0),
+    ).select_from(images).where(*where)
+    per_class = (select(detections.c.class_name, func.count())
+                 .select_from(detections.join(images, images.c.id == detections.c.image_id))
+                 .where(*where).group_by(detections.c.class_name)
+                 .order_by(detections.c.class_name))
+    with engine.connect() as conn:
+        n, ok, failed = conn.execute(counts).one()
+        classes = {name: int(count) for name, count in conn.execute(per_class)}
+    return {"images": int(n), "ok": int(ok), "failed": int(failed),
+            "detections": sum(classes.values()), "per_class": classes}

@@ -1,0 +1,276 @@
+"""The worker on the real demo model, on the CPU: parity, accuracy, no loss, failure, re-runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from image_etl import synth
+from image_etl.outputs import OutputLayout, read_staging
+from image_etl.settings import InferSettings
+from image_etl.worker import ImageTask, OutputSink, run_shard
+
+from .conftest import DROP_DATE, ROOT
+
+
+def tasks_for(root: Path) -> list[ImageTask]:
+    return [ImageTask(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*.jpg"))]
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match(preds: list[tuple[int, tuple]], truth: list[tuple[int, tuple]], thr: float = 0.5) -> int:
+    """Greedy class-aware matching at IoU >= thr; returns the number of matched pairs."""
+    used: set[int] = set()
+    hits = 0
+    for cls, box in preds:
+        best, best_j = thr, None
+        for j, (tcls, tbox) in enumerate(truth):
+            if j not in used and tcls == cls and (v := iou(box, tbox)) >= best:
+                best, best_j = v, j
+        if best_j is not None:
+            used.add(best_j)
+            hits += 1
+    return hits
+
+
+def staged_by_path(staging: Path) -> dict[str, dict]:
+    return {r["rel_path"]: r for r in read_staging(staging)[1]}
+
+
+def run(tasks, model, out: Path, staging: Path | None = None, **settings):
+    return run_shard(tasks, model, InferSettings(**settings), OutputLayout(out), staging)
+
+
+# --- parity with model.predict -------------------------------------------------------------
+
+PARITY_SIZES = [(2048, 12000), (2048, 12000), (1024, 6000), (512, 3000), (640, 480),
+                (1280, 720), (300, 2000), (2000, 640), (800, 800)]
+
+
+@pytest.fixture(scope="module")
+def parity_images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parity")
+    for i, (w, h) in enumerate(PARITY_SIZES):
+        img, _ = synth.render(np.random.default_rng([99, i]), w, h)
+        synth.write_image(root / f"img_{i}_{w}x{h}.jpg", img)
+    return root
+
+
+def test_exact_mode_equals_model_predict(parity_images, cpu_model, demo_model_path, tmp_path):
+    from ultralytics import YOLO
+
+    staging = tmp_path / "stage.jsonl"
+    report = run(tasks_for(parity_images), cpu_model, tmp_path / "out", staging, batch_size=4)
+    assert report.ok == len(PARITY_SIZES)
+    ours = staged_by_path(staging)
+    yolo = YOLO(str(demo_model_path))
+    total = 0
+    for path in sorted(parity_images.glob("*.jpg")):
+        r = yolo.predict(str(path), imgsz=cpu_model.default_imgsz, conf=0.25, iou=0.7,
+                         verbose=False)[0]
+        theirs = sorted(zip(r.boxes.cls.int().tolist(), r.boxes.conf.tolist(),
+                            r.boxes.xyxy.tolist()), key=lambda t: (t[0], t[2][1], t[2][0]))
+        mine = sorted(((int(d[0]), d[1], d[2:6]) for d in ours[path.name]["detections"]),
+                      key=lambda t: (t[0], t[2][1], t[2][0]))
+        assert len(mine) == len(theirs), path.name
+        assert [c for c, _, _ in mine] == [c for c, _, _ in theirs], path.name
+        for (_, conf_a, box_a), (_, conf_b, box_b) in zip(mine, theirs):
+            assert abs(conf_a - conf_b) <= 1e-3, path.name
+            assert max(abs(a - b) for a, b in zip(box_a, box_b)) <= 1.0, path.name
+        assert (ours[path.name]["height"], ours[path.name]["width"]) == r.orig_shape
+        total += len(mine)
+    assert total >= 10, "parity on images with real detections"
+
+
+# --- accuracy against ground truth -----------------------------------------------------------
+
+def accuracy(drop_root: Path, staged: dict[str, dict]) -> tuple[float, float, int]:
+    tp = n_pred = n_true = 0
+    for rel, rec in staged.items():
+        truth = synth.read_labels(synth.truth_path(drop_root, DROP_DATE, rel), rec["width"],
+                                  rec["height"])
+        preds = [(int(d[0]), tuple(d[2:6])) for d in rec["detections"]]
+        tp += match(preds, [(b.cls, (b.x1, b.y1, b.x2, b.y2)) for b in truth])
+        n_pred += len(preds)
+        n_true += len(truth)
+    return tp / max(n_true, 1), tp / max(n_pred, 1), n_true
+
+
+@pytest.mark.slow
+def test_demo_model_accuracy_exact_and_fast(full_drop, cpu_model, tmp_path, capsys):
+    images = full_drop / DROP_DATE.isoformat()
+    results = {}
+    for mode in ("exact", "fast"):
+        staging = tmp_path / f"{mode}.jsonl"
+        run(tasks_for(images), cpu_model, tmp_path / mode, staging, fast_decode=mode == "fast")
+        results[mode] = staged_by_path(staging)
+    recall, precision, n_true = accuracy(full_drop, results["exact"])
+    f_recall, f_precision, _ = accuracy(full_drop, results["fast"])
+    # Agreement: fast-mode detections matched to exact-mode ones (class-aware, IoU >= 0.5).
+    agree = sum(match([(int(d[0]), tuple(d[2:6])) for d in results["fast"][rel]["detections"]],
+                      [(int(d[0]), tuple(d[2:6])) for d in rec["detections"]])
+                for rel, rec in results["exact"].items())
+    n_exact = sum(len(r["detections"]) for r in results["exact"].values())
+    with capsys.disabled():
+        print(f"\naccuracy on {len(results['exact'])} images, {n_true} objects: exact recall "
+              f"{recall:.3f} precision {precision:.3f}; fast recall {f_recall:.3f} precision "
+              f"{f_precision:.3f}; fast/exact agreement {agree}/{n_exact}")
+    assert n_true >= 60
+    assert recall >= 0.90 and precision >= 0.90
+    assert f_recall >= 0.85 and f_precision >= 0.85
+    assert agree >= 0.9 * n_exact
+
+
+# --- no loss, failures, re-runs ----------------------------------------------------------------
+
+class SlowSink(OutputSink):
+    def write(self, item, dets):
+        time.sleep(0.05)
+        super().write(item, dets)
+
+
+class FailingSink(OutputSink):
+    def __init__(self, *args, fail_at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_at, self.calls = fail_at, 0
+
+    def write(self, item, dets):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(28, "No space left on device (injected)")
+        super().write(item, dets)
+
+
+def test_slow_writer_with_tiny_queues_loses_nothing(small_drop, cpu_model, tmp_path):
+    images = small_drop / DROP_DATE.isoformat()
+    tasks = tasks_for(images) * 1
+    layout = OutputLayout(tmp_path)
+    sink = SlowSink(layout, cpu_model.names)
+    settings = InferSettings(batch_size=2, decoded_queue_size=2, write_queue_size=2, decode_workers=2)
+    report = run_shard(tasks, cpu_model, settings, layout, sink=sink)
+    written = sorted(p.name for p in (tmp_path / "labels").glob("*.txt"))
+    assert written == sorted(Path(t.rel_path).with_suffix(".txt").name for t in tasks)
+    assert report.processed == report.ok == len(tasks)
+
+
+def test_writer_error_stops_the_shard_promptly(small_drop, cpu_model, tmp_path):
+    images = small_drop / DROP_DATE.isoformat()
+    tasks = tasks_for(images) * 4  # enough work that a hang would be obvious
+    layout = OutputLayout(tmp_path)
+    sink = FailingSink(layout, cpu_model.names, fail_at=3)
+    outcome: dict = {}
+
+    def target():
+        try:
+            run_shard(tasks, cpu_model, InferSettings(batch_size=2, write_queue_size=2), layout,
+                      sink=sink)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "run_shard hung after the writer failed"
+    assert isinstance(outcome.get("error"), OSError) and "No space left" in str(outcome["error"])
+    assert sink.calls < len(tasks), "the pipeline kept going after the failure"
+    alive = [t.name for t in threading.enumerate() if t.name.startswith(("decode-", "writer"))]
+    assert alive == []
+
+
+def test_bad_images_become_failed_rows_and_the_rest_go_on(small_drop, cpu_model, tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    good = sorted((small_drop / DROP_DATE.isoformat()).glob("*.jpg"))[:3]
+    for p in good:
+        (drop / p.name).write_bytes(p.read_bytes())
+    (drop / "truncated.jpg").write_bytes(good[0].read_bytes()[:2000])
+    (drop / "empty.jpg").write_bytes(b"")
+    (drop / "text.jpg").write_text("this is not an image")
+    staging = tmp_path / "stage.jsonl"
+    report = run(tasks_for(drop), cpu_model, tmp_path / "out", staging)
+    staged = staged_by_path(staging)
+    assert report.ok == 3 and report.failed == 3
+    assert staged["empty.jpg"]["error"] == "empty file (0 bytes)"
+    assert "not an image" in staged["text.jpg"]["error"]
+    assert "corrupt or truncated" in staged["truncated.jpg"]["error"]
+    assert not (tmp_path / "out/labels/empty.txt").exists()
+    assert all((tmp_path / "out/labels" / f"{p.stem}.txt").exists() for p in good)
+
+
+def test_rerun_leaves_byte_identical_txt_files(small_drop, cpu_model, tmp_path):
+    images = small_drop / DROP_DATE.isoformat()
+
+    def snapshot():
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / "labels").glob("*.txt"))}
+
+    run(tasks_for(images), cpu_model, tmp_path, batch_size=3)
+    first = snapshot()
+    run(tasks_for(images), cpu_model, tmp_path, batch_size=3)
+    assert snapshot() == first
+    assert len(first) == 8 and any(first.values())
+
+
+def test_retry_resumes_from_staging(small_drop, cpu_model, tmp_path):
+    images = small_drop / DROP_DATE.isoformat()
+    tasks = tasks_for(images)
+    layout = OutputLayout(tmp_path / "out")
+    staging = tmp_path / "stage.jsonl"
+    settings = InferSettings(batch_size=2, write_queue_size=1)
+    from image_etl.outputs import StagingWriter
+
+    fp = settings.result_fingerprint(cpu_model.sha256, cpu_model.default_imgsz)
+    sink = FailingSink(layout, cpu_model.names, fail_at=5, staging=StagingWriter(staging, fp, {}))
+    with pytest.raises(OSError):
+        run_shard(tasks, cpu_model, settings, layout, sink=sink)
+    done_before = len(read_staging(staging)[1])
+    assert 1 <= done_before < len(tasks)
+    report = run_shard(tasks, cpu_model, settings, layout, staging_path=staging)
+    assert report.resumed == done_before
+    assert report.processed == len(tasks) - done_before
+    assert sorted(staged_by_path(staging)) == sorted(t.rel_path for t in tasks)
+    # A different conf changes results: nothing is reused.
+    report = run_shard(tasks, cpu_model, InferSettings(conf=0.5), layout, staging_path=staging)
+    assert report.resumed == 0 and report.processed == len(tasks)
+
+
+def test_annotated_images_are_written(small_drop, cpu_model, tmp_path):
+    import cv2
+
+    images = small_drop / DROP_DATE.isoformat()
+    tasks = tasks_for(images)[:2]
+    run(tasks, cpu_model, tmp_path, save_annotated=True, fast_decode=True)
+    for t in tasks:
+        out = cv2.imread(str(tmp_path / "annotated" / t.rel_path))
+        assert out is not None and out.shape[0] > 100
+
+
+def test_cli_infer_writes_summary(small_drop, demo_model_path, tmp_path):
+    images = small_drop / DROP_DATE.isoformat()
+    summary = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "image_etl", "infer", str(images), "--out", str(tmp_path / "out"),
+         "--model", str(demo_model_path), "--device", "cpu", "--batch", "4", "--fast-decode",
+         "--summary", str(summary)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(summary.read_text())
+    assert data["processed"] == data["ok"] == 8 and data["failures"] == []
+    assert data["images_per_s"] > 0 and set(data["busy"]) == {"decode", "infer", "write"}
+    assert len(list((tmp_path / "out/labels").glob("*.txt"))) == 8
+    bad = subprocess.run([sys.executable, "-m", "image_etl", "infer", str(images), "--out",
+                          str(tmp_path), "--model", str(demo_model_path), "--conf", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "conf:" in bad.stderr
