@@ -24,6 +24,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+bench: $(STAMP)
+	YOLO_OFFLINE=1 $(PY) bench/pipeline_bench.py $(BENCH_ARGS)
+
+bench-db: $(STAMP)
+	$(PY) bench/db_bench.py $(BENCH_ARGS)
+
 train-demo-model: $(STAMP)
 	YOLO_OFFLINE=1 $(PY) scripts/train_demo_model.py
 
