@@ -7,7 +7,7 @@ Order of attempts:
    run as the ``postgres`` user when the tests run as root.
 If none works the tests fail when ``CI`` is set (CI must not skip silently) and skip otherwise.
 
-Use the ``pg_url`` session fixture (``from pg import pg_url``); it yields a SQLAlchemy URL to
+Use the ``pg_url`` session fixture (``from .pg import pg_url``); it yields a SQLAlchemy URL to
 a uniquely named, empty database that is dropped at the end of the session.
 """
 

@@ -137,7 +137,10 @@ class StagingWriter:
     def resume(self) -> dict[str, dict[str, Any]]:
         """Open for appending; returns the records already staged by an earlier attempt."""
         done: dict[str, dict[str, Any]] = {}
-        header, records = read_staging(self.path) if self.path.exists() else (None, [])
+        try:
+            header, records = read_staging(self.path) if self.path.exists() else (None, [])
+        except ValueError:  # corrupt beyond a torn last line: redo the shard rather than guess
+            header, records = None, []
         if header is not None and header.get("fingerprint") == self.fingerprint:
             done = {r["rel_path"]: r for r in records}
             # Rewrite only the complete lines: a line cut by a crash must not stay in the file.
@@ -171,13 +174,13 @@ def read_staging(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]
     header: dict[str, Any] | None = None
     latest: dict[str, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.endswith("\n"):
-                break  # torn write from a killed process
+                break  # torn write from a killed process: only ever the last line
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
-                break
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"staging file {path} is corrupt at line {number}: {exc}") from None
             if obj.get("kind") == "header":
                 header = obj
             else:

@@ -18,12 +18,14 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -54,7 +56,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from image_etl.outputs import DET_FIELDS, read_staging
@@ -86,6 +88,33 @@ def redact_url(url: str) -> str:
     return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", text)
 
 
+def default_url() -> str:
+    """The embedded default: a SQLite file beside Airflow's home (or ~/.image_etl)."""
+    home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / ".image_etl")
+    return f"sqlite:///{Path(home) / 'image_etl_results.db'}"
+
+
+def url_from_connection(conn_type: str | None, *, host: str | None = None,
+                        port: int | None = None, login: str | None = None,
+                        password: str | None = None, schema: str | None = None) -> str:
+    """A SQLAlchemy URL from an Airflow Connection's fields (``image_etl_db``).
+
+    Airflow calls PostgreSQL ``postgres``; SQLite connections keep the file path in ``host``.
+    """
+    kind = (conn_type or "").lower()
+    if kind in {"postgres", "postgresql"}:
+        url = URL.create("postgresql+psycopg2", username=login or None, password=password or None,
+                         host=host or None, port=port or None, database=schema or None)
+        return url.render_as_string(hide_password=False)
+    if kind == "sqlite":
+        path = host or schema
+        if not path:
+            raise StoreError("image_etl_db: a sqlite connection needs the database file in host")
+        return f"sqlite:///{path}"
+    raise StoreError(f"image_etl_db: unsupported connection type {conn_type!r}; "
+                     "use postgres or sqlite")
+
+
 def engine_from_url(url: str) -> Engine:
     """An Engine for ``sqlite:///path`` or ``postgresql+psycopg2://...``.
 
@@ -102,7 +131,7 @@ def engine_from_url(url: str) -> Engine:
     if backend == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
     elif backend == "postgresql":
         if parsed.get_driver_name() == "psycopg2":
             kwargs["client_encoding"] = "utf8"
@@ -293,16 +322,22 @@ def upsert_model(conn_or_engine: Connection | Engine, sha256: str, path: str,
 
     ``names`` None keeps the class names already stored (``{}`` for a new row).
     """
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
-        raise ValueError(f"model sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    _check_sha(sha256)
     with _in_transaction(conn_or_engine) as conn:
         stmt = _insert(conn, models).values(
             sha256=sha256, name=Path(path).name if path else None, path=path or None,
             class_names=_names_json(names or {}), first_seen=_now())
-        update: dict[str, Any] = {"name": stmt.excluded.name, "path": stmt.excluded.path}
+        # An empty path (a staging header without one) keeps the stored path.
+        update: dict[str, Any] = {"name": func.coalesce(stmt.excluded.name, models.c.name),
+                                  "path": func.coalesce(stmt.excluded.path, models.c.path)}
         if names is not None:
             update["class_names"] = stmt.excluded.class_names
         conn.execute(stmt.on_conflict_do_update(index_elements=[models.c.sha256], set_=update))
+
+
+def _check_sha(sha256: str) -> None:
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"model sha256 must be 64 lowercase hex digits, got {sha256!r}")
 
 
 def model_names(conn: Connection, sha256: str) -> dict[int, str] | None:
@@ -411,6 +446,31 @@ def _finite(value: Any, what: str) -> float:
     return number
 
 
+_NUMBER_TYPES = {int, float}
+
+
+def _det_values(raw: list[Any], rel_path: str) -> list[tuple[int, list[float]]]:
+    """Staged detection rows → (class id, the nine numbers after it), checked: every row has
+    len(DET_FIELDS) finite numbers and a whole, non-negative class."""
+    width = len(DET_FIELDS)
+    if (all(type(row) is list and len(row) == width for row in raw)
+            and {type(v) for row in raw for v in row} <= _NUMBER_TYPES):
+        arr = np.asarray(raw, dtype=np.float64)
+        cls = arr[:, 0]
+        if np.isfinite(arr).all() and (cls >= 0).all() and (cls == np.floor(cls)).all():
+            return [(int(row[0]), row[1:]) for row in arr.tolist()]
+    # Something is wrong: find the first bad value for a precise message.
+    for i, row in enumerate(raw):
+        what = f"{rel_path!r}: detection {i}"
+        if not isinstance(row, list) or len(row) != width:
+            raise ValueError(f"{what}: expected {width} numbers {DET_FIELDS}, got {row!r}")
+        for value, name in zip(row, DET_FIELDS):
+            _finite(value, f"{what}: {name}")
+        if row[0] < 0 or row[0] != int(row[0]):
+            raise ValueError(f"{what}: cls must be a class index, got {row[0]!r}")
+    raise AssertionError("unreachable: a detection failed the fast check but no value is bad")
+
+
 def _record_rows(record: dict[str, Any], seq: int, names: dict[int, str]
                  ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
     """One staged record → its stage_images row and stage_detections rows (validated)."""
@@ -433,17 +493,9 @@ def _record_rows(record: dict[str, Any], seq: int, names: dict[int, str]
         raw = record.get("detections") or []
         if not isinstance(raw, list):
             raise ValueError(f"{rel_path!r}: detections must be a list")
-        for i, row in enumerate(raw):
-            what = f"{rel_path!r}: detection {i}"
-            if not isinstance(row, list) or len(row) != len(DET_FIELDS):
-                raise ValueError(f"{what}: expected {len(DET_FIELDS)} numbers {DET_FIELDS}, "
-                                 f"got {row!r}")
-            cls = _finite(row[0], f"{what}: cls")
-            if cls != int(cls) or cls < 0:
-                raise ValueError(f"{what}: cls must be a class index, got {row[0]!r}")
-            class_id = int(cls)
-            values = [_finite(v, f"{what}: {name}") for v, name in zip(row[1:], DET_FIELDS[1:])]
-            dets.append((seq, i, class_id, names.get(class_id, str(class_id)), *values))
+        if raw:
+            for i, (class_id, values) in enumerate(_det_values(raw, rel_path)):
+                dets.append((seq, i, class_id, names.get(class_id, str(class_id)), *values))
     return image, dets
 
 
@@ -455,17 +507,36 @@ def _csv_field(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return '"' + value.replace('"', '""') + '"'
+        return _quote(value)
     if isinstance(value, float):
         return repr(value)  # shortest text that reads back as the same double
     return str(int(value))
 
 
+def _csv_line(row: Sequence[Any]) -> str:
+    return ",".join(map(_csv_field, row)) + "\n"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+# A stage_detections row: seq, det_index, class_id (ints), class_name (text), nine doubles
+# (%r is repr: the shortest text that reads back as the same double).
+_DET_LINE = "%d,%d,%d,%s" + ",%r" * len(_DET_COLS) + "\n"
+
+
+def _det_csv_line(row: Sequence[Any]) -> str:
+    return _DET_LINE % (row[0], row[1], row[2], _quote(row[3]), *row[4:])
+
+
 class _CsvStream:
     """A read-only text file over rows, encoded as CSV as COPY asks for more."""
 
-    def __init__(self, rows: Iterable[Sequence[Any]]) -> None:
+    def __init__(self, rows: Iterable[Sequence[Any]],
+                 line: Callable[[Sequence[Any]], str] = _csv_line) -> None:
         self._rows = iter(rows)
+        self._line = line
         self._buf = ""
 
     def read(self, size: int = -1) -> str:
@@ -475,7 +546,7 @@ class _CsvStream:
             row = next(self._rows, None)
             if row is None:
                 break
-            line = ",".join(map(_csv_field, row)) + "\n"
+            line = self._line(row)
             parts.append(line)
             have += len(line)
         data = "".join(parts)
@@ -496,7 +567,8 @@ def _fill(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
         assert dbapi is not None
         sql = f"COPY {table.name} ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv)"
         with dbapi.cursor() as cur:
-            cur.copy_expert(sql, _CsvStream(rows), size=65536)
+            line = _det_csv_line if table is _stage_dets else _csv_line
+            cur.copy_expert(sql, _CsvStream(rows, line), size=65536)
         return
     for start in range(0, len(rows), _COPY_CHUNK_ROWS):
         chunk = rows[start:start + _COPY_CHUNK_ROWS]
@@ -586,18 +658,8 @@ def load_staged(engine: Engine, staging_files: list[Path], run: RunInfo,
             conn.exec_driver_sql(f"ANALYZE {_stage_images.name}")
             conn.exec_driver_sql(f"ANALYZE {_stage_dets.name}")
 
-        ips = n_images / run.infer_seconds if run.infer_seconds and run.infer_seconds > 0 else None
-        run_row = {"run_key": run.run_key, "dag_id": run.dag_id, "run_id": run.run_id,
-                   "drop_date": run.drop_date, "model_sha256": sha,
-                   "settings": json.dumps(run.settings, sort_keys=True, default=str),
-                   "loaded_at": now, "images": n_images, "ok": n_ok, "failed": n_failed,
-                   "detections": n_dets, "infer_seconds": float(run.infer_seconds or 0.0),
-                   "images_per_s": ips}
-        stmt = _insert(conn, runs).values(**run_row)
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=[runs.c.run_key],
-            set_={k: stmt.excluded[k] for k in run_row if k != "run_key"}))
-
+        _upsert_run(conn, run, sha, now, images=n_images, ok=n_ok, failed=n_failed,
+                    detections=n_dets)
         if sha is not None and n_images:
             _replace_images(conn, sha, run, now)
         _drop_stage(conn)
@@ -608,6 +670,37 @@ def load_staged(engine: Engine, staging_files: list[Path], run: RunInfo,
     log.info("loaded %d images (%d ok, %d failed), %d detections for %s in %.2fs (%.0f rows/s)",
              n_images, n_ok, n_failed, n_dets, run.run_key, seconds, report.rows_per_s)
     return report
+
+
+def _upsert_run(conn: Connection, run: RunInfo, sha: str | None, now: dt.datetime, *,
+                images: int, ok: int, failed: int, detections: int) -> None:
+    """The run's row, replaced when the run_key was loaded before."""
+    seconds = float(run.infer_seconds or 0.0)
+    row = {"run_key": run.run_key, "dag_id": run.dag_id, "run_id": run.run_id,
+           "drop_date": run.drop_date, "model_sha256": sha,
+           "settings": json.dumps(run.settings, sort_keys=True, default=str),
+           "loaded_at": now, "images": images, "ok": ok, "failed": failed,
+           "detections": detections, "infer_seconds": seconds,
+           "images_per_s": images / seconds if seconds > 0 else None}
+    stmt = _insert(conn, runs).values(**row)
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=[runs.c.run_key],
+        set_={k: stmt.excluded[k] for k in row if k != "run_key"}))
+
+
+def record_empty_run(conn_or_engine: Connection | Engine, run: RunInfo,
+                     model_sha256: str | None = None) -> None:
+    """A run with nothing to load still gets its ``runs`` row (zero counts): visibly empty.
+
+    An unknown ``model_sha256`` gets a models row without class names (see upsert_model).
+    """
+    with _in_transaction(conn_or_engine) as conn:
+        if model_sha256 is not None:
+            _check_sha(model_sha256)
+            stmt = _insert(conn, models).values(sha256=model_sha256, name=None, path=None,
+                                                class_names="{}", first_seen=_now())
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=[models.c.sha256]))
+        _upsert_run(conn, run, model_sha256, _now(), images=0, ok=0, failed=0, detections=0)
 
 
 def _replace_images(conn: Connection, sha: str, run: RunInfo, now: dt.datetime) -> None:
