@@ -201,3 +201,20 @@ def test_synthetic_drop_is_deterministic_with_truth_outside(tmp_path):
     assert ([p.read_bytes() for p in paths], truth.read_text()) == first
     boxes = synth.read_labels(truth, 256, 1500)
     assert boxes and all(b.cls in (0, 1) and 0 <= b.x1 < b.x2 <= 256 for b in boxes)
+
+
+def test_auto_shards_take_any_free_gpu_of_the_host(tmp_path):
+    from image_etl.devices import shard_devices
+
+    assert shard_devices("auto", available_gpus=3) == ["cuda", "cuda", "cuda"]
+    assert shard_devices("auto", available_gpus=0) == ["cpu"]
+    assert shard_devices("1,0", available_gpus=2) == ["cuda:1", "cuda:0"]
+    with lease("cuda", lock_dir=tmp_path, local_gpus=2) as first:
+        with lease("cuda", lock_dir=tmp_path, local_gpus=2) as second:
+            assert {first, second} == {"cuda:0", "cuda:1"}
+            with pytest.raises(TimeoutError, match="stayed busy"):
+                with lease("cuda", lock_dir=tmp_path, local_gpus=2, timeout_s=0.2, poll_s=0.05):
+                    pass
+    with pytest.raises(RuntimeError, match="has none visible"):
+        with lease("cuda", lock_dir=tmp_path, local_gpus=0):
+            pass

@@ -64,40 +64,68 @@ def parse_devices(spec: str | list[str] | tuple[str, ...], available_gpus: int |
     return devices
 
 
+def shard_devices(spec: str, available_gpus: int | None = None) -> list[str]:
+    """The device of each shard: ``auto`` gives one ``cuda`` (any free GPU of the host that
+    runs the shard) per GPU, so shards are not tied to GPU indices of another host; an
+    explicit list pins each shard to its device."""
+    devices = parse_devices(spec, available_gpus)
+    if str(spec).strip().lower() == "auto" and devices != ["cpu"]:
+        return ["cuda"] * len(devices)
+    return devices
+
+
 @contextlib.contextmanager
 def lease(device: str, lock_dir: Path = DEFAULT_LOCK_DIR, timeout_s: float | None = None,
-          poll_s: float = 0.5) -> Iterator[str]:
-    """Hold ``device`` exclusively on this host for the ``with`` block.
+          poll_s: float = 0.5, local_gpus: int | None = None) -> Iterator[str]:
+    """Hold a device exclusively on this host for the ``with`` block; yields its name.
 
-    CPU is not leased (repeated ``cpu`` workers share the cores by design). Waits for a busy
-    GPU, logging who has it, up to ``timeout_s`` (None = forever).
+    ``cuda`` takes whichever local GPU is free first; ``cuda:N`` waits for that one. CPU is
+    not leased (repeated ``cpu`` workers share the cores by design). Waits for a busy GPU,
+    logging who has it, up to ``timeout_s`` (None = forever).
     """
     if device == "cpu":
         yield device
         return
+    if device == "cuda":
+        count = cuda_device_count() if local_gpus is None else local_gpus
+        candidates = [f"cuda:{i}" for i in range(count)]
+        if not candidates:
+            raise RuntimeError("this shard needs a GPU but this host has none visible")
+    else:
+        candidates = [device]
     lock_dir.mkdir(parents=True, exist_ok=True)
-    path = lock_dir / f"{device.replace(':', '-')}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fds = {name: os.open(lock_dir / f"{name.replace(':', '-')}.lock", os.O_RDWR | os.O_CREAT,
+                         0o666) for name in candidates}
     try:
         start = time.monotonic()
         announced = False
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = next((name for name, fd in fds.items() if _try_lock(fd)), None)
+            if held is not None:
                 break
-            except BlockingIOError:
-                if timeout_s is not None and time.monotonic() - start > timeout_s:
-                    raise TimeoutError(f"{device} stayed busy for {timeout_s:.0f}s "
-                                       f"(lock {path}, held by {_holder(fd)})") from None
-                if not announced:
-                    log.info("waiting for %s, held by %s", device, _holder(fd))
-                    announced = True
-                time.sleep(poll_s)
+            busy = ", ".join(f"{name} ({_holder(fd)})" for name, fd in fds.items())
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                raise TimeoutError(f"{device} stayed busy for {timeout_s:.0f}s: {busy}")
+            if not announced:
+                log.info("waiting for %s: busy %s", device, busy)
+                announced = True
+            time.sleep(poll_s)
+        fd = fds[held]
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-        yield device
+        log.info("leased %s", held)
+        yield held
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        for fd in fds.values():
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _holder(fd: int) -> str:

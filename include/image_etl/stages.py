@@ -90,13 +90,13 @@ def _fleet_gpus() -> int:
 
 def partition(discovered: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Byte-balanced shards, one per device (never more than images); one file each."""
-    from image_etl.devices import parse_devices
+    from image_etl.devices import shard_devices
     from image_etl.partition import balance
 
     settings = RunSettings.from_params(discovered["settings"], dt.date.fromisoformat(discovered["date"]))
     manifest = json.loads(Path(discovered["manifest"]).read_text())
     images = manifest["images"]
-    devices = parse_devices(settings.devices, available_gpus=_fleet_gpus())
+    devices = shard_devices(settings.devices, available_gpus=_fleet_gpus())
     run_dir = Path(discovered["run_dir"])
     groups = balance(images, [size for _, size in images], len(devices))
     shards = []
