@@ -65,7 +65,7 @@ def main() -> int:
     dag = bag.get_dag("nightly_detections")
     started = time.perf_counter()
     run = dag.test(logical_date=dt.datetime(day.year, day.month, day.day, 2, tzinfo=dt.UTC),
-                   run_conf={"fast_decode": args.fast_decode})
+                   run_conf={"fast_decode": args.fast_decode, "reprocess": True})
     seconds = time.perf_counter() - started
     print(f"\nDAG run {run.run_id}: {run.state} in {seconds:.0f}s")
     if str(run.state) != "success" and getattr(run.state, "value", None) != "success":
@@ -78,13 +78,18 @@ def print_summary(work: Path, day: dt.date) -> int:
 
     engine = store.engine_from_url(os.environ["IMAGE_ETL_DB_URL"])
     summary = store.drop_summary(engine, day)
+    run = store.latest_run(engine, day)
     engine.dispose()
     print(f"\nresults for drop {day} (read back from {os.environ['IMAGE_ETL_DB_URL']}):")
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
-    print(f"txt files:   {work / 'outputs' / day.isoformat() / 'labels'}")
-    print(f"run files:   {work / 'outputs' / day.isoformat() / '_runs'}")
-    print(f"ground truth: {work / 'drops' / 'ground_truth' / day.isoformat()}")
+    print(f"  images:      {summary['images']} ({summary['ok']} ok, {summary['failed']} failed)")
+    print(f"  detections:  {summary['detections']} "
+          + ", ".join(f"{name}={n}" for name, n in summary["per_class"].items()))
+    if run and run["images_per_s"]:
+        print(f"  throughput:  {run['images']} images in {run['infer_seconds']:.1f}s of inference "
+              f"= {run['images_per_s']:.2f} images/s (CPU)")
+    print(f"  txt files:   {work / 'outputs' / day.isoformat() / 'labels'}")
+    print(f"  run files:   {work / 'outputs' / day.isoformat() / '_runs'}")
+    print(f"  truth:       {work / 'drops' / 'ground_truth' / day.isoformat()}")
     return 0
 
 

@@ -766,3 +766,13 @@ def drop_summary(engine: Engine, drop_date: dt.date | None = None,
         classes = {name: int(count) for name, count in conn.execute(per_class)}
     return {"images": int(n), "ok": int(ok), "failed": int(failed),
             "detections": sum(classes.values()), "per_class": classes}
+
+
+def latest_run(engine: Engine, drop_date: dt.date) -> dict[str, Any] | None:
+    """The most recently loaded run of a drop: its counts and throughput."""
+    query = (select(runs.c.run_key, runs.c.images, runs.c.failed, runs.c.detections,
+                    runs.c.infer_seconds, runs.c.images_per_s, runs.c.loaded_at)
+             .where(runs.c.drop_date == drop_date).order_by(runs.c.loaded_at.desc()).limit(1))
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else dict(row._mapping)
