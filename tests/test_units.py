@@ -218,3 +218,18 @@ def test_auto_shards_take_any_free_gpu_of_the_host(tmp_path):
     with pytest.raises(RuntimeError, match="has none visible"):
         with lease("cuda", lock_dir=tmp_path, local_gpus=0):
             pass
+
+
+def test_results_db_url_from_airflow_connection_fields():
+    from image_etl.store import StoreError, redact_url, url_from_connection
+
+    url = url_from_connection("postgres", host="db", port=5432, login="etl", password="s3cr@t/",
+                              schema="detections")
+    assert url.startswith("postgresql+psycopg2://etl:") and url.endswith("@db:5432/detections")
+    assert "s3cr@t/" not in redact_url(url)
+    from sqlalchemy.engine import make_url
+
+    assert make_url(url).password == "s3cr@t/"  # special characters survive the round trip
+    assert url_from_connection("sqlite", host="/var/lib/results.db") == "sqlite:////var/lib/results.db"
+    with pytest.raises(StoreError, match="unsupported connection type 'mysql'"):
+        url_from_connection("mysql", host="x")
