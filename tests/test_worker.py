@@ -167,17 +167,19 @@ def test_slow_writer_with_tiny_queues_loses_nothing(small_drop, cpu_model, tmp_p
     assert report.processed == report.ok == len(tasks)
 
 
-def test_writer_error_stops_the_shard_promptly(small_drop, cpu_model, tmp_path):
+@pytest.mark.parametrize("annotated", [False, True], ids=["one-writer", "annotating-writers"])
+def test_writer_error_stops_the_shard_promptly(small_drop, cpu_model, tmp_path, annotated):
     images = small_drop / DROP_DATE.isoformat()
     tasks = tasks_for(images) * 4  # enough work that a hang would be obvious
     layout = OutputLayout(tmp_path)
-    sink = FailingSink(layout, cpu_model.names, fail_at=3)
+    sink = FailingSink(layout, cpu_model.names, save_annotated=annotated, fail_at=3)
+    settings = InferSettings(batch_size=2, write_queue_size=2, save_annotated=annotated,
+                             decode_workers=2)
     outcome: dict = {}
 
     def target():
         try:
-            run_shard(tasks, cpu_model, InferSettings(batch_size=2, write_queue_size=2), layout,
-                      sink=sink)
+            run_shard(tasks, cpu_model, settings, layout, sink=sink)
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
             outcome["error"] = exc
 

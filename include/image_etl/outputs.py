@@ -84,9 +84,13 @@ class OutputLayout:
 
 
 def draw_annotations(image: np.ndarray, dets: np.ndarray, names: dict[int, str],
-                     scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
-    """Boxes and labels drawn on a copy of ``image`` (whose pixels are ``scale`` x full size)."""
-    out = image.copy() if image.shape[2] == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+                     scale: tuple[float, float] = (1.0, 1.0), inplace: bool = False) -> np.ndarray:
+    """Boxes and labels drawn on ``image`` (whose pixels are ``scale`` x full size); on a copy
+    unless ``inplace``."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    else:
+        out = image if inplace else image.copy()
     thickness = max(2, round(max(out.shape[:2]) / 1500))
     palette = ((56, 56, 255), (255, 157, 151), (31, 112, 255), (29, 178, 255), (49, 210, 207))
     for row in dets.tolist():

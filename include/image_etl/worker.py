@@ -66,6 +66,7 @@ class ShardReport:
     infer_s: float = 0.0
     write_s: float = 0.0
     decode_threads: int = 0
+    writers: int = 0
     batch_size: int = 0  # final (halved after a GPU out-of-memory)
     failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
     staging_path: str | None = None
@@ -79,11 +80,14 @@ class ShardReport:
         return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 3),
                 "busy": {"decode": round(self.decode_s / wall / max(self.decode_threads, 1), 3),
                          "infer": round(self.infer_s / wall, 3),
-                         "write": round(self.write_s / wall, 3)}}
+                         "write": round(self.write_s / wall / max(self.writers, 1), 3)}}
 
 
 class ResultSink:
-    """Receives each finished image on the writer thread. Subclass to add outputs."""
+    """Receives each finished image on a writer thread. Subclass to add outputs.
+
+    With annotated images on there are several writer threads: ``write`` must be thread-safe.
+    """
 
     def open(self) -> dict[str, dict[str, Any]]:
         """Prepare; return the records of images already done (skipped by this attempt)."""
@@ -97,7 +101,7 @@ class ResultSink:
 
 
 class OutputSink(ResultSink):
-    """txt files, annotated images and the shard's staging file."""
+    """txt files, annotated images and the shard's staging file (safe for several writers)."""
 
     def __init__(self, layout: OutputLayout, names: dict[int, str], save_annotated: bool = False,
                  staging: StagingWriter | None = None) -> None:
@@ -105,6 +109,7 @@ class OutputSink(ResultSink):
         self.names = names
         self.save_annotated = save_annotated
         self.staging = staging
+        self._staging_lock = threading.Lock()
 
     def open(self) -> dict[str, dict[str, Any]]:
         if self.staging is None:
@@ -121,19 +126,63 @@ class OutputSink(ResultSink):
             atomic_write(txt, format_txt(dets))
             if self.save_annotated and item.image is not None:
                 scale = (item.decoded_shape[1] / w, item.decoded_shape[0] / h)
-                annotated = draw_annotations(item.image, dets, self.names, scale)
+                # The decoded image is ours alone now: draw on it instead of on a 74 MB copy.
+                annotated = draw_annotations(item.image, dets, self.names, scale, inplace=True)
+                item.image = None
                 atomic_write(self.layout.annotated_path(item.rel_path), encode_jpeg(annotated))
         else:
             # A failed image has no txt: an empty one would claim "nothing detected".
             txt.unlink(missing_ok=True)
         if self.staging is not None:
-            self.staging.append(image_record(
-                item.rel_path, status="ok" if item.error is None else "failed",
-                bytes_=item.bytes, width=w, height=h, error=item.error, dets=dets))
+            record = image_record(item.rel_path, status="ok" if item.error is None else "failed",
+                                  bytes_=item.bytes, width=w, height=h, error=item.error, dets=dets)
+            with self._staging_lock:
+                self.staging.append(record)
 
     def close(self) -> None:
         if self.staging is not None:
             self.staging.close()
+
+
+def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage], conf: float, iou: float,
+                 max_det: int = 300) -> list[np.ndarray]:
+    """Letterboxed inputs → per-image detections (rows as ``outputs.DET_FIELDS``).
+
+    Ultralytics' predictor steps (uint8 to the device, reorder, BGR→RGB, scale; NMS on the
+    device; scale_boxes to the decoded image), then fast-mode boxes back to full size, and a
+    single device → host copy for the whole batch.
+    """
+    import torch
+    from ultralytics.utils import nms, ops
+
+    arr = torch.from_numpy(np.stack([b.input for b in batch]))
+    if model.is_cuda:
+        arr = arr.pin_memory()
+    im = arr.to(model.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+    im = im.flip(1)  # BGR → RGB
+    im = (im.half() if model.fp16 else im.float()).div_(255)
+    with torch.inference_mode():
+        preds = model.backend(im)
+        dets = nms.non_max_suppression(preds, conf, iou, None, False, max_det=max_det, nc=0,
+                                       end2end=model.end2end)
+        rows = []
+        for j, (d, item) in enumerate(zip(dets, batch, strict=True)):
+            d = d[:, :6].float()
+            ops.scale_boxes(im.shape[2:], d[:, :4], item.decoded_shape)
+            h, w = item.orig_shape
+            if item.decoded_shape != item.orig_shape:  # fast mode: back to full size
+                dh, dw = item.decoded_shape
+                d[:, [0, 2]] *= w / dw
+                d[:, [1, 3]] *= h / dh
+                d[:, [0, 2]] = d[:, [0, 2]].clamp(0, w)
+                d[:, [1, 3]] = d[:, [1, 3]].clamp(0, h)
+            xywhn = ops.xyxy2xywh(d[:, :4])
+            xywhn[:, [0, 2]] /= w
+            xywhn[:, [1, 3]] /= h
+            index = torch.full((len(d), 1), j, dtype=d.dtype, device=d.device)
+            rows.append(torch.cat([index, d[:, 5:6], d[:, 4:5], d[:, :4], xywhn], 1))
+        table = torch.cat(rows).cpu().numpy()  # the batch's one device → host copy
+    return [table[table[:, 0] == j, 1:] for j in range(len(batch))]
 
 
 class _Stop(Exception):
@@ -152,7 +201,16 @@ class _Pipeline:
         threads = settings.decode_workers or max(1, os.cpu_count() or 1)
         self.threads = max(1, min(threads, len(tasks)))
         report.decode_threads = self.threads
-        capacity = settings.decoded_queue_size or max(2 * self.batch_size, 2 * self.threads)
+        # Annotated images are full-size frames drawn and JPEG-encoded on the writer side:
+        # as costly as a decode, so they get as many threads, and shorter queues (each queued
+        # item then holds the whole decoded image).
+        self.writers = self.threads if settings.save_annotated else 1
+        report.writers = self.writers
+        capacity = settings.decoded_queue_size or (
+            self.batch_size + self.threads if settings.save_annotated
+            else max(2 * self.batch_size, 2 * self.threads))
+        write_capacity = (min(settings.write_queue_size, 2 * self.writers)
+                          if settings.save_annotated else settings.write_queue_size)
         self.decoder = Decoder(imgsz, model.stride, fast=settings.fast_decode,
                                keep_image=settings.save_annotated,
                                max_pixels=settings.max_image_pixels)
@@ -161,7 +219,8 @@ class _Pipeline:
         self.ready_cond = threading.Condition()
         self.next_index = 0
         self.index_lock = threading.Lock()
-        self.write_q: queue.Queue[Any] = queue.Queue(maxsize=settings.write_queue_size)
+        self.write_q: queue.Queue[Any] = queue.Queue(maxsize=write_capacity)
+        self.count_lock = threading.Lock()
         self.stop_decode = threading.Event()  # decoders stop taking work
         self.stop_all = threading.Event()  # writer failed: everyone stops at once
         self.errors: list[BaseException] = []
@@ -238,8 +297,9 @@ class _Pipeline:
                 item, dets = entry
                 t0 = time.perf_counter()
                 self.sink.write(item, dets)
-                self.report.write_s += time.perf_counter() - t0
-                self._count(item, dets)
+                with self.count_lock:
+                    self.report.write_s += time.perf_counter() - t0
+                    self._count(item, dets)
         except BaseException as exc:
             self._fail(exc, everyone=True)
 
@@ -275,47 +335,16 @@ class _Pipeline:
         return out
 
     def _forward(self, batch: list[DecodedImage]) -> list[np.ndarray]:
-        import torch
-        from ultralytics.utils import nms, ops
-
-        model = self.model
-        arr = torch.from_numpy(np.stack([b.input for b in batch]))
-        if model.is_cuda:
-            arr = arr.pin_memory()
-        # Same steps as Ultralytics' predictor.preprocess: uint8 to the device, then reorder.
-        im = arr.to(model.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-        im = im.flip(1)  # BGR → RGB
-        im = (im.half() if model.fp16 else im.float()).div_(255)
-        with torch.inference_mode():
-            preds = model.backend(im)
-            dets = nms.non_max_suppression(preds, self.settings.conf, self.settings.iou, None,
-                                           False, max_det=self.settings.max_det, nc=0,
-                                           end2end=model.end2end)
-            rows = []
-            for j, (d, item) in enumerate(zip(dets, batch, strict=True)):
-                d = d[:, :6].float()
-                ops.scale_boxes(im.shape[2:], d[:, :4], item.decoded_shape)
-                h, w = item.orig_shape
-                if item.decoded_shape != item.orig_shape:  # fast mode: back to full size
-                    dh, dw = item.decoded_shape
-                    d[:, [0, 2]] *= w / dw
-                    d[:, [1, 3]] *= h / dh
-                    d[:, [0, 2]] = d[:, [0, 2]].clamp(0, w)
-                    d[:, [1, 3]] = d[:, [1, 3]].clamp(0, h)
-                xywhn = ops.xyxy2xywh(d[:, :4])
-                xywhn[:, [0, 2]] /= w
-                xywhn[:, [1, 3]] /= h
-                index = torch.full((len(d), 1), j, dtype=d.dtype, device=d.device)
-                rows.append(torch.cat([index, d[:, 5:6], d[:, 4:5], d[:, :4], xywhn], 1))
-            table = torch.cat(rows).cpu().numpy()  # the batch's one device → host copy
-        return [table[table[:, 0] == j, 1:] for j in range(len(batch))]
+        st = self.settings
+        return detect_batch(self.model, batch, st.conf, st.iou, st.max_det)
 
     def run(self) -> None:
         report = self.report
         decoders = [threading.Thread(target=self.decode_loop, name=f"decode-{i}")
                     for i in range(self.threads)]
-        writer = threading.Thread(target=self.write_loop, name="writer")
-        for t in [*decoders, writer]:
+        writers = [threading.Thread(target=self.write_loop, name=f"writer-{i}")
+                   for i in range(self.writers)]
+        for t in [*decoders, *writers]:
             t.start()
         start = time.perf_counter()
         progress = _Progress(len(self.tasks), report.resumed, self.settings.progress_every_s,
@@ -337,28 +366,31 @@ class _Pipeline:
                 progress.maybe_log(report, time.perf_counter() - start)
             if batch:
                 self._emit(batch)
-            self._put_result(_END)
+            self._end_writers()
         except _Stop:
             pass
         except BaseException as exc:
             self.errors.insert(0, exc)
             self.stop_decode.set()
-            # Let the writer finish what is queued (it is valid work a retry can skip).
+            # Let the writers finish what is queued (it is valid work a retry can skip).
             try:
-                self._put_result(_END)
+                self._end_writers()
             except _Stop:
                 pass
         finally:
             self.stop_decode.set()
-            for t in decoders:
+            for t in [*decoders, *writers]:
                 t.join()
-            writer.join()
             report.wall_s = time.perf_counter() - start
             report.decode_s = self.decode_s
             report.batch_size = self.batch_size
         if self.errors:
             raise self.errors[0]
         progress.log_final(report)
+
+    def _end_writers(self) -> None:
+        for _ in range(self.writers):
+            self._put_result(_END)
 
     def written_total(self) -> int:
         return self.report.processed

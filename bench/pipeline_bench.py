@@ -1,0 +1,595 @@
+"""Pipeline benchmark: the post's two designs vs ours, and the machine's limits, side by side.
+
+    .venv/bin/python bench/pipeline_bench.py                 # 48 images, 3 repetitions
+    .venv/bin/python bench/pipeline_bench.py --count 6 --reps 1   # quick (~1-2 min)
+    .venv/bin/python bench/pipeline_bench.py --device cuda:0 # the same table on a GPU
+    .venv/bin/python bench/pipeline_bench.py --memory-check only  # the bounded-memory check
+
+Every variant x repetition runs in a fresh child process (its own warm-up and peak RSS; model
+loading and warm-up are outside the timed section) on the same images, model, device and
+settings; the order of the variants changes from one repetition to the next. See
+bench/README.md for what each variant is and how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    DATA_DIR,
+    DEFAULT_QUALITY,
+    RESULTS_DIR,
+    busy_processes,
+    default_model,
+    drop_stats,
+    drop_tasks,
+    ensure_drop,
+    machine_info,
+    median,
+    peak_rss_mb,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str  # seed | ours | limit-decode | limit-model
+    design: str = ""  # seeds: original | queue
+    fast: bool = False  # reduced-scale JPEG decode
+    save: bool = False  # annotated images
+    help: str = ""
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("seed-original", "seed", "original",
+            help="post's first script: per-image predict(path) + synchronous txt write"),
+    Variant("seed-original+save", "seed", "original", save=True,
+            help="the same with save=True (annotated images, as the post ran it)"),
+    Variant("seed-queue", "seed", "queue",
+            help="post's fix: txt writes through Queue(maxsize=200) + a writer thread"),
+    Variant("seed-queue+save", "seed", "queue", save=True,
+            help="post's fix with save=True (not in the default set)"),
+    Variant("ours-exact", "ours", help="run_shard, exact decode"),
+    Variant("ours-exact+save", "ours", save=True, help="run_shard, exact decode, annotated images"),
+    Variant("ours-fast", "ours", fast=True, help="run_shard, reduced-scale JPEG decode"),
+    Variant("ours-fast+save", "ours", fast=True, save=True,
+            help="run_shard, reduced-scale decode, annotated images"),
+    Variant("limit-decode", "limit-decode",
+            help="read + exact decode + letterbox on all cores, no model"),
+    Variant("limit-decode-fast", "limit-decode", fast=True,
+            help="read + reduced-scale decode + letterbox on all cores, no model"),
+    Variant("limit-model", "limit-model",
+            help="forward + NMS on a pre-decoded batch, no I/O, no decode"),
+)}
+DEFAULT_VARIANTS = [name for name in VARIANTS if name != "seed-queue+save"]
+BASELINE = "seed-queue"
+
+
+# ================================================================================================
+# child side: one variant, one repetition, in a fresh process
+# ================================================================================================
+
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    variant = VARIANTS[args._variant]
+    tasks = drop_tasks(Path(args._drop), args.count)
+    out = Path(args._out)
+    if variant.kind == "seed":
+        result = _child_seed(variant, tasks, out, args)
+    elif variant.kind == "ours":
+        result = _child_ours(variant, tasks, out, args)
+    elif variant.kind == "limit-decode":
+        result = _child_decode_limit(variant, tasks, args)
+    else:
+        result = _child_model_limit(tasks, args)
+    result["variant"] = variant.name
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return result
+
+
+def _rss_now_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _child_seed(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
+                args: argparse.Namespace) -> dict[str, Any]:
+    from seed_baselines import SeedRunner
+
+    runner = SeedRunner(Path(args.model), args.device, args.imgsz, args.conf, args.iou,
+                        variant.save, out)
+    runner.warmup(tasks[0][0])
+    shutil.rmtree(out, ignore_errors=True)
+    rss_before = _rss_now_mb()
+    times = runner.run_original(tasks) if variant.design == "original" else runner.run_queue(tasks)
+    return {"images": times.images, "wall_s": times.wall_s,
+            "images_per_s": times.images / times.wall_s, "detections": times.detections,
+            "busy": times.busy(), "stages_s": dataclasses.asdict(times),
+            "dropped": times.dropped, "rss_before_mb": round(rss_before, 1)}
+
+
+def _infer_settings(args: argparse.Namespace, fast: bool = False, save: bool = False) -> Any:
+    from image_etl.settings import InferSettings
+
+    return InferSettings(imgsz=args.imgsz, conf=args.conf, iou=args.iou, batch_size=args.batch,
+                         fast_decode=fast, save_annotated=save, progress_every_s=86_400)
+
+
+def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
+                args: argparse.Namespace) -> dict[str, Any]:
+    from image_etl.model import load_model
+    from image_etl.outputs import OutputLayout
+    from image_etl.worker import ImageTask, run_shard
+
+    model = load_model(args.model, args.device, imgsz=args.imgsz)
+    settings = _infer_settings(args, variant.fast, variant.save)
+    shard = [ImageTask(path, rel) for path, rel in tasks]
+    # Warm-up on one batch (the timed pass's batch shape), outputs thrown away.
+    run_shard(shard[:args.batch], model, settings, OutputLayout(out / "warmup"))
+    shutil.rmtree(out, ignore_errors=True)
+    rss_before = _rss_now_mb()
+    run_dir = out / "run"
+    run_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    report = run_shard(shard, model, settings, OutputLayout(run_dir),
+                       staging_path=run_dir / "staging.jsonl")
+    wall = time.perf_counter() - t0
+    if report.failed or report.processed != len(shard):
+        raise RuntimeError(f"{variant.name}: {report.failed} failed, {report.processed} of "
+                           f"{len(shard)} processed: {report.failures[:3]}")
+    info = report.to_dict()
+    return {"images": report.processed, "wall_s": wall, "images_per_s": report.processed / wall,
+            "detections": report.detections, "busy": info["busy"],
+            "stages_s": {"shard_wall_s": report.wall_s, "decode_s": report.decode_s,
+                         "infer_s": report.infer_s, "write_s": report.write_s,
+                         "decode_threads": report.decode_threads,
+                         "batch_size": report.batch_size},
+            "rss_before_mb": round(rss_before, 1)}
+
+
+def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
+                        args: argparse.Namespace) -> dict[str, Any]:
+    from image_etl.decode import Decoder
+    from image_etl.model import load_model
+
+    model = load_model(args.model, "cpu", warmup=False)  # only for its stride
+    decoder = Decoder(args.imgsz, model.stride, fast=variant.fast)
+    del model
+    threads = os.cpu_count() or 1
+
+    def one(i: int) -> tuple[float, str | None]:
+        path, rel = tasks[i]
+        item = decoder(i, path, rel)
+        return item.seconds, item.error
+
+    one(0)  # warm-up: first use of the decoder and the letterbox
+    rss_before = _rss_now_mb()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        done = list(pool.map(one, range(len(tasks))))
+    wall = time.perf_counter() - t0
+    errors = [e for _, e in done if e]
+    if errors:
+        raise RuntimeError(f"decode errors: {errors[:3]}")
+    decode_s = sum(s for s, _ in done)
+    return {"images": len(tasks), "wall_s": wall, "images_per_s": len(tasks) / wall,
+            "busy": {"decode": decode_s / wall / threads, "infer": 0.0, "write": 0.0},
+            "stages_s": {"decode_s": decode_s, "threads": threads,
+                         "per_image_decode_ms": 1e3 * decode_s / len(tasks)},
+            "rss_before_mb": round(rss_before, 1)}
+
+
+def _child_model_limit(tasks: list[tuple[Path, str]], args: argparse.Namespace) -> dict[str, Any]:
+    from image_etl.decode import Decoder
+    from image_etl.model import load_model
+    from image_etl.worker import detect_batch
+
+    model = load_model(args.model, args.device, imgsz=args.imgsz)
+    settings = _infer_settings(args)
+    decoder = Decoder(args.imgsz, model.stride)
+    picked = [tasks[i % len(tasks)] for i in range(args.batch)]
+    batch = [decoder(i, path, rel) for i, (path, rel) in enumerate(picked)]
+    if any(item.error for item in batch):
+        raise RuntimeError(f"decode errors: {[item.error for item in batch if item.error]}")
+    # The engine's own batch step (stack → device → forward → NMS → scale → one .cpu()).
+    def infer() -> list:
+        return detect_batch(model, batch, settings.conf, settings.iou, settings.max_det)
+
+    infer()  # warm-up
+    rss_before = _rss_now_mb()
+    iterations = 0
+    t0 = time.perf_counter()
+    while True:
+        dets = infer()
+        iterations += 1
+        wall = time.perf_counter() - t0
+        if wall >= args.model_seconds and iterations >= 3:
+            break
+    images = iterations * len(batch)
+    return {"images": images, "wall_s": wall, "images_per_s": images / wall,
+            "detections": sum(len(d) for d in dets),
+            "busy": {"decode": 0.0, "infer": 1.0, "write": 0.0},
+            "stages_s": {"iterations": iterations, "batch": len(batch),
+                         "per_batch_ms": 1e3 * wall / iterations,
+                         "input_shape": list(batch[0].input.shape) if batch[0].input is not None
+                         else None},
+            "rss_before_mb": round(rss_before, 1)}
+
+
+# ================================================================================================
+# parent side: the drop, the schedule, the table, the JSON, the chart
+# ================================================================================================
+
+def _child_command(args: argparse.Namespace, variant: str, count: int, drop: Path, out: Path,
+                   result: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--_variant", variant,
+            "--_result", str(result), "--_drop", str(drop), "--_out", str(out),
+            "--count", str(count), "--model", str(args.model), "--device", args.device,
+            "--imgsz", str(args.imgsz), "--conf", str(args.conf), "--iou", str(args.iou),
+            "--batch", str(args.batch), "--model-seconds", str(args.model_seconds)]
+
+
+def run_variant(args: argparse.Namespace, variant: str, count: int, drop: Path) -> dict[str, Any]:
+    """One fresh child process for ``variant``; its result, or an ``error``."""
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=DATA_DIR))
+    result_file = scratch / "result.json"
+    out = scratch / "out"
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(_child_command(args, variant, count, drop, out, result_file),
+                              capture_output=True, text=True, timeout=args.child_timeout,
+                              env={**os.environ, "YOLO_OFFLINE": "1"})
+        if proc.returncode != 0 or not result_file.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+            return {"variant": variant, "error": f"exit {proc.returncode}: " + "\n".join(tail)}
+        result = json.loads(result_file.read_text())
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"timed out after {args.child_timeout}s"}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # outputs are cleared between runs
+    result["process_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def schedule(variants: list[str], reps: int) -> list[list[str]]:
+    """Each repetition's order: rotated by an even share of the list, every other one reversed,
+    so no variant always runs first, last or right after the same neighbour."""
+    n = len(variants)
+    orders = []
+    for r in range(reps):
+        shift = (r * n) // max(reps, 1)
+        order = variants[shift:] + variants[:shift]
+        orders.append(order[::-1] if r % 2 else order)
+    return orders
+
+
+def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        ok = [r for r in runs if r["variant"] == name and "error" not in r]
+        if not ok:
+            continue
+        ips = [r["images_per_s"] for r in ok]
+        summary[name] = {
+            "runs": len(ok), "images": ok[0]["images"],
+            "images_per_s": median(ips), "min": min(ips), "max": max(ips),
+            "wall_s": median([r["wall_s"] for r in ok]),
+            "busy": {k: median([r["busy"][k] for r in ok]) for k in ("decode", "infer", "write")},
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+            "detections": ok[0].get("detections"),
+            "dropped": sum(r.get("dropped", 0) for r in ok),
+        }
+    base = summary.get(BASELINE, {}).get("images_per_s")
+    for name, s in summary.items():
+        variant = VARIANTS[name]
+        s["ratio_vs_baseline"] = s["images_per_s"] / base if base else None
+        limit_name = "limit-decode-fast" if variant.fast else "limit-decode"
+        limit = summary.get(limit_name, {}).get("images_per_s")
+        if variant.kind in ("seed", "ours") and limit:
+            s["pct_of_decode_limit"] = 100 * s["images_per_s"] / limit
+            s["decode_limit"] = limit_name
+        exact_limit = summary.get("limit-decode", {}).get("images_per_s")
+        if variant.kind in ("seed", "ours") and exact_limit:
+            s["pct_of_exact_decode_limit"] = 100 * s["images_per_s"] / exact_limit
+    return summary
+
+
+def _ratio(summary: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
+    if a in summary and b in summary and summary[b]["images_per_s"]:
+        return summary[a]["images_per_s"] / summary[b]["images_per_s"]
+    return None
+
+
+def targets(summary: dict[str, dict[str, Any]], memory: dict[str, Any] | None
+            ) -> list[dict[str, Any]]:
+    """The issue's targets, each PASS / MISS / n/a (variant not run)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: float, unit: str, higher: bool = True) -> None:
+        if value is None:
+            status = "n/a"
+        else:
+            status = "PASS" if (value >= goal if higher else value <= goal) else "MISS"
+        out.append({"target": name, "value": value, "goal": goal, "unit": unit, "status": status})
+
+    add("ours-exact >= 2.5x seed-queue", _ratio(summary, "ours-exact", BASELINE), 2.5, "x")
+    add("ours-fast >= 5x seed-queue", _ratio(summary, "ours-fast", BASELINE), 5.0, "x")
+    exact = summary.get("ours-exact", {}).get("pct_of_exact_decode_limit")
+    add("ours-exact >= 85% of the decode limit", exact, 85.0, "%")
+    add("ours-exact+save >= 3x seed-original+save",
+        _ratio(summary, "ours-exact+save", "seed-original+save"), 3.0, "x")
+    add("ours-fast+save >= 3x seed-original+save (informational)",
+        _ratio(summary, "ours-fast+save", "seed-original+save"), 3.0, "x")
+    growth = memory.get("growth_pct") if memory else None
+    counts = memory["runs"] if memory else []
+    label = (f"{memory['variant']} peak RSS at {counts[-1]['count']} images within 15% of "
+             f"{counts[0]['count']}" if memory and len(counts) >= 2
+             else "ours-exact peak RSS at 200 images within 15% of 50")
+    add(label, growth, 15.0, "%", higher=False)
+    return out
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(summary: dict[str, dict[str, Any]], variants: list[str]) -> str:
+    head = (f"{'variant':<20} {'img/s':>7} {'min-max':>13} {'x ' + BASELINE:>13} "
+            f"{'% dec.limit':>11}  {'busy dec/inf/wrt':>17} {'peak RSS MB':>11}")
+    lines = [head, "-" * len(head)]
+    for name in variants:
+        s = summary.get(name)
+        if s is None:
+            lines.append(f"{name:<20} {'(failed)':>7}")
+            continue
+        b = s["busy"]
+        pct = s.get("pct_of_decode_limit")
+        pct_txt = "-" if pct is None else f"{pct:.0f}%" + (" (f)" if VARIANTS[name].fast else "")
+        lines.append(
+            f"{name:<20} {s['images_per_s']:>7.2f} {s['min']:>6.2f}-{s['max']:<6.2f} "
+            f"{_fmt(s['ratio_vs_baseline'], '.2f', 'x'):>13} {pct_txt:>11}  "
+            f"{b['decode']:>5.2f}/{b['infer']:.2f}/{b['write']:.2f} {s['peak_rss_mb']:>11.0f}")
+    return "\n".join(lines)
+
+
+def chart(path: Path, summary: dict[str, dict[str, Any]], variants: list[str],
+          title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in variants if n in summary][::-1]
+    values = [summary[n]["images_per_s"] for n in names]
+    lo = [summary[n]["images_per_s"] - summary[n]["min"] for n in names]
+    hi = [summary[n]["max"] - summary[n]["images_per_s"] for n in names]
+    colors = {"seed": "#9e9e9e", "ours": "#1f77b4", "limit-decode": "#ff7f0e",
+              "limit-model": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) + 1.8))
+    bars = ax.barh(names, values, xerr=[lo, hi], capsize=3,
+                   color=[colors[VARIANTS[n].kind] for n in names])
+    for bar, n in zip(bars, names):
+        if VARIANTS[n].kind.startswith("limit"):
+            bar.set_hatch("//")
+        ratio = summary[n].get("ratio_vs_baseline")
+        label = f" {summary[n]['images_per_s']:.2f} img/s"
+        if ratio is not None and not VARIANTS[n].kind.startswith("limit"):
+            label += f"  {ratio:.2f}x"
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center",
+                fontsize=8)
+    ax.set_xlabel(f"images/s (median; whiskers min-max; ratios vs {BASELINE})")
+    ax.set_xlim(0, max(values) * 1.35 if values else 1)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def memory_check(args: argparse.Namespace, drop: Path, available: int) -> dict[str, Any]:
+    counts = args.memory_counts
+    runs = []
+    for count in counts:
+        note = f" (the drop's {available} files repeated)" if count > available else ""
+        print(f"  memory check: {args.memory_variant} on {count} images{note} ...", flush=True)
+        r = run_variant(args, args.memory_variant, count, drop)
+        if "error" in r:
+            print(f"    failed: {r['error']}")
+        else:
+            print(f"    peak RSS {r['peak_rss_mb']:.0f} MB (before the timed pass "
+                  f"{r['rss_before_mb']:.0f} MB), {r['images_per_s']:.2f} img/s")
+        runs.append({"count": count, **r})
+    ok = [r for r in runs if "error" not in r]
+    result: dict[str, Any] = {"variant": args.memory_variant, "drop_images": available,
+                              "repeated": any(c > available for c in counts), "runs": runs}
+    if len(ok) == len(runs) and len(ok) >= 2:
+        first, last = ok[0]["peak_rss_mb"], ok[-1]["peak_rss_mb"]
+        result["growth_pct"] = 100 * (last - first) / first
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--count", type=int, default=48, help="images per run (default 48)")
+    p.add_argument("--size", default="2048x12000", help="WIDTHxHEIGHT of the drop's images")
+    p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of the drop")
+    p.add_argument("--seed", type=int, default=0, help="drop seed")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma list from: {', '.join(VARIANTS)}")
+    p.add_argument("--model", type=Path, default=None,
+                   help="Ultralytics .pt (default: models/demo-yolo11n-2cls.pt, else /tmp/interim.pt)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--imgsz", type=int, default=None, help="default: the model's training size")
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--batch", type=int, default=8, help="ours: batch size")
+    p.add_argument("--model-seconds", type=float, default=3.0,
+                   help="limit-model: time the forward loop for at least this long")
+    p.add_argument("--memory-check", choices=("auto", "yes", "no", "only"), default="auto",
+                   help="peak RSS of --memory-variant at --memory-counts images; auto: with full-size "
+                        "runs (--count >= 48), not with quick ones; only: nothing else")
+    p.add_argument("--memory-counts", default="50,200", help="image counts of the memory check")
+    p.add_argument("--memory-variant", default="ours-exact", choices=sorted(VARIANTS),
+                   help="the variant the memory check runs (default ours-exact)")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON + PNG go")
+    p.add_argument("--child-timeout", type=int, default=3600, help="seconds per child run")
+    # internal: the child process side
+    p.add_argument("--_variant", help=argparse.SUPPRESS)
+    p.add_argument("--_result", help=argparse.SUPPRESS)
+    p.add_argument("--_drop", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.device.isdigit():
+        args.device = f"cuda:{args.device}"
+    if args.model is None:
+        args.model = default_model()
+    args.model = args.model.resolve()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if args.count < 1 or args.reps < 1:
+        p.error("--count and --reps must be at least 1")
+    try:
+        args.width, args.height = (int(v) for v in args.size.lower().split("x"))
+        args.memory_counts = [int(c) for c in args.memory_counts.split(",")]
+    except ValueError:
+        p.error(f"--size must be WIDTHxHEIGHT and --memory-counts a comma list of numbers, got "
+                f"{args.size!r} and {args.memory_counts!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._variant:
+        result = run_child(args)
+        Path(args._result).write_text(json.dumps(result))
+        return 0
+
+    if not args.model.is_file():
+        print(f"error: model weights not found: {args.model}", file=sys.stderr)
+        return 2
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda:") or not torch.cuda.is_available():
+            print(f"error: device {args.device!r}: use cpu or cuda:N on a machine with CUDA "
+                  f"(CUDA available here: {torch.cuda.is_available()})", file=sys.stderr)
+            return 2
+    from image_etl.model import read_model_info
+
+    names, default_imgsz = read_model_info(args.model)
+    args.imgsz = args.imgsz or default_imgsz
+    width, height = args.width, args.height
+    drop, manifest = ensure_drop(args.count, width, height, args.quality, args.seed)
+    stats = drop_stats(manifest, args.count)
+    machine = machine_info(args.device)
+    others = busy_processes()
+    variants = [] if args.memory_check == "only" else args.variants.split(",")
+    run_memory = args.memory_check in ("yes", "only") or (args.memory_check == "auto"
+                                                           and args.count >= 48)
+
+    print(f"machine: {machine['cpu']}, {machine['cpu_logical']} logical cores, "
+          f"{machine['ram_gb']} GB RAM, torch {machine['torch']}, device {args.device}"
+          + (f" ({machine['gpu']})" if "gpu" in machine else ""))
+    print(f"model: {args.model} (imgsz {args.imgsz}, classes {names}); conf {args.conf}, "
+          f"iou {args.iou}, batch {args.batch} (ours)")
+    print(f"drop: {stats['images']} x {stats['width']}x{stats['height']} JPEG q{stats['quality']}, "
+          f"{stats['mb_min']}-{stats['mb_max']} MB each (median {stats['mb_median']})"
+          + ("" if stats["in_post_range"] else "  WARNING: outside the post's 2-6 MB"))
+    if others:
+        print("WARNING: other processes are using the CPU; numbers will be pessimistic and noisy:")
+        for line in others:
+            print(f"  {line}")
+
+    runs: list[dict[str, Any]] = []
+    orders = schedule(variants, args.reps)
+    started = dt.datetime.now(dt.UTC)
+    total = sum(len(o) for o in orders)
+    k = 0
+    for rep, order in enumerate(orders, 1):
+        for name in order:
+            k += 1
+            r = run_variant(args, name, args.count, drop)
+            r["rep"] = rep
+            runs.append(r)
+            if "error" in r:
+                print(f"[{k}/{total}] rep {rep} {name}: FAILED\n{r['error']}", flush=True)
+            else:
+                print(f"[{k}/{total}] rep {rep} {name:<20} {r['images_per_s']:7.2f} img/s  "
+                      f"wall {r['wall_s']:6.1f}s  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+
+    memory = None
+    if run_memory:
+        memory = memory_check(args, drop, len(list(drop.glob("*.jpg"))))
+
+    summary = summarise(runs, variants)
+    goals = targets(summary, memory)
+    finished = dt.datetime.now(dt.UTC)
+    machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+
+    print()
+    if variants:
+        print(f"{args.count} images, {args.reps} repetition(s), device {args.device}, medians:")
+        print(table(summary, variants))
+        print("  % dec.limit: vs limit-decode (exact) or, for (f) fast variants, vs "
+              "limit-decode-fast; busy: fraction of the wall time each stage was working")
+    if memory:
+        print(f"memory check ({memory['variant']}):", ", ".join(
+            f"{r['count']} images {r['peak_rss_mb']:.0f} MB" for r in memory["runs"] if "error" not in r)
+            + (f"; growth {memory['growth_pct']:+.1f}%" if "growth_pct" in memory else "")
+            + (f" (the drop's {memory['drop_images']} files repeated to reach "
+               f"{max(args.memory_counts)})" if memory["repeated"] else ""))
+    print("targets:")
+    for g in goals:
+        value = "-" if g["value"] is None else f"{g['value']:.2f}{g['unit']}"
+        print(f"  {g['status']:<4}  {g['target']:<58} {value}")
+    dropped = {n: s["dropped"] for n, s in summary.items() if s.get("dropped")}
+    if dropped:
+        print(f"WARNING: the post's put(timeout=0.1) would have lost results: {dropped}")
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    json_path = args.results / f"pipeline-{stamp}.json"
+    png_path = args.results / f"pipeline-{stamp}.png"
+    report = {
+        "started": started.isoformat(), "finished": finished.isoformat(),
+        "command": [sys.executable, *sys.argv], "machine": machine, "other_cpu_load": others,
+        "settings": {"model": str(args.model), "imgsz": args.imgsz, "conf": args.conf,
+                     "iou": args.iou, "batch": args.batch, "device": args.device,
+                     "count": args.count, "reps": args.reps, "model_seconds": args.model_seconds},
+        "drop": {"dir": str(drop), **stats}, "variants": {n: VARIANTS[n].help for n in variants},
+        "orders": orders, "runs": runs, "summary": summary, "memory_check": memory,
+        "targets": goals,
+    }
+    json_path.write_text(json.dumps(report, indent=2))
+    if summary:
+        chart(png_path, summary, variants,
+              f"{args.count} x {width}x{height} JPEG, {args.model.name}, imgsz {args.imgsz}, "
+              f"{args.device} | {machine['cpu']} x{machine['cpu_logical']}"
+              + (f" | {machine['gpu']}" if "gpu" in machine else ""))
+        print(f"wrote {json_path} and {png_path}")
+    else:
+        print(f"wrote {json_path}")
+    failed = [r for r in runs if "error" in r] + [r for r in (memory or {}).get("runs", [])
+                                                  if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
