@@ -276,3 +276,34 @@ def test_cli_infer_writes_summary(small_drop, demo_model_path, tmp_path):
                           str(tmp_path), "--model", str(demo_model_path), "--conf", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "conf:" in bad.stderr
+
+
+def test_gpu_out_of_memory_halves_the_batch_and_goes_on(small_drop, cpu_model, tmp_path):
+    """CI has no GPU: inject CUDA's out-of-memory error for batches larger than 2."""
+    import dataclasses
+
+    import torch
+
+    class TightMemory:
+        def __init__(self, backend):
+            self.backend, self.sizes = backend, []
+
+        def __call__(self, im):
+            self.sizes.append(im.shape[0])
+            if im.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return self.backend(im)
+
+    tight = TightMemory(cpu_model.backend)
+    model = dataclasses.replace(cpu_model, backend=tight)
+    images = small_drop / DROP_DATE.isoformat()
+    report = run(tasks_for(images), model, tmp_path / "oom", tmp_path / "oom.jsonl", batch_size=8)
+    reference = run(tasks_for(images), cpu_model, tmp_path / "ref", tmp_path / "ref.jsonl",
+                    batch_size=2)
+    assert report.ok == 8 and report.batch_size == 2
+    assert tight.sizes[:3] == [8, 4, 2]  # halved until it fit, then kept small
+    assert max(tight.sizes[3:]) <= 2
+    labels = sorted((tmp_path / "oom/labels").glob("*.txt"))
+    assert [p.read_bytes() for p in labels] == [
+        (tmp_path / "ref/labels" / p.name).read_bytes() for p in labels]
+    assert reference.ok == 8

@@ -330,7 +330,10 @@ class _Pipeline:
             log.warning("GPU out of memory on a batch of %d: batch size is now %d",
                         len(batch), self.batch_size)
             self.report.infer_s += time.perf_counter() - t0
-            return self.infer_batch(batch[:half]) + self.infer_batch(batch[half:])
+            out: list[np.ndarray] = []
+            while len(out) < len(batch):  # the size may shrink again inside
+                out += self.infer_batch(batch[len(out):len(out) + self.batch_size])
+            return out
         self.report.infer_s += time.perf_counter() - t0
         return out
 
