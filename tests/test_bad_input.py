@@ -1,0 +1,125 @@
+"""Odd and hostile files through the worker: each is processed or becomes one failed row with
+a specific reason; the rest of the shard always goes on."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_etl import synth
+from image_etl.outputs import OutputLayout, read_staging
+from image_etl.settings import InferSettings
+from image_etl.worker import ImageTask, run_shard
+
+
+def _scene(w=512, h=3000, seed=1) -> np.ndarray:
+    img, _ = synth.render(np.random.default_rng(seed), w, h)
+    return img
+
+
+def _pil(img: np.ndarray) -> Image.Image:
+    return Image.fromarray(img[..., ::-1].copy())
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, with a tiny body."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) \
+        + chunk(b"IEND", b"")
+
+
+def _exif_rotated() -> bytes:
+    img = _pil(_scene(512, 3000))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    return _save(img, "JPEG", exif=exif, quality=90)
+
+
+CASES: dict[str, tuple[bytes, str | None]] = {}
+
+
+def _cases() -> dict[str, tuple[bytes, str | None]]:
+    """name → (file bytes, expected error substring or None for a processed image)."""
+    if CASES:
+        return CASES
+    scene = _scene()
+    good = _save(_pil(scene), "JPEG", quality=90)
+    CASES.update({
+        "truncated.jpg": (good[: len(good) // 3], "corrupt or truncated"),
+        "zero.jpg": (b"", "empty file"),
+        "text.jpg": (b"just some text, not a picture\n" * 10, "not an image"),
+        "png-named.jpg": (_save(_pil(scene), "PNG"), None),
+        "gray.jpg": (_save(_pil(scene).convert("L"), "JPEG"), None),
+        "cmyk.jpg": (_save(_pil(scene).convert("CMYK"), "JPEG"), None),
+        "progressive.jpg": (_save(_pil(scene), "JPEG", progressive=True), None),
+        "sixteen-bit.png": (_save(Image.fromarray(scene[..., 0].astype(np.uint16) * 257), "PNG"), None),
+        "bomb.png": (_bomb_png(100_000, 100_000), "image too large"),
+        "exif-rotated.jpg": (_exif_rotated(), None),
+        "name with spaces 'quotes' \"double\" é漢字.jpg": (good, None),
+        "new\nline.jpg": (good, None),
+    })
+    return CASES
+
+
+@pytest.fixture(scope="module")
+def bad_drop(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_drop")
+    for name, (data, _) in _cases().items():
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+def test_every_odd_file_is_processed_or_failed_with_its_reason(bad_drop, cpu_model, tmp_path, fast):
+    tasks = [ImageTask(bad_drop / name, name) for name in sorted(_cases())]
+    staging = tmp_path / "stage.jsonl"
+    report = run_shard(tasks, cpu_model, InferSettings(fast_decode=fast, batch_size=4),
+                       OutputLayout(tmp_path / "out"), staging)
+    staged = {r["rel_path"]: r for r in read_staging(staging)[1]}
+    assert sorted(staged) == sorted(_cases())
+    for name, (_, expected) in _cases().items():
+        record = staged[name]
+        txt = tmp_path / "out" / "labels" / Path(name).with_suffix(".txt")
+        if expected is None:
+            assert record["status"] == "ok", (name, record["error"])
+            assert txt.exists(), name
+        else:
+            assert record["status"] == "failed" and expected in record["error"], (name, record)
+            assert not txt.exists(), name
+    assert report.failed == sum(1 for _, e in _cases().values() if e)
+    # Nothing half-written: no temp files anywhere under the outputs.
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_exif_orientation_is_applied_like_model_predict(bad_drop, cpu_model, demo_model_path, tmp_path):
+    """Orientation is applied (as OpenCV and therefore model.predict do): same detections."""
+    from ultralytics import YOLO
+
+    name = "exif-rotated.jpg"
+    staging = tmp_path / "s.jsonl"
+    run_shard([ImageTask(bad_drop / name, name)], cpu_model, InferSettings(),
+              OutputLayout(tmp_path), staging)
+    record = read_staging(staging)[1][0]
+    assert (record["width"], record["height"]) == (3000, 512)  # rotated on display
+    r = YOLO(str(demo_model_path)).predict(str(bad_drop / name), verbose=False)[0]
+    assert r.orig_shape == (512, 3000)
+    assert len(record["detections"]) == len(r.boxes) > 0
+    for mine, theirs in zip(sorted(d[2:6] for d in record["detections"]),
+                            sorted(r.boxes.xyxy.tolist())):
+        assert max(abs(a - b) for a, b in zip(mine, theirs)) <= 1.0
