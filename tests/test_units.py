@@ -233,3 +233,16 @@ def test_results_db_url_from_airflow_connection_fields():
     assert url_from_connection("sqlite", host="/var/lib/results.db") == "sqlite:////var/lib/results.db"
     with pytest.raises(StoreError, match="unsupported connection type 'mysql'"):
         url_from_connection("mysql", host="x")
+
+
+def test_header_probe_looks_past_large_metadata():
+    import io
+
+    from PIL import Image
+
+    from image_etl.decode import _probe
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(buf, "JPEG", icc_profile=b"\0" * 200_000)
+    assert _probe(np.frombuffer(buf.getvalue(), np.uint8)) == ("JPEG", (50, 40))
+    assert _probe(np.frombuffer(b"hello", np.uint8)) == "not an image (unrecognised header)"

@@ -137,11 +137,13 @@ def _probe(data: np.ndarray) -> tuple[str, tuple[int, int]] | str:
     """Format and (w, h) from the header alone, or a reason why this is not an image."""
     import io
 
-    try:
-        # Headers sit in the first bytes (JPEG APPn segments are < 64 KiB each).
-        with Image.open(io.BytesIO(data[: 1 << 20].tobytes())) as im:
-            return str(im.format), im.size
-    except Image.DecompressionBombError as exc:  # pragma: no cover - disabled above
-        return f"image too large: {exc}"
-    except Exception:
-        return "not an image (unrecognised header)"
+    # Headers sit in the first bytes; a JPEG with large APPn segments (EXIF, ICC) before its
+    # frame header needs a longer look.
+    for size in (1 << 16, 1 << 22):
+        try:
+            with Image.open(io.BytesIO(data[:size].tobytes())) as im:
+                return str(im.format), im.size
+        except Exception:
+            if data.size <= size:
+                break
+    return "not an image (unrecognised header)"
