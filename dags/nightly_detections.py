@@ -142,8 +142,12 @@ def nightly_detections():
     def infer(shard: dict) -> dict:
         from image_etl import stages
 
-        get_current_context()["shard_label"] = f"{shard['device']} · {shard['images']} images"
-        return stages.infer(shard)
+        context = get_current_context()
+        context["shard_label"] = f"{shard['device']} · {shard['images']} images"
+        result = stages.infer(shard)
+        # The label is rendered when the task ends: show the GPU actually leased ('cuda' → 'cuda:1').
+        context["shard_label"] = f"{result['device']} · {shard['images']} images"
+        return result
 
     @task(trigger_rule="none_failed", retries=3, retry_delay=timedelta(seconds=30),
           retry_exponential_backoff=True,

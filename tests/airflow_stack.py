@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import json
 import os
-import re
 import secrets
 import signal
 import socket
@@ -76,7 +75,10 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float, poll_s: floa
         if value:
             return value
         if time.monotonic() > deadline:
-            extra = on_timeout() if on_timeout else ""
+            try:
+                extra = on_timeout() if on_timeout else ""
+            except Exception as e:  # diagnostics must not hide the timeout
+                extra = f"(no diagnostics: {e!r})"
             raise StackError(f"timed out after {timeout_s:.0f}s waiting for {what}"
                              + (f" (last error: {last_error!r})" if last_error else "")
                              + (f"\n{extra}" if extra else ""))
@@ -86,8 +88,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float, poll_s: floa
 class AirflowStack:
     """Start/stop a CeleryExecutor Airflow on loopback. Use as a context manager."""
 
-    COMPONENTS = ("api-server", "scheduler", "dag-processor", "worker-gpu", "worker-default")
-
     def __init__(self, *, home: Path, artifacts: Path, metadata_url: str,
                  extra_env: dict[str, str] | None = None, redis_url: str = "redis://127.0.0.1:6379/0"):
         self.home = home
@@ -95,6 +95,7 @@ class AirflowStack:
         self.metadata_url = metadata_url
         self.redis_url = redis_url
         self.stack_id = uuid.uuid4().hex[:12]
+        self.redis_prefix = f"image_etl_e2e_{self.stack_id}:"
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.password = secrets.token_urlsafe(16)
@@ -133,7 +134,7 @@ class AirflowStack:
             "AIRFLOW__CELERY__BROKER_URL": self.redis_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.metadata_url}",
             # A private key prefix: other users of the shared Redis never see these queues.
-            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": f"image_etl_e2e_{self.stack_id}:",
+            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": self.redis_prefix,
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "3600",
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
             "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
@@ -252,9 +253,21 @@ class AirflowStack:
         for pid in self.strays():  # anything that left its group (setsid) but kept the marker
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        wait_for("every stack process to exit", lambda: not self.strays(), 15, poll_s=0.2)
         for out in self._logs:
             out.close()
+        self._forget_redis_keys()
+        wait_for("every stack process to exit", lambda: not self.strays(), 15, poll_s=0.2)
+
+    def _forget_redis_keys(self) -> None:
+        """Remove this stack's broker keys (queues, bindings) from the shared Redis."""
+        import redis
+
+        with contextlib.suppress(redis.RedisError):
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            keys = list(client.scan_iter(match=f"{self.redis_prefix}*", count=500))
+            if keys:
+                client.delete(*keys)
+            client.close()
 
     def strays(self) -> list[int]:
         """Live processes (not zombies) started by this stack, found by the marker variable."""
@@ -310,11 +323,112 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def jwt_claims(token: str) -> dict[str, Any]:
-    """The (unverified) payload of a JWT, for assertions on who the token is for."""
-    payload = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+class Chromium:
+    """Headless Debian ``chromium`` driven over the DevTools protocol (no downloaded browser)."""
 
+    def __init__(self, profile: Path, log: Path, width: int = 1600, height: int = 1000,
+                 binary: str = "chromium"):
+        self.profile, self.log, self.binary = profile, log, binary
+        self.size = (width, height)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.ws = None
+        self._id = 0
 
-def redact(text: str) -> str:
-    return re.sub(r"(Bearer\s+)\S+", r"\1***", text)
+    def __enter__(self) -> Chromium:
+        from websockets.sync.client import connect
+
+        self.profile.mkdir(parents=True, exist_ok=True)
+        out = self.log.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                [self.binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
+                 f"--window-size={self.size[0]},{self.size[1]}", f"--user-data-dir={self.profile}",
+                 f"--remote-debugging-port={self.port}", "--remote-debugging-address=127.0.0.1",
+                 "about:blank"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+        finally:
+            out.close()
+        try:
+            devtools = f"http://127.0.0.1:{self.port}"
+            wait_for("chromium's DevTools endpoint",
+                     lambda: httpx.get(f"{devtools}/json/version", timeout=5).status_code == 200, 60,
+                     poll_s=0.5)
+            pages = [t for t in httpx.get(f"{devtools}/json/list", timeout=10).json() if t["type"] == "page"]
+            if not pages:
+                pages = [httpx.put(f"{devtools}/json/new?about:blank", timeout=10).json()]
+            self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+            self.call("Page.enable")
+            self.call("Network.enable")
+            self.call("Emulation.setDeviceMetricsOverride", width=self.size[0], height=self.size[1],
+                      deviceScaleFactor=1, mobile=False)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                self.ws.close()
+        if self.proc is not None:
+            _kill_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _kill_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            _kill_group(self.proc.pid, signal.SIGKILL)  # helpers (zygote, renderers) left behind
+
+    def call(self, method: str, timeout_s: float = 60, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            message = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise StackError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise StackError(f"javascript error in {expression[:80]!r}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def goto(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def text(self) -> str:
+        return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def wait_for_text(self, needles: list[str], timeout_s: float) -> str:
+        def check() -> str | None:
+            text = self.text()
+            return text if all(n in text for n in needles) else None
+
+        return wait_for(f"page text {needles}", check, timeout_s, poll_s=0.5,
+                        on_timeout=lambda: "page text was:\n" + self.text()[:3000])
+
+    def screenshot(self, path: Path) -> Path:
+        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=False)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def click(self, element_js: str) -> None:
+        """A real mouse click (press + release) in the middle of the element ``element_js``."""
+        where = self.evaluate(
+            f"(() => {{ const e = {element_js}; if (!e) return null; e.scrollIntoView({{block: 'center'}});"
+            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        if not where:
+            raise StackError(f"nothing to click: {element_js}")
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=where[0], y=where[1], button="left",
+                      clickCount=1)
+
+    def resize(self, width: int, height: int) -> None:
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                  mobile=False)

@@ -4,10 +4,11 @@ SQLAlchemy 2 Core, no ORM. A SQLite file by default (no server needed), PostgreS
 production. Identity: a result is (model_sha256, drop_date, rel_path); loading it again
 replaces that image's row (same id) and its detections, all in one transaction.
 
-PostgreSQL is filled with ``COPY ... FROM STDIN (FORMAT csv)`` through psycopg2's
-``copy_expert`` on the very connection (and transaction) SQLAlchemy holds; SQLite with
-``executemany``. File names never become SQL text: they travel as bound parameters or as
-COPY data.
+PostgreSQL is filled with ``COPY ... FROM STDIN`` through psycopg2's ``copy_expert`` on the
+very connection (and transaction) SQLAlchemy holds: the images into a temp table (then
+upserted), the detections straight into ``detections``, their numbers as the staging file
+wrote them (see "the PostgreSQL load" below); SQLite with ``executemany``. File names never
+become SQL text: they travel as bound parameters or as COPY data.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import logging
 import math
@@ -416,19 +418,6 @@ def _read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _check_complete_lines(path: Path) -> None:
-    """read_staging stops at the first unreadable line; only a torn LAST line (a killed
-    writer) may be dropped, so corruption anywhere before it is an error, not a silent loss."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                return
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"staging file {path}, line {lineno}: corrupt record ({e})") from None
-
-
 def _int_or_none(value: Any, what: str) -> int | None:
     if value is None:
         return None
@@ -471,9 +460,8 @@ def _det_values(raw: list[Any], rel_path: str) -> list[tuple[int, list[float]]]:
     raise AssertionError("unreachable: a detection failed the fast check but no value is bad")
 
 
-def _record_rows(record: dict[str, Any], seq: int, names: dict[int, str]
-                 ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
-    """One staged record → its stage_images row and stage_detections rows (validated)."""
+def _image_row(record: dict[str, Any], seq: int) -> tuple[Any, ...]:
+    """One staged record → its stage_images row (validated); the detections are not looked at."""
     rel_path = record.get("rel_path")
     if not isinstance(rel_path, str) or not rel_path or "\x00" in rel_path:
         raise ValueError(f"bad rel_path {rel_path!r}")
@@ -485,9 +473,16 @@ def _record_rows(record: dict[str, Any], seq: int, names: dict[int, str]
         raise ValueError(f"{rel_path!r}: error must be text, got {error!r}")
     if error is not None:
         error = error.replace("\x00", "\\x00")  # text columns cannot hold NUL
-    image = (seq, rel_path, _int_or_none(record.get("bytes"), f"{rel_path!r}: bytes"),
-             _int_or_none(record.get("width"), f"{rel_path!r}: width"),
-             _int_or_none(record.get("height"), f"{rel_path!r}: height"), status, error)
+    return (seq, rel_path, _int_or_none(record.get("bytes"), f"{rel_path!r}: bytes"),
+            _int_or_none(record.get("width"), f"{rel_path!r}: width"),
+            _int_or_none(record.get("height"), f"{rel_path!r}: height"), status, error)
+
+
+def _record_rows(record: dict[str, Any], seq: int, names: dict[int, str]
+                 ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """One staged record → its stage_images row and stage_detections rows (validated)."""
+    image = _image_row(record, seq)
+    rel_path, status = image[1], image[5]
     dets: list[tuple[Any, ...]] = []
     if status == "ok":  # a failed image has no detections, whatever was staged with it
         raw = record.get("detections") or []
@@ -521,22 +516,11 @@ def _quote(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
-# A stage_detections row: seq, det_index, class_id (ints), class_name (text), nine doubles
-# (%r is repr: the shortest text that reads back as the same double).
-_DET_LINE = "%d,%d,%d,%s" + ",%r" * len(_DET_COLS) + "\n"
-
-
-def _det_csv_line(row: Sequence[Any]) -> str:
-    return _DET_LINE % (row[0], row[1], row[2], _quote(row[3]), *row[4:])
-
-
 class _CsvStream:
     """A read-only text file over rows, encoded as CSV as COPY asks for more."""
 
-    def __init__(self, rows: Iterable[Sequence[Any]],
-                 line: Callable[[Sequence[Any]], str] = _csv_line) -> None:
+    def __init__(self, rows: Iterable[Sequence[Any]]) -> None:
         self._rows = iter(rows)
-        self._line = line
         self._buf = ""
 
     def read(self, size: int = -1) -> str:
@@ -546,7 +530,7 @@ class _CsvStream:
             row = next(self._rows, None)
             if row is None:
                 break
-            line = self._line(row)
+            line = _csv_line(row)
             parts.append(line)
             have += len(line)
         data = "".join(parts)
@@ -567,21 +551,21 @@ def _fill(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
         assert dbapi is not None
         sql = f"COPY {table.name} ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv)"
         with dbapi.cursor() as cur:
-            line = _det_csv_line if table is _stage_dets else _csv_line
-            cur.copy_expert(sql, _CsvStream(rows, line), size=65536)
+            cur.copy_expert(sql, _CsvStream(rows), size=65536)
         return
     for start in range(0, len(rows), _COPY_CHUNK_ROWS):
         chunk = rows[start:start + _COPY_CHUNK_ROWS]
         conn.execute(table.insert(), [dict(zip(cols, row)) for row in chunk])
 
 
-def _create_stage(conn: Connection) -> None:
+def _create_stage(conn: Connection, *, detections: bool = True) -> None:
     if conn.dialect.name == "sqlite":
         # Temp tables live as long as the pooled connection: start from a clean slate.
         for table in (_stage_dets, _stage_images):
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{table.name}")
     _stage_images.create(conn)
-    _stage_dets.create(conn)
+    if detections:
+        _stage_dets.create(conn)
 
 
 def _drop_stage(conn: Connection) -> None:
@@ -603,6 +587,14 @@ def _staging_headers(staging_files: Sequence[Path]) -> dict[Path, dict[str, Any]
     return headers
 
 
+@dataclasses.dataclass
+class _Counts:
+    images: int = 0
+    ok: int = 0
+    failed: int = 0
+    detections: int = 0
+
+
 def load_staged(engine: Engine, staging_files: list[Path], run: RunInfo,
                 names: dict[int, str] | None = None) -> LoadReport:
     """Load shards' staging files as one transaction; return what was loaded.
@@ -616,7 +608,7 @@ def load_staged(engine: Engine, staging_files: list[Path], run: RunInfo,
     headers = _staging_headers(files)
     sha = next(iter(headers.values()))["model_sha256"] if headers else None
     model_path = next(iter(headers.values())).get("model_path") if headers else None
-    n_images = n_ok = n_failed = n_dets = 0
+    counts = _Counts()
     with write_transaction(engine) as conn:
         is_pg = conn.dialect.name == "postgresql"
         now = _now()
@@ -627,49 +619,362 @@ def load_staged(engine: Engine, staging_files: list[Path], run: RunInfo,
             upsert_model(conn, sha, str(model_path or ""), names)
             if names is None:
                 names = model_names(conn, sha) or {}
-        _create_stage(conn)
-        seen: dict[str, Path] = {}
-        for path in files:
-            header, records = read_staging(path)
-            if header is None or header.get("model_sha256") != sha:
-                raise ValueError(f"staging file {path}: header changed while loading")
-            _check_complete_lines(path)
-            image_rows: list[tuple[Any, ...]] = []
-            det_rows: list[tuple[Any, ...]] = []
-            for record in records:
-                try:
-                    image, dets = _record_rows(record, n_images, names or {})
-                except ValueError as e:
-                    raise ValueError(f"staging file {path}: {e}") from None
-                rel_path = image[1]
-                if rel_path in seen:
-                    raise ValueError(f"{rel_path!r} is staged in both {seen[rel_path]} and {path}")
-                seen[rel_path] = path
-                image_rows.append(image)
-                det_rows.extend(dets)
-                n_images += 1
-                n_ok += image[5] == "ok"
-                n_failed += image[5] == "failed"
-                n_dets += len(dets)
-            _fill(conn, _stage_images, image_rows)
-            _fill(conn, _stage_dets, det_rows)
-            del image_rows, det_rows
-        if is_pg:
-            conn.exec_driver_sql(f"ANALYZE {_stage_images.name}")
-            conn.exec_driver_sql(f"ANALYZE {_stage_dets.name}")
-
-        _upsert_run(conn, run, sha, now, images=n_images, ok=n_ok, failed=n_failed,
-                    detections=n_dets)
-        if sha is not None and n_images:
-            _replace_images(conn, sha, run, now)
-        _drop_stage(conn)
+        if sha is not None and files:
+            if is_pg and conn.dialect.driver == "psycopg2":
+                counts = _load_postgresql(conn, files, sha, run, names or {}, now)
+            else:
+                counts = _load_rows(conn, files, sha, run, names or {}, now)
+        _upsert_run(conn, run, sha, now, images=counts.images, ok=counts.ok,
+                    failed=counts.failed, detections=counts.detections)
     seconds = time.perf_counter() - started
-    report = LoadReport(images=n_images, ok=n_ok, failed=n_failed, detections=n_dets,
+    n_images, n_dets = counts.images, counts.detections
+    report = LoadReport(images=n_images, ok=counts.ok, failed=counts.failed, detections=n_dets,
                         seconds=seconds,
                         rows_per_s=(n_images + n_dets) / seconds if seconds > 0 else 0.0)
     log.info("loaded %d images (%d ok, %d failed), %d detections for %s in %.2fs (%.0f rows/s)",
-             n_images, n_ok, n_failed, n_dets, run.run_key, seconds, report.rows_per_s)
+             n_images, counts.ok, counts.failed, n_dets, run.run_key, seconds, report.rows_per_s)
     return report
+
+
+def _load_rows(conn: Connection, files: list[Path], sha: str, run: RunInfo,
+               names: dict[int, str], now: dt.datetime) -> _Counts:
+    """The portable load (SQLite): every record parsed and checked in Python, rows inserted
+    into the stage tables, then the set-based replace."""
+    counts = _Counts()
+    _create_stage(conn)
+    seen: dict[str, Path] = {}
+    for path in files:
+        header, records = read_staging(path)  # strict: a corrupt line before the last raises
+        if header is None or header.get("model_sha256") != sha:
+            raise ValueError(f"staging file {path}: header changed while loading")
+        image_rows: list[tuple[Any, ...]] = []
+        det_rows: list[tuple[Any, ...]] = []
+        for record in records:
+            try:
+                image, dets = _record_rows(record, counts.images, names)
+            except ValueError as e:
+                raise ValueError(f"staging file {path}: {e}") from None
+            _check_once(seen, image[1], path)
+            image_rows.append(image)
+            det_rows.extend(dets)
+            _count(counts, image, len(dets))
+        _fill(conn, _stage_images, image_rows)
+        _fill(conn, _stage_dets, det_rows)
+        del image_rows, det_rows
+    if counts.images:
+        _upsert_images(conn, sha, run, now)
+        _delete_staged_detections(conn, sha, run)
+        _insert_staged_detections(conn, sha, run)
+    _drop_stage(conn)
+    return counts
+
+
+def _check_once(seen: dict[str, Path], rel_path: str, path: Path) -> None:
+    if rel_path in seen:
+        raise ValueError(f"{rel_path!r} is staged in both {seen[rel_path]} and {path}")
+    seen[rel_path] = path
+
+
+def _count(counts: _Counts, image: tuple[Any, ...], n_dets: int) -> None:
+    counts.images += 1
+    counts.ok += image[5] == "ok"
+    counts.failed += image[5] == "failed"
+    counts.detections += n_dets
+
+
+# --- the PostgreSQL load ------------------------------------------------------------------------
+#
+# Parsing every number of a staging file into a Python float and formatting it back to text
+# was most of a load's time. PostgreSQL reads number text itself (float8in rounds correctly,
+# like Python's float(): a JSON number's text becomes the same double either way), so for the
+# lines a worker writes -- json.dumps(image_record(...)), detections last:
+#     {"rel_path": ..., "error": null, "detections": [[0.0, 0.58, ...], [1.0, ...]]}
+# only the small head before ', "detections": ' is parsed as JSON, and the detections' text
+# is rearranged into COPY text rows (det_index, class_id, class_name, then the nine numbers as
+# written) and COPYed straight into ``detections``.
+#
+# A file takes that way only if every line has exactly that shape and every number is written
+# as JSON writes it (float8in would also take ".5", "5.", "+5" or "05", which json rejects, and
+# reads the integer -0 as -0.0); otherwise -- and if COPY rejects a row -- the file goes the
+# exact way: read_staging + _record_rows, the same checks and messages as the portable load.
+
+_DETS_KEY = b', "detections": '
+# Every byte the detections of canonical lines (joined by newlines) may hold.
+_DETS_BYTES = b"0123456789.eE+-[], \n"
+_IS_DIGIT = np.zeros(256, dtype=bool)
+_IS_DIGIT[ord("0"):ord("9") + 1] = True
+_IS_DELIM = np.zeros(256, dtype=bool)
+_IS_DELIM[list(b"[], \n")] = True
+_COPY_CHUNK_BYTES = 1 << 20
+# SQLSTATE classes of errors a COPY of bad data raises: 22 data exception (a number float8in
+# cannot read, a missing or extra column), 23 integrity constraint (a CHECK).
+_DATA_ERROR_CLASSES = ("22", "23")
+
+# A staged image: its stage_images row, its detections -- COPY text rows without the image_id,
+# or (fast way, is_json) the staged JSON text they are made from while COPY runs -- and how many.
+_Staged = tuple[tuple[Any, ...], bytes, int, bool]
+
+
+class _NotCanonical(Exception):
+    """The fast way met a detection it does not read (a row of other than 10 values, a class
+    that is not a whole number): the exact way reads the file and says what is wrong."""
+
+
+def _load_postgresql(conn: Connection, files: list[Path], sha: str, run: RunInfo,
+                     names: dict[int, str], now: dt.datetime) -> _Counts:
+    """Stage the images (COPY), upsert them (ids kept) and learn their ids, delete their old
+    detections, COPY the new ones straight into ``detections``."""
+    conn.exec_driver_sql("SET LOCAL jit = off")  # compiling plans costs more than these queries
+    staged: list[_Staged] = []
+    fast: list[tuple[Path, int, int]] = []  # files read the fast way: (path, start, stop) in staged
+    classes: dict[bytes, bytes] = {}  # class token as staged → COPY text of class_id, class_name
+    seen: dict[str, Path] = {}
+    for path in files:
+        part = _staged_fast(path.read_bytes(), sha, names, classes, len(staged))
+        if part is None:
+            part = _staged_exact(path, sha, names, len(staged))
+        else:
+            fast.append((path, len(staged), len(staged) + len(part)))
+        for row, *_ in part:
+            _check_once(seen, row[1], path)
+        staged.extend(part)
+    if not staged:
+        return _Counts()
+
+    _create_stage(conn, detections=False)
+    _fill(conn, _stage_images, [row for row, *_ in staged])
+    conn.exec_driver_sql(f"ANALYZE {_stage_images.name}")
+    ids = _upsert_images(conn, sha, run, now)
+    _delete_staged_detections(conn, sha, run)
+    savepoint = conn.begin_nested()
+    try:
+        _copy_detections(conn, staged, ids, names, classes)
+    except (_NotCanonical, conn.dialect.loaded_dbapi.Error) as e:
+        if not isinstance(e, _NotCanonical) and _sqlstate_class(e) not in _DATA_ERROR_CLASSES:
+            raise
+        # Something in the fast way's rows is off: read those files the exact way, which
+        # names the problem (or finds none, and the COPY below fails again as before).
+        savepoint.rollback()
+        for path, start, stop in fast:
+            exact = _staged_exact(path, sha, names, start)
+            if [row for row, *_ in exact] != [row for row, *_ in staged[start:stop]]:
+                raise ValueError(f"staging file {path} changed while loading") from e
+            staged[start:stop] = exact
+        _copy_detections(conn, staged, ids, names, classes)
+    else:
+        savepoint.commit()
+    counts = _Counts()
+    for row, _, n_dets, _ in staged:
+        _count(counts, row, n_dets)
+    return counts
+
+
+def _sqlstate_class(error: BaseException) -> str:
+    return str(getattr(error, "pgcode", None) or "")[:2]
+
+
+def _staged_exact(path: Path, sha: str, names: dict[int, str], seq: int) -> list[_Staged]:
+    """A staging file through json.loads and _record_rows: every value checked in Python."""
+    header, records = read_staging(path)
+    if header is None or header.get("model_sha256") != sha:
+        raise ValueError(f"staging file {path}: header changed while loading")
+    out: list[_Staged] = []
+    for k, record in enumerate(records):
+        try:
+            image, dets = _record_rows(record, seq + k, names)
+        except ValueError as e:
+            raise ValueError(f"staging file {path}: {e}") from None
+        out.append((image, b"".join(map(_det_copy_line, dets)), len(dets), False))
+    return out
+
+
+# A detection row as COPY text, without its image_id: det_index, class_id, class_name and the
+# nine doubles (%r: the shortest text that reads back as the same double).
+_DET_COPY_LINE = "%d\t%d\t%s" + "\t%r" * len(_DET_COLS) + "\n"
+
+
+def _det_copy_line(row: Sequence[Any]) -> bytes:
+    return (_DET_COPY_LINE % (row[1], row[2], _copy_text(row[3]), *row[4:])).encode()
+
+
+def _copy_text(value: str) -> str:
+    """``value`` as a field of COPY's text format (backslash is the escape character)."""
+    return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
+
+
+def _staged_fast(data: bytes, sha: str, names: dict[int, str], classes: dict[bytes, bytes],
+                 seq: int) -> list[_Staged] | None:
+    """A staging file's contents → its records, without parsing the detections' numbers; None
+    when any line is not in the worker's exact form (the exact way then reads the file)."""
+    end = data.rfind(b"\n")
+    if end < 0 or b"\r" in data:  # read_staging reads text: "\r" would end a line there
+        return None
+    try:
+        data[end + 1:].decode()  # a torn last line is dropped, but read_staging decodes it
+        lines = data[:end].split(b"\n")
+        header = json.loads(lines[0].decode())
+    except ValueError:
+        return None
+    if type(header) is not dict or header.get("kind") != "header" or header.get("model_sha256") != sha:
+        return None
+    latest: dict[str, tuple[dict[str, Any], bytes]] = {}  # later lines win, like read_staging
+    tails: list[bytes] = []
+    skip = len(_DETS_KEY)
+    for line in itertools.islice(lines, 1, None):
+        k = line.rfind(_DETS_KEY)
+        if k < 0 or line[:1] != b"{" or line[-2:] != b"]}":
+            return None
+        tail = line[k + skip:-1]
+        if tail != b"[]" and (tail[:2] != b"[[" or tail[-2:] != b"]]"):
+            return None
+        try:  # the head: the object without its last member, the detections
+            head = json.loads((line[:k] + b"}").decode())
+        except ValueError:
+            return None
+        if type(head) is not dict or not head or head.get("kind") == "header":
+            return None
+        rel_path = head.get("rel_path")
+        if type(rel_path) is not str:
+            return None
+        latest[rel_path] = (head, tail)
+        tails.append(tail)
+    if not _plain_json_numbers(b"\n".join(tails)):
+        return None
+    out: list[_Staged] = []
+    copied = 0
+    for head, tail in latest.values():
+        try:
+            image = _image_row(head, seq + len(out))
+        except ValueError:
+            return None
+        if image[5] == "ok" and tail != b"[]":  # COPY text is made from it as COPY reads
+            out.append((image, tail, tail.count(b"], [") + 1, True))
+            copied += 1
+        else:
+            out.append((image, b"", 0, False))
+    # Detections that COPY does not see (a failed image's, a line a later one replaced) were
+    # only checked character by character: unless they are empty, let json.loads judge them.
+    if copied != sum(tail != b"[]" for tail in tails):
+        return None
+    return out
+
+
+def _dets_copy_text(tail: bytes, names: dict[int, str], classes: dict[bytes, bytes]) -> bytes:
+    """``[[cls, conf, ...], ...]`` (canonical JSON) → COPY text rows: det_index, class_id,
+    class_name, the nine numbers' text. Raises _NotCanonical if a row is not 10 values or a
+    class is not a class index (a row's values are left for COPY to read)."""
+    text = tail.replace(b", ", b"\t")
+    rows = text[2:-2].split(b"]\t[")
+    if text.count(b"\t") != len(rows) * len(DET_FIELDS) - 1:  # 9 tabs a row, 1 between rows
+        raise _NotCanonical
+    out = []
+    for i, row in enumerate(rows):
+        cls, _, values = row.partition(b"\t")
+        prefix = classes.get(cls)
+        if prefix is None:
+            prefix = classes[cls] = _class_copy_text(cls, names)
+        out.append(b"%d\t%s%s\n" % (i, prefix, values))
+    return b"".join(out)
+
+
+def _class_copy_text(token: bytes, names: dict[int, str]) -> bytes:
+    """A staged class number → ``class_id<TAB>class_name<TAB>``; _NotCanonical unless it is a
+    JSON number with a whole, non-negative value (as _det_values demands)."""
+    try:
+        value = json.loads(token)
+        number = float(value)
+    except (ValueError, TypeError, OverflowError):
+        raise _NotCanonical from None
+    if type(value) not in _NUMBER_TYPES or not (math.isfinite(number) and number >= 0
+                                                and number.is_integer()):
+        raise _NotCanonical
+    class_id = int(number)
+    return b"%d\t%s\t" % (class_id, _copy_text(names.get(class_id, str(class_id))).encode())
+
+
+def _plain_json_numbers(text: bytes) -> bool:
+    """True when ``text`` -- JSON arrays of numbers, one per line -- holds nothing but numbers,
+    brackets, commas and spaces, and every number is written the way JSON requires, so that
+    float8in reads it as json.loads does. Vectorised: a '.' sits between digits; '+' only
+    follows an exponent's 'e'; an exponent has one or two digits (a third could under- or
+    overflow, where float8in raises and Python does not); no leading zeros ("05"); no "-0"
+    (JSON's integer 0, float8in's -0.0); no run of 20 zeros (underflow again)."""
+    if text.translate(None, _DETS_BYTES) or b"0" * 20 in text:
+        return False
+    a = np.frombuffer(b"\n" + text + b"\n\n\n", dtype=np.uint8)  # padded: a[i - 2], a[i + 3] exist
+    dot = np.flatnonzero(a == ord("."))
+    if not (_IS_DIGIT[a[dot - 1]].all() and _IS_DIGIT[a[dot + 1]].all()):
+        return False
+    if b"e" in text or b"E" in text:
+        exp = np.flatnonzero((a | 0x20) == ord("e"))
+        first = exp + 1 + ((a[exp + 1] == ord("+")) | (a[exp + 1] == ord("-")))
+        if not (_IS_DIGIT[a[exp - 1]].all() and _IS_DIGIT[a[first]].all()):
+            return False
+        if (_IS_DIGIT[a[first + 1]] & _IS_DIGIT[a[first + 2]]).any():
+            return False
+    if b"+" in text and not ((a[np.flatnonzero(a == ord("+")) - 1] | 0x20) == ord("e")).all():
+        return False
+    zero = np.flatnonzero(a == ord("0"))
+    before = a[zero - 1]
+    signed = (before == ord("-")) & _IS_DELIM[a[zero - 2]]  # "-0…" at a number's start
+    leading = _IS_DELIM[before] | signed
+    if (leading & _IS_DIGIT[a[zero + 1]]).any() or (signed & _IS_DELIM[a[zero + 1]]).any():
+        return False
+    return True
+
+
+def _copy_detections(conn: Connection, staged: list[_Staged], ids: dict[str, int],
+                     names: dict[int, str], classes: dict[bytes, bytes]) -> None:
+    """COPY the staged detections into ``detections``, each row led by its image's id. The
+    rows are made while COPY runs, so the server works on one chunk as the next is made."""
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    sql = f"COPY {detections.name} ({', '.join(c.name for c in detections.columns)}) FROM STDIN"
+    reader = _ChunkReader(_detection_chunks(staged, ids, names, classes))
+    with dbapi.cursor() as cur:
+        try:
+            cur.copy_expert(sql, reader, size=_COPY_CHUNK_BYTES)
+        except dbapi.Error:
+            if reader.error is not None:  # psycopg2 reports it as "COPY from stdin failed"
+                raise reader.error from None
+            raise
+
+
+def _detection_chunks(staged: list[_Staged], ids: dict[str, int], names: dict[int, str],
+                      classes: dict[bytes, bytes]) -> Iterator[bytes]:
+    parts: list[bytes] = []
+    size = 0
+    for image, text, n_dets, is_json in staged:
+        if not n_dets:
+            continue
+        if is_json:
+            text = _dets_copy_text(text, names, classes)
+        lead = b"%d\t" % ids[image[1]]
+        rows = lead + text[:-1].replace(b"\n", b"\n" + lead) + b"\n"
+        parts.append(rows)
+        size += len(rows)
+        if size >= _COPY_CHUNK_BYTES:
+            yield b"".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
+class _ChunkReader:
+    """A read-only binary file over byte chunks (COPY takes whatever ``read`` returns); keeps
+    the exception that ended it, which psycopg2 would only name in a QueryCanceled."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self.error: Exception | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return next(self._chunks, b"")
+        except Exception as e:
+            self.error = e
+            raise
 
 
 def _upsert_run(conn: Connection, run: RunInfo, sha: str | None, now: dt.datetime, *,
@@ -703,11 +1008,15 @@ def record_empty_run(conn_or_engine: Connection | Engine, run: RunInfo,
         _upsert_run(conn, run, model_sha256, _now(), images=0, ok=0, failed=0, detections=0)
 
 
-def _replace_images(conn: Connection, sha: str, run: RunInfo, now: dt.datetime) -> None:
-    """Set-based: stage → images (upsert, ids kept) → old detections out → new ones in."""
-    s, d, i = _stage_images, _stage_dets, images
-    identity = and_(i.c.model_sha256 == sha, i.c.drop_date == run.drop_date,
-                    i.c.rel_path == s.c.rel_path)
+def _staged_identity(sha: str, run: RunInfo) -> Any:
+    i, s = images, _stage_images
+    return and_(i.c.model_sha256 == sha, i.c.drop_date == run.drop_date, i.c.rel_path == s.c.rel_path)
+
+
+def _upsert_images(conn: Connection, sha: str, run: RunInfo, now: dt.datetime) -> dict[str, int]:
+    """Stage → images, set-based (ids kept, new ones numbered in rel_path order); returns
+    rel_path → id of every staged image on PostgreSQL ({} on SQLite, which needs none)."""
+    s, i = _stage_images, images
     source = select(
         literal(sha, String(64)), literal(run.drop_date, Date), s.c.rel_path,
         literal(run.run_key, Text), s.c.bytes, s.c.width, s.c.height, s.c.status, s.c.error,
@@ -716,16 +1025,26 @@ def _replace_images(conn: Connection, sha: str, run: RunInfo, now: dt.datetime) 
     cols = ["model_sha256", "drop_date", "rel_path", "run_key", "bytes", "width", "height",
             "status", "error", "processed_at"]
     stmt = _insert(conn, i).from_select(cols, source)
-    conn.execute(stmt.on_conflict_do_update(
+    stmt = stmt.on_conflict_do_update(
         index_elements=[i.c.model_sha256, i.c.drop_date, i.c.rel_path],
-        set_={c: stmt.excluded[c] for c in cols[3:]}))
+        set_={c: stmt.excluded[c] for c in cols[3:]})
+    if conn.dialect.name != "postgresql":
+        conn.execute(stmt)
+        return {}
+    return {rel_path: image_id
+            for image_id, rel_path in conn.execute(stmt.returning(i.c.id, i.c.rel_path))}
 
-    staged_ids = select(i.c.id).join(s, identity)
+
+def _delete_staged_detections(conn: Connection, sha: str, run: RunInfo) -> None:
+    staged_ids = select(images.c.id).join(_stage_images, _staged_identity(sha, run))
     conn.execute(delete(detections).where(detections.c.image_id.in_(staged_ids)))
 
+
+def _insert_staged_detections(conn: Connection, sha: str, run: RunInfo) -> None:
+    s, d, i = _stage_images, _stage_dets, images
     det_cols = ["det_index", "class_id", "class_name", *_DET_COLS]
     new_dets = (select(i.c.id, *(d.c[c] for c in det_cols))
-                .select_from(d.join(s, s.c.seq == d.c.seq).join(i, identity))
+                .select_from(d.join(s, s.c.seq == d.c.seq).join(i, _staged_identity(sha, run)))
                 .where(s.c.status == "ok"))
     conn.execute(detections.insert().from_select(["image_id", *det_cols], new_dets))
 

@@ -1,0 +1,372 @@
+"""End to end on a real Airflow 3: API server, scheduler, DAG processor, two Celery workers.
+
+One stack for the module (``tests/airflow_stack.py``): metadata in a fresh PostgreSQL database,
+CeleryExecutor on the local Redis, a ``gpu`` worker and a ``default`` worker (CPU devices here),
+results in another fresh PostgreSQL database through ``AIRFLOW_CONN_IMAGE_ETL_DB``. Everything
+goes through the REST API with a JWT from ``POST /auth/token``.
+
+The story, in order (the tests share the stack and build on each other):
+
+1. A manual run with conf: drop date D2 (its logical date is D3), ``devices=cpu,cpu``, its own
+   output folder. D2's images land in the results DB; two mapped ``infer`` tasks ran on the
+   ``gpu`` queue and pool, labelled by ``map_index_template``.
+2. A backfill over D1..D3, reprocess behaviour "completed", no conf (the param defaults come
+   from the stack's ``IMAGE_ETL_*`` environment). D1 is new; D2's images are loaded already, so
+   its run loads nothing and its rows stay as they were; D3 already has a completed Airflow run
+   (step 1's), which the backfill clears and re-runs with the backfill's conf, so D3 is
+   processed now. Afterwards every date has exactly its images, once.
+3. Headless Chromium screenshots the DAG's grid and its trigger form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from image_etl import synth
+
+from .airflow_stack import DEFAULT_QUEUE, GPU_QUEUE, AirflowStack, Chromium, wait_for
+from .conftest import DEMO_MODEL, ROOT
+from .pg import PostgresUnavailable, fresh_database
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DAG_ID = "nightly_detections"
+ARTIFACTS = ROOT / "test-artifacts"
+MANUAL_RUN = "e2e_manual_conf"
+# Past dates relative to the clock: a backfill refuses future dates.
+_TODAY = dt.datetime.now(dt.UTC).date()
+D1, D2, D3 = (_TODAY - dt.timedelta(days=n) for n in (12, 11, 10))
+COUNTS = {D1: 2, D2: 3, D3: 2}
+SEEDS = {D1: 101, D2: 102, D3: 103}
+RUN_TIMEOUT_S = 300
+BACKFILL_TIMEOUT_S = 360
+LABEL = re.compile(r"^cpu · (\d+) images$")
+EXECUTED = re.compile(r"Executing workload in Celery: .*?log_path='dag_id=(?P<dag>[^/]+)"
+                      r"/run_id=(?P<run>[^/]+)/task_id=(?P<task>[^/]+)(?:/map_index=(?P<map_index>\d+))?"
+                      r"/attempt=(?P<attempt>\d+)\.log'")
+
+
+def _cron_tick(day: dt.date) -> str:
+    """The logical date of the DAG's 02:00 UTC run for ``day``."""
+    return f"{day.isoformat()}T02:00:00Z"
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI is set: refusing to skip)", pytrace=False)
+    pytest.skip(message)
+
+
+def _redis_up(host: str = "127.0.0.1", port: int = 6379) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class E2E:
+    stack: AirflowStack
+    client: httpx.Client
+    base: Path
+    drops: Path
+    results_url: str
+    done: set[str] = dataclasses.field(default_factory=set)
+    snapshot: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    if not DEMO_MODEL.is_file():
+        pytest.fail(f"demo model missing: {DEMO_MODEL} (scripts/train_demo_model.py)", pytrace=False)
+    if not _redis_up():
+        _unavailable("Redis is not answering on 127.0.0.1:6379 (the Celery broker)")
+    base = tmp_path_factory.mktemp("e2e")
+    drops = base / "drops"
+    for day, count in COUNTS.items():
+        synth.make_drop(drops, day, count, width=512, height=3000, seed=SEEDS[day])
+    logs = ARTIFACTS / "e2e"
+    shutil.rmtree(logs, ignore_errors=True)
+
+    # A CI timeout sends SIGTERM: turn it into an exception so that every process is stopped.
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        with fresh_database() as metadata_url, fresh_database() as results_url:
+            env = {
+                # Airflow maps postgresql:// to its "postgres" connection type.
+                "AIRFLOW_CONN_IMAGE_ETL_DB": results_url.replace("postgresql+psycopg2://", "postgresql://"),
+                "IMAGE_ETL_DROP_DIR": str(drops / "{date}"),
+                "IMAGE_ETL_OUTPUT_DIR": str(base / "out" / "{date}"),
+                "IMAGE_ETL_MODEL": str(DEMO_MODEL),
+                "IMAGE_ETL_DEVICES": "cpu,cpu",
+                "IMAGE_ETL_SETTLE_SECONDS": "0",
+                "IMAGE_ETL_BATCH_SIZE": "2",
+                "IMAGE_ETL_LOCK_DIR": str(base / "locks"),
+            }
+            stack = AirflowStack(home=base / "airflow_home", artifacts=logs, metadata_url=metadata_url,
+                                 extra_env=env)
+            with stack:
+                with stack.client() as client:
+                    yield E2E(stack=stack, client=client, base=base, drops=drops, results_url=results_url)
+            assert stack.strays() == [], "processes of the stack outlived stop()"
+    except PostgresUnavailable as e:
+        _unavailable(f"PostgreSQL is not available: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _check(response: httpx.Response, *ok: int) -> Any:
+    assert response.status_code in (ok or (200,)), \
+        f"{response.request.method} {response.request.url}: {response.status_code} {response.text[:2000]}"
+    return response.json()
+
+
+def _task_log_tails(e2e: E2E, run_id: str) -> str:
+    """The end of every failed task's log of a run, for the assertion message."""
+    tis = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances"))["task_instances"]
+    out = [f"{t['task_id']}[{t['map_index']}]={t['state']}" for t in tis]
+    for t in tis:
+        if t["state"] not in ("success", "skipped"):
+            folder = e2e.stack.artifacts / "task-logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / \
+                f"task_id={t['task_id']}"
+            for log in sorted(folder.rglob("*.log")):
+                out.append(f"--- {log.relative_to(folder)} ---\n" +
+                           "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+    return "\n".join(out)
+
+
+def _wait_run(e2e: E2E, run_id: str, timeout_s: float) -> dict:
+    def finished():
+        run = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}"))
+        return run if run["state"] in ("success", "failed") else None
+
+    run = wait_for(f"run {run_id}", finished, timeout_s, poll_s=2,
+                   on_timeout=lambda: _task_log_tails(e2e, run_id))
+    assert run["state"] == "success", f"run {run_id} failed:\n{_task_log_tails(e2e, run_id)}"
+    return run
+
+
+def _mapped_infer(e2e: E2E, run_id: str) -> list[dict]:
+    tis = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/infer/listMapped"))
+    return sorted(tis["task_instances"], key=lambda t: t["map_index"])
+
+
+def _discovered(e2e: E2E, run_id: str) -> dict:
+    entry = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/discover/xcomEntries/"
+                                  "return_value", params={"deserialize": "true"}))
+    return entry["value"]
+
+
+def _rows(url: str) -> dict[str, list[tuple]]:
+    """Images and detections by identity (no ids, run keys or timestamps)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            images = conn.execute(sa.text(
+                "SELECT drop_date, rel_path, model_sha256, status, error, width, height, bytes "
+                "FROM images ORDER BY drop_date, rel_path")).all()
+            dets = conn.execute(sa.text(
+                "SELECT i.drop_date, i.rel_path, d.det_index, d.class_id, d.confidence, "
+                "d.x1, d.y1, d.x2, d.y2 FROM detections d JOIN images i ON i.id = d.image_id "
+                "ORDER BY i.drop_date, i.rel_path, d.det_index")).all()
+    finally:
+        engine.dispose()
+    return {"images": [(str(r[0]), *r[1:]) for r in images],
+            "detections": [(str(r[0]), *r[1:]) for r in dets]}
+
+
+def _of(rows: dict[str, list[tuple]], day: dt.date) -> dict[str, list[tuple]]:
+    return {kind: [r for r in found if r[0] == day.isoformat()] for kind, found in rows.items()}
+
+
+def _drop_names(e2e: E2E, day: dt.date) -> list[str]:
+    return sorted(p.name for p in (e2e.drops / day.isoformat()).glob("*.jpg"))
+
+
+def _assert_labels(tis: list[dict], images: int, shards: int) -> None:
+    assert [t["map_index"] for t in tis] == list(range(shards))
+    counts = []
+    for t in tis:
+        assert t["state"] == "success", t
+        match = LABEL.match(t["rendered_map_index"] or "")
+        assert match, f"map_index_template not rendered: {t['rendered_map_index']!r}"
+        counts.append(int(match.group(1)))
+    assert sum(counts) == images and min(counts) >= 1, counts
+
+
+def _executed(stack: AirflowStack, worker: str) -> list[re.Match]:
+    return [m for m in EXECUTED.finditer(stack.log_text(worker)) if m["dag"] == DAG_ID]
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+def test_triggered_run_with_conf(e2e: E2E):
+    stack, client = e2e.stack, e2e.client
+    # Authentication is real: no token, no API.
+    assert httpx.get(f"{stack.base_url}/api/v2/dags/{DAG_ID}", timeout=30).status_code == 401
+
+    assert _check(client.get("/importErrors"))["total_entries"] == 0
+    pool = _check(client.get("/pools/gpu"))
+    assert pool["slots"] == 2
+    assert _check(client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}))["is_paused"] is False
+
+    conf = {"date": D2.isoformat(), "drop_dir": str(e2e.drops / "{date}"),
+            "output_dir": str(e2e.base / "manual-out" / "{date}"), "model_path": str(DEMO_MODEL),
+            "devices": "cpu,cpu", "settle_seconds": 0, "batch_size": 2}
+    trigger = {"dag_run_id": MANUAL_RUN, "logical_date": _cron_tick(D3), "conf": conf}
+    created = _check(client.post(f"/dags/{DAG_ID}/dagRuns", json=trigger))
+    assert created["conf"] == conf and created["run_type"] == "manual"
+    _wait_run(e2e, MANUAL_RUN, RUN_TIMEOUT_S)
+
+    rows = _rows(e2e.results_url)
+    names = _drop_names(e2e, D2)
+    assert len(names) == COUNTS[D2]
+    assert [(r[0], r[1], r[3]) for r in rows["images"]] == [(D2.isoformat(), n, "ok") for n in names]
+    # The conf's output folder was used: one txt per image.
+    labels = e2e.base / "manual-out" / D2.isoformat() / "labels"
+    assert sorted(p.name for p in labels.glob("*.txt")) == sorted(Path(n).stem + ".txt" for n in names)
+    assert not (e2e.base / "out").exists()
+
+    # Two mapped infer tasks, one per cpu entry, labelled "<device> · <n> images",
+    # on the gpu queue and in the gpu pool; the other tasks on the default queue and pool.
+    infer = _mapped_infer(e2e, MANUAL_RUN)
+    _assert_labels(infer, images=COUNTS[D2], shards=2)
+    assert {(t["pool"], t["queue"]) for t in infer} == {("gpu", GPU_QUEUE)}
+    tis = _check(client.get(f"/dags/{DAG_ID}/dagRuns/{MANUAL_RUN}/taskInstances"))["task_instances"]
+    others = {t["task_id"]: (t["pool"], t["queue"], t["state"]) for t in tis if t["task_id"] != "infer"}
+    assert others == {task: ("default_pool", DEFAULT_QUEUE, "success")
+                      for task in ("discover", "partition", "load", "report")}
+    # ... and each worker ran only its queue's tasks.
+    on_gpu = {(m["task"], int(m["map_index"])) for m in _executed(stack, "worker-gpu")
+              if m["run"] == MANUAL_RUN}
+    on_cpu = {m["task"] for m in _executed(stack, "worker-default") if m["run"] == MANUAL_RUN}
+    assert on_gpu == {("infer", 0), ("infer", 1)}
+    assert on_cpu == {"discover", "partition", "load", "report"}
+
+    e2e.snapshot = _of(rows, D2)
+    assert e2e.snapshot["detections"], "the demo model found nothing on D2's images"
+    e2e.done.add("trigger")
+
+
+def test_backfill_reprocess_completed_keeps_rows_exact(e2e: E2E):
+    if "trigger" not in e2e.done:
+        pytest.fail("the triggered run did not succeed; the backfill's expectations build on it")
+    client = e2e.client
+    body = {"dag_id": DAG_ID, "from_date": f"{D1.isoformat()}T00:00:00Z",
+            "to_date": f"{D3.isoformat()}T23:59:59Z", "reprocess_behavior": "completed",
+            "max_active_runs": 3, "run_backwards": False, "dag_run_conf": {}}
+    backfill = _check(client.post("/backfills", json=body))
+    assert backfill["reprocess_behavior"] == "completed"
+
+    def completed():
+        state = _check(client.get(f"/backfills/{backfill['id']}"))
+        return state if state["completed_at"] else None
+
+    def progress() -> str:
+        runs = _check(client.get(f"/dags/{DAG_ID}/dagRuns", params={"run_type": "backfill"}))["dag_runs"]
+        return "\n".join(f"{r['dag_run_id']}: {r['state']}\n{_task_log_tails(e2e, r['dag_run_id'])}"
+                         for r in runs)
+
+    wait_for(f"backfill {backfill['id']}", completed, BACKFILL_TIMEOUT_S, poll_s=3, on_timeout=progress)
+
+    runs = _check(client.get(f"/dags/{DAG_ID}/dagRuns", params={"run_type": "backfill"}))["dag_runs"]
+    by_day = {dt.date.fromisoformat(r["logical_date"][:10]): r for r in runs}
+    assert sorted(by_day) == [D1, D2, D3] and len(runs) == 3, [r["dag_run_id"] for r in runs]
+    for day, run in by_day.items():
+        assert run["logical_date"].startswith(_cron_tick(day)[:19]), run
+        assert run["state"] == "success", f"{run['dag_run_id']}:\n{_task_log_tails(e2e, run['dag_run_id'])}"
+    # "completed": D3's finished manual run was cleared and re-run, not duplicated.
+    assert by_day[D3]["dag_run_id"] == MANUAL_RUN and by_day[D3]["conf"] == {}
+
+    # What each run found: D1 and D3 new, D2 loaded already (by the manual run).
+    found = {day: _discovered(e2e, run["dag_run_id"]) for day, run in by_day.items()}
+    assert {day: (f["date"], f["images"], f["already_loaded"]) for day, f in found.items()} == {
+        D1: (D1.isoformat(), COUNTS[D1], 0),
+        D2: (D2.isoformat(), 0, COUNTS[D2]),
+        D3: (D3.isoformat(), COUNTS[D3], 0)}
+
+    rows = _rows(e2e.results_url)
+    for day in (D1, D3):
+        assert [(r[1], r[3]) for r in _of(rows, day)["images"]] == [(n, "ok") for n in _drop_names(e2e, day)]
+        _assert_labels(_mapped_infer(e2e, by_day[day]["dag_run_id"]), images=COUNTS[day], shards=2)
+    assert _of(rows, D2) == e2e.snapshot  # untouched, detection by detection
+    # No duplicates anywhere: one row per (date, image, model), one per (image, det_index).
+    identities = [(r[0], r[1], r[2]) for r in rows["images"]]
+    assert len(identities) == len(set(identities)) == sum(COUNTS.values())
+    det_keys = [(r[0], r[1], r[2]) for r in rows["detections"]]
+    assert len(det_keys) == len(set(det_keys))
+    assert {r[0] for r in rows["images"]} == {d.isoformat() for d in COUNTS}
+
+    # Every infer attempt of every run ran on the gpu worker, nothing else did.
+    assert {m["task"] for m in _executed(e2e.stack, "worker-gpu")} == {"infer"}
+    assert "infer" not in {m["task"] for m in _executed(e2e.stack, "worker-default")}
+    e2e.done.add("backfill")
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_ui_screenshots_grid_and_trigger_form(e2e: E2E):
+    if not shutil.which("chromium"):
+        _unavailable("Debian's chromium is not installed (apt-get install chromium)")
+    params = _check(e2e.client.get(f"/dags/{DAG_ID}/details"))["params"]
+    sections: dict[str, list[str]] = {}
+    for spec in params.values():
+        sections.setdefault(spec["schema"]["section"], []).append(spec["schema"]["title"])
+    assert sum(map(len, sections.values())) == len(params) >= 12
+
+    out = ARTIFACTS / "screenshots"
+    shutil.rmtree(out, ignore_errors=True)
+    base = e2e.stack.base_url
+    with Chromium(e2e.base / "chromium-profile", ARTIFACTS / "e2e" / "chromium.log") as browser:
+        # The UI takes the same JWT as the API, from its cookie.
+        browser.call("Network.setCookie", name="_token", value=e2e.stack.token(), url=base)
+        browser.goto(f"{base}/dags/{DAG_ID}")
+        page = browser.wait_for_text([DAG_ID, "discover", "partition", "infer", "load", "report"], 120)
+        assert "Trigger" in page
+        grid = browser.screenshot(out / "grid.png")
+
+        browser.click("document.querySelector('button[aria-label=\"Trigger Dag\"]')")
+        browser.wait_for_text([f"Trigger Dag - {DAG_ID}", *sections], 60)
+        shots = []
+        for section, titles in sections.items():
+            # The form's sections are an accordion: one open at a time.
+            browser.click("Array.from(document.querySelectorAll('button[data-part=item-trigger]'))"
+                          f".find(b => b.innerText.trim() === {section!r})")
+            dialog = browser.wait_for_text(titles, 30)
+            assert all(t in dialog for t in titles)
+            height = browser.evaluate("Math.max(...Array.from(document.querySelectorAll('[role=dialog]'))"
+                                      ".map(d => d.scrollHeight))")
+            browser.resize(1600, max(1000, int(height) + 200))
+            slug = re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
+            shots.append(browser.screenshot(out / f"trigger-form-{slug}.png"))
+            browser.resize(1600, 1000)
+
+    for png in (grid, *shots):
+        width, height = _png_size(png)
+        assert width == 1600 and height >= 1000 and png.stat().st_size > 20_000, (png, width, height)
+    assert len(shots) == len(sections) == 4
+
