@@ -93,6 +93,7 @@ def test_dag_end_to_end_is_idempotent(dag, dag_env, full_drop):
     images = sorted(p.name for p in (full_drop / DROP_DATE.isoformat()).glob("*.jpg"))
     assert [r[1] for r in first["images"]] == images
     assert all(r[3] == "ok" for r in first["images"])
+    assert {d[4] for d in first["detections"]} == {"spot", "patch"}  # the model's class names
 
     # The DB equals the txt files, image by image and detection by detection.
     labels = tmp / "out" / DROP_DATE.isoformat() / "labels"

@@ -170,6 +170,17 @@ class StagingWriter:
             self._f = None
 
 
+def read_staging_header(path: Path) -> dict[str, Any] | None:
+    """Just the header line of a staging file (model, settings fingerprint, class names)."""
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        obj = json.loads(first) if first.endswith("\n") else None
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("kind") == "header" else None
+
+
 def read_staging(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Header and complete records of a staging file; a torn last line is ignored.
 

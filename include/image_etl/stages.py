@@ -142,12 +142,14 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
          db_url: str, dag_id: str) -> dict[str, Any]:
     """Every shard's staged rows into the results DB, in one transaction, replacing old rows."""
     from image_etl import store
-    from image_etl.model import read_model_info
+    from image_etl.outputs import read_staging_header
 
     settings = RunSettings.from_params(discovered["settings"], dt.date.fromisoformat(discovered["date"]))
     results = [r for r in results if r]
     staging = [Path(r["staging"]) for r in results if Path(r["staging"]).exists()]
-    names, _ = read_model_info(settings.model_path)
+    # Class names travel in the staging header: the load needs no model (nor torch) at all.
+    header = read_staging_header(staging[0]) if staging else None
+    names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
     engine = store.engine_from_url(db_url)
     try:
         store.migrate(engine)

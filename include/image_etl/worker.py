@@ -453,7 +453,8 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
         if staging_path is not None:
             staging = StagingWriter(staging_path, settings.result_fingerprint(model.sha256, imgsz),
                                     {"model_sha256": model.sha256, "model_path": str(model.path),
-                                     "imgsz": imgsz, "device": str(model.device)})
+                                     "imgsz": imgsz, "device": str(model.device),
+                                     "names": {str(k): v for k, v in model.names.items()}})
         sink = OutputSink(layout, model.names, settings.save_annotated, staging)
     report = ShardReport(device=str(model.device), images=len(tasks),
                          staging_path=str(staging_path) if staging_path else None)
