@@ -8,6 +8,8 @@ Staging files are written with the real StagingWriter.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import re
 import threading
 import uuid
@@ -19,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from image_etl import store
-from image_etl.outputs import StagingWriter, image_record
+from image_etl.outputs import StagingWriter, image_record, read_staging
 from image_etl.store import (
     LoadReport,
     RunInfo,
@@ -505,6 +507,153 @@ def test_torn_last_line_is_ignored_but_header_is_required(db, tmp_path):
     with pytest.raises(ValueError, match="header"):
         load_staged(db, [headless], run_info(), NAMES)
     assert dump(db) == before
+
+
+# --- staging files not written by StagingWriter ---------------------------------------------------
+# On PostgreSQL a worker's lines take a fast way (only the part before the detections is parsed
+# in Python, the numbers go to COPY as written); anything else must load exactly as json.loads
+# reads it, or fail as it would.
+
+def write_staging(path: Path, lines: list[str], sha: str = SHA_A, newline: str = "\n") -> Path:
+    """A staging file from raw record lines (after the usual header line)."""
+    header = json.dumps({"kind": "header", "version": 1, "fingerprint": "fp-hand",
+                         "model_sha256": sha, "model_path": "/models/demo-yolo11n.pt"})
+    path.write_bytes("".join(line + newline for line in [header, *lines]).encode())
+    return path
+
+
+def det_line(rel: str, dets: str, **fields) -> str:
+    """A worker-shaped record line whose detections are the raw JSON text ``dets``."""
+    head = {"rel_path": rel, "status": "ok", "bytes": 1, "width": 640, "height": 480, "error": None}
+    head.update(fields)
+    return json.dumps(head)[:-1] + f', "detections": {dets}}}'
+
+
+ROW = "1.0, 0.5, 10.25, 20.5, 30.0, 40.0, 0.03125, 0.0625, 0.03, 0.04"
+
+
+def test_staging_lines_in_other_json_spellings_load_as_json_reads_them(db, tmp_path):
+    rng = np.random.default_rng(21)
+    base = [ok(f"spell/{k}.jpg", make_dets(rng, 3)) for k in range(3)]
+    compact = [json.dumps(r, separators=(",", ":")) for r in base]
+    files = [
+        write_staging(tmp_path / "compact.jsonl", compact),
+        write_staging(tmp_path / "crlf.jsonl", [json.dumps(ok("crlf/0.jpg", make_dets(rng, 2)))],
+                      newline="\r\n"),
+        write_staging(tmp_path / "numbers.jsonl", [
+            det_line("num/ints.jpg", "[[2, 1, 10, 20, 30, 40, 0, 1, 0, 1]]"),
+            det_line("num/exponents.jpg",
+                     "[[0.0, 0.5, 1e-05, 2.5e+20, 1E5, 1e-07, 3.5E-2, 0.1, 1e0, 7e+01]]"),
+            det_line("num/zeros.jpg", "[[0.0, 0.5, -0.0, 0.0, -0, 0, 0e0, -0e0, 0.0, 0.0]]"),
+            det_line("num/long.jpg", "[[1.0, 0.30000000000000004, 123456789012345678901234567890, "
+                                     "0.1000000000000000055511151231257827021181583404541015625, "
+                                     "1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]")]),
+        write_staging(tmp_path / "tiny.jsonl", [  # three-digit exponents: float8in's range ends
+            det_line("tiny/denormal.jpg", "[[0.0, 0.5, 5e-324, 2.2250738585072014e-308, "
+                                          "1e-400, 1.7976931348623157e+308, 0.0, 0.0, 0.0, 0.0]]")]),
+        write_staging(tmp_path / "other_order.jsonl", [  # detections not last, spaces
+            '{ "detections" : [[ 0 , 0.75 , 1 , 2 , 3 , 4 , 0.5 , 0.5 , 0.1 , 0.1 ]] ,'
+            ' "rel_path" : "order/a.jpg" , "status" : "ok" , "error" : null }',
+            '{"rel_path": "order/b.jpg", "status": "ok", "detections": [[' + ROW + ']],'
+            ' "error": null, "extra": "ignored"}']),
+        write_staging(tmp_path / "superseded.jsonl", [  # later lines win, earlier ones are not checked
+            det_line("sup/a.jpg", "[[1.5, NaN, 1, 2, 3, 4, 5, 6, 7, 8]]"),
+            det_line("sup/b.jpg", "[[0.0, 0.5, 1, 2, 3, 4, 5, 6, 7, 8]]", status="failed",
+                     error="Boom"),
+            det_line("sup/a.jpg", f"[[{ROW}]]"),
+            json.dumps({"kind": "header", "model_sha256": SHA_A}),  # a repeated header line
+            det_line("sup/c.jpg", f"[[{ROW}], [{ROW}]]")]),
+    ]
+    report = load_staged(db, files, run_info(), NAMES)
+
+    records = [r for f in files for r in read_staging(f)[1]]
+    assert report.images == len(records) == 14
+    assert report.detections == count(db, store.detections) == sum(
+        len(r.get("detections") or []) for r in records if r["status"] == "ok")
+    expected = {r["rel_path"]: [(i, int(d[0]), NAMES[int(d[0])], *map(float, d[1:]))
+                                for i, d in enumerate(r.get("detections") or [])]
+                for r in records if r["status"] == "ok"}
+    assert stored_dets(db) == expected  # == compares doubles exactly; below, the signs of zeros
+    if db.dialect.name == "postgresql":  # SQLite stores whole REALs as integers: -0.0 becomes 0
+        zeros = stored_dets(db)["num/zeros.jpg"][0]
+        assert [math.copysign(1, v) for v in zeros[4:]] == [-1, 1, 1, 1, 1, -1, 1, 1]  # x1 … h
+    assert stored_dets(db)["tiny/denormal.jpg"][0][4:8] == (5e-324, 2.2250738585072014e-308, 0.0,
+                                                           1.7976931348623157e+308)
+
+
+@pytest.mark.parametrize("token", [".5", "5.", "+5", "05", "-05", "1.e5", "-.5", "00", "0x1p3",
+                                   "inf", "1e5e5", "1.2.3", "--1", "1e+", ""])
+def test_numbers_that_are_not_json_fail_the_load(db, tmp_path, monkeypatch, token):
+    monkeypatch.setattr(store, "_CHECK_BYTES", 100)  # the bad line is checked in a later piece
+    good = det_line("fine.jpg", f"[[{ROW}]]")
+    bad = det_line("bad.jpg", f"[[1.0, 0.5, {token}, 20.5, 30.0, 40.0, 0.03, 0.06, 0.03, 0.04]]")
+    path = write_staging(tmp_path / "tokens.jsonl", [good, bad, good.replace("fine", "fine2")])
+    with pytest.raises(ValueError, match=r"corrupt at line 3") as err:
+        load_staged(db, [path], run_info(), NAMES)
+    assert str(path) in str(err.value)
+    assert count(db, store.images) == 0 and count(db, store.models) == 0
+
+
+@pytest.mark.parametrize(("text", "plain"), [
+    (b"[[1.0, 0.5, 1e-05, 2.5e+20, -3.25, 0, 10, 0.0, -0.0, 1E5, 7e0, 1.5E-7]]", True),
+    (b"[[0.30000000000000004, 5e-324, 123456789012345678901234567890], []]", False),  # e-324
+    (b"[[1e100]]", False), (b"[[1e-400]]", False), (b"[[0.000000000000000000001]]", False),
+    (b"[[.5]]", False), (b"[[5.]]", False), (b"[[5.e3]]", False), (b"[[-.5]]", False),
+    (b"[[+5]]", False), (b"[[1e+5]]", True), (b"[[1+5]]", False),
+    (b"[[05]]", False), (b"[[-05]]", False), (b"[[0.05]]", True), (b"[[1e-05]]", True),
+    (b"[[-0]]", False), (b"[[-0.0]]", True), (b"[[0]]", True), (b"[[10, 100]]", True),
+    (b"[[NaN]]", False), (b"[[Infinity]]", False), (b'[["1"]]', False), (b"[[1\t2]]", False),
+    (b"[[e5]]", False), (b"[[1e]]", False),
+])
+def test_plain_json_numbers(text, plain):
+    assert store._plain_json_numbers([text]) is plain
+    assert store._plain_json_numbers([b"[[1.5, 2]]"] * 3 + [text] + [b"[]"]) is plain
+
+
+@pytest.mark.parametrize(("dets", "message"), [
+    (f"[[{ROW[:-6]}], [{ROW}, 9.0]]", "detection 0: expected 10 numbers"),  # 9 + 11: 20 in all
+    (f"[[{ROW}], [{ROW[:-6]}]]", "detection 1: expected 10 numbers"),
+    (f"[[{ROW}], []]", "detection 1: expected 10 numbers"),
+    (f"[[{ROW}], [[{ROW}]]]", "detection 1: expected 10 numbers"),
+    ("[[-1.0" + ROW[3:] + "]]", "cls must be a class index"),
+    ("[[1e400" + ROW[3:] + "]]", "cls must be finite"),
+    (f"[[{ROW}], [{ROW.replace('0.5', '0.5, ', 1)[:-6]}]]", "corrupt at line 2"),  # ", , "
+])
+def test_detections_that_are_not_ten_numbers_are_refused_with_a_precise_message(
+        db, tmp_path, dets, message):
+    files, _ = two_shards(tmp_path)
+    load_staged(db, files, run_info(), NAMES)
+    before = dump(db)
+    path = write_staging(tmp_path / "rows.jsonl", [det_line("rows.jpg", dets)])
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        load_staged(db, [*files, path], run_info(), NAMES)
+    assert str(path) in str(err.value)
+    assert dump(db) == before
+
+
+def test_class_names_and_unknown_classes_round_trip(db, tmp_path):
+    names = {0: "tab\there", 1: "back\\slash\\N", 2: "new\nline\r\n", 3: "\\N", 4: ""}
+    dets = ", ".join(f"[{c}.0, 0.5, 1.0, 2.0, 3.0, 4.0, 0.1, 0.2, 0.3, 0.4]" for c in range(7))
+    path = write_staging(tmp_path / "classes.jsonl", [det_line("classes.jpg", f"[{dets}]")])
+    load_staged(db, [path], run_info(), names)
+    stored = stored_dets(db)["classes.jpg"]
+    assert [(d[1], d[2]) for d in stored] == [*names.items(), (5, "5"), (6, "6")]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_worker_files_take_the_fast_way_on_postgresql(db, tmp_path, monkeypatch):
+    def exact(path, *args):
+        raise AssertionError(f"{path} was read the exact way")
+
+    monkeypatch.setattr(store, "_staged_exact", exact)
+    files, records = two_shards(tmp_path)
+    rng = np.random.default_rng(33)
+    awkward = [ok(name, make_dets(rng, 2)) for name in AWKWARD] + [failed("x\ty.jpg", "a\\N\tb")]
+    files.append(stage(tmp_path / "awkward.jsonl", awkward))
+    report = load_staged(db, files, run_info(), NAMES)
+    assert report.images == len(records) + len(awkward)
+    assert stored_dets(db) == expected_dets(records + awkward)
 
 
 def test_same_image_in_two_files_is_refused(db, tmp_path):

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -159,7 +160,16 @@ def _sqlite_events(engine: Engine) -> None:
         try:
             cur.execute("PRAGMA foreign_keys = ON")
             cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
-            cur.execute("PRAGMA journal_mode = WAL")
+            # Switching a new file to WAL needs an exclusive lock and does not wait on the busy
+            # timeout: when several processes open a new database at once, retry briefly.
+            for attempt in range(100):
+                try:
+                    cur.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 99:
+                        raise
+                    time.sleep(0.05)
         finally:
             cur.close()
 
@@ -689,14 +699,19 @@ def _count(counts: _Counts, image: tuple[Any, ...], n_dets: int) -> None:
 # like Python's float(): a JSON number's text becomes the same double either way), so for the
 # lines a worker writes -- json.dumps(image_record(...)), detections last:
 #     {"rel_path": ..., "error": null, "detections": [[0.0, 0.58, ...], [1.0, ...]]}
-# only the small head before ', "detections": ' is parsed as JSON, and the detections' text
-# is rearranged into COPY text rows (det_index, class_id, class_name, then the nine numbers as
-# written) and COPYed straight into ``detections``.
+# each file is read once, only the small head before ', "detections": ' is parsed as JSON
+# (and checked as _record_rows checks it), and the detections' text is rearranged into COPY
+# text rows (image_id, det_index, class_id, class_name, then the nine numbers as written)
+# that are COPYed straight into ``detections`` -- made while COPY runs, so that Python and
+# the server work at the same time. Its FOREIGN KEY check, one per row, is most of what is
+# left (about half of the server's time).
 #
 # A file takes that way only if every line has exactly that shape and every number is written
 # as JSON writes it (float8in would also take ".5", "5.", "+5" or "05", which json rejects, and
-# reads the integer -0 as -0.0); otherwise -- and if COPY rejects a row -- the file goes the
-# exact way: read_staging + _record_rows, the same checks and messages as the portable load.
+# reads the integer -0 as -0.0; _plain_json_numbers). Otherwise -- and if COPY rejects a row
+# (a row of 9 values, "1.2.3") -- the file goes the exact way: read_staging + _record_rows,
+# the same checks, messages and rows as the portable load; a rejected COPY is rolled back to
+# a savepoint first.
 
 _DETS_KEY = b', "detections": '
 # Every byte the detections of canonical lines (joined by newlines) may hold.
@@ -706,6 +721,7 @@ _IS_DIGIT[ord("0"):ord("9") + 1] = True
 _IS_DELIM = np.zeros(256, dtype=bool)
 _IS_DELIM[list(b"[], \n")] = True
 _COPY_CHUNK_BYTES = 1 << 20
+_CHECK_BYTES = 4 << 20
 # SQLSTATE classes of errors a COPY of bad data raises: 22 data exception (a number float8in
 # cannot read, a missing or extra column), 23 integrity constraint (a CHECK).
 _DATA_ERROR_CLASSES = ("22", "23")
@@ -715,25 +731,28 @@ _DATA_ERROR_CLASSES = ("22", "23")
 _Staged = tuple[tuple[Any, ...], bytes, int, bool]
 
 
+_Segment = tuple[Path, int, int]  # a file read the fast way: (path, start, stop) in the staged list
+
+
 class _NotCanonical(Exception):
-    """The fast way met a detection it does not read (a row of other than 10 values, a class
-    that is not a whole number): the exact way reads the file and says what is wrong."""
+    """The fast way met detections it does not read (a number not written as JSON writes it,
+    a row of other than 10 values, a class that is not a whole number): the exact way reads
+    the file (``args[0]``, a _Segment, once known) and says what is wrong, if anything."""
 
 
 def _load_postgresql(conn: Connection, files: list[Path], sha: str, run: RunInfo,
                      names: dict[int, str], now: dt.datetime) -> _Counts:
     """Stage the images (COPY), upsert them (ids kept) and learn their ids, delete their old
     detections, COPY the new ones straight into ``detections``."""
-    conn.exec_driver_sql("SET LOCAL jit = off")  # compiling plans costs more than these queries
     staged: list[_Staged] = []
-    fast: list[tuple[Path, int, int]] = []  # files read the fast way: (path, start, stop) in staged
+    fast: list[_Segment] = []
     classes: dict[bytes, bytes] = {}  # class token as staged → COPY text of class_id, class_name
     seen: dict[str, Path] = {}
     for path in files:
-        part = _staged_fast(path.read_bytes(), sha, names, classes, len(staged))
+        part = _staged_fast(path, sha, names, classes, len(staged))
         if part is None:
             part = _staged_exact(path, sha, names, len(staged))
-        else:
+        elif part:
             fast.append((path, len(staged), len(staged) + len(part)))
         for row, *_ in part:
             _check_once(seen, row[1], path)
@@ -746,23 +765,29 @@ def _load_postgresql(conn: Connection, files: list[Path], sha: str, run: RunInfo
     conn.exec_driver_sql(f"ANALYZE {_stage_images.name}")
     ids = _upsert_images(conn, sha, run, now)
     _delete_staged_detections(conn, sha, run)
-    savepoint = conn.begin_nested()
-    try:
-        _copy_detections(conn, staged, ids, names, classes)
-    except (_NotCanonical, conn.dialect.loaded_dbapi.Error) as e:
-        if not isinstance(e, _NotCanonical) and _sqlstate_class(e) not in _DATA_ERROR_CLASSES:
-            raise
-        # Something in the fast way's rows is off: read those files the exact way, which
-        # names the problem (or finds none, and the COPY below fails again as before).
+    while True:
+        savepoint = conn.begin_nested()
+        try:
+            _copy_detections(conn, staged, fast, ids, names, classes)
+        except _NotCanonical as e:
+            redo = [e.args[0]]
+        except conn.dialect.loaded_dbapi.Error as e:
+            if not fast or _sqlstate_class(e) not in _DATA_ERROR_CLASSES:
+                raise  # nothing left to read the exact way: the data's own error (a CHECK...)
+            redo = list(fast)  # COPY does not say which file's row it refused
+        else:
+            savepoint.commit()
+            break
+        # Back to before the COPY; the file(s) go the exact way, which names what is wrong
+        # (or finds nothing, and the next COPY meets the same error without the fast way).
         savepoint.rollback()
-        for path, start, stop in fast:
+        for segment in redo:
+            path, start, stop = segment
             exact = _staged_exact(path, sha, names, start)
             if [row for row, *_ in exact] != [row for row, *_ in staged[start:stop]]:
-                raise ValueError(f"staging file {path} changed while loading") from e
+                raise ValueError(f"staging file {path} changed while loading")
             staged[start:stop] = exact
-        _copy_detections(conn, staged, ids, names, classes)
-    else:
-        savepoint.commit()
+            fast.remove(segment)
     counts = _Counts()
     for row, _, n_dets, _ in staged:
         _count(counts, row, n_dets)
@@ -803,23 +828,24 @@ def _copy_text(value: str) -> str:
             .replace("\r", "\\r"))
 
 
-def _staged_fast(data: bytes, sha: str, names: dict[int, str], classes: dict[bytes, bytes],
+def _staged_fast(path: Path, sha: str, names: dict[int, str], classes: dict[bytes, bytes],
                  seq: int) -> list[_Staged] | None:
-    """A staging file's contents → its records, without parsing the detections' numbers; None
-    when any line is not in the worker's exact form (the exact way then reads the file)."""
-    end = data.rfind(b"\n")
-    if end < 0 or b"\r" in data:  # read_staging reads text: "\r" would end a line there
+    """A staging file → its records, without parsing the detections' numbers; None when any
+    line is not in the worker's exact form (the exact way then reads the file)."""
+    data = path.read_bytes()
+    if b"\r" in data:  # read_staging reads text: "\r" would end a line there
         return None
+    lines = data.split(b"\n")
+    del data
     try:
-        data[end + 1:].decode()  # a torn last line is dropped, but read_staging decodes it
-        lines = data[:end].split(b"\n")
-        header = json.loads(lines[0].decode())
+        lines.pop().decode()  # a torn last line is dropped, but read_staging decodes it
+        header = json.loads(lines[0].decode()) if len(lines) > 0 else None
     except ValueError:
         return None
     if type(header) is not dict or header.get("kind") != "header" or header.get("model_sha256") != sha:
         return None
     latest: dict[str, tuple[dict[str, Any], bytes]] = {}  # later lines win, like read_staging
-    tails: list[bytes] = []
+    with_dets = 0
     skip = len(_DETS_KEY)
     for line in itertools.islice(lines, 1, None):
         k = line.rfind(_DETS_KEY)
@@ -838,9 +864,7 @@ def _staged_fast(data: bytes, sha: str, names: dict[int, str], classes: dict[byt
         if type(rel_path) is not str:
             return None
         latest[rel_path] = (head, tail)
-        tails.append(tail)
-    if not _plain_json_numbers(b"\n".join(tails)):
-        return None
+        with_dets += tail != b"[]"
     out: list[_Staged] = []
     copied = 0
     for head, tail in latest.values():
@@ -848,14 +872,14 @@ def _staged_fast(data: bytes, sha: str, names: dict[int, str], classes: dict[byt
             image = _image_row(head, seq + len(out))
         except ValueError:
             return None
-        if image[5] == "ok" and tail != b"[]":  # COPY text is made from it as COPY reads
+        if image[5] == "ok" and tail != b"[]":  # COPY text is made of it (and checked) as COPY reads
             out.append((image, tail, tail.count(b"], [") + 1, True))
             copied += 1
         else:
             out.append((image, b"", 0, False))
-    # Detections that COPY does not see (a failed image's, a line a later one replaced) were
-    # only checked character by character: unless they are empty, let json.loads judge them.
-    if copied != sum(tail != b"[]" for tail in tails):
+    # Detections that COPY does not see (a failed image's, a line a later one replaced) would
+    # go unchecked: unless they are empty ("[]"), let json.loads judge them.
+    if copied != with_dets:
         return None
     return out
 
@@ -893,13 +917,27 @@ def _class_copy_text(token: bytes, names: dict[int, str]) -> bytes:
     return b"%d\t%s\t" % (class_id, _copy_text(names.get(class_id, str(class_id))).encode())
 
 
-def _plain_json_numbers(text: bytes) -> bool:
-    """True when ``text`` -- JSON arrays of numbers, one per line -- holds nothing but numbers,
-    brackets, commas and spaces, and every number is written the way JSON requires, so that
-    float8in reads it as json.loads does. Vectorised: a '.' sits between digits; '+' only
-    follows an exponent's 'e'; an exponent has one or two digits (a third could under- or
-    overflow, where float8in raises and Python does not); no leading zeros ("05"); no "-0"
-    (JSON's integer 0, float8in's -0.0); no run of 20 zeros (underflow again)."""
+def _plain_json_numbers(arrays: Iterable[bytes]) -> bool:
+    """True when ``arrays`` -- JSON arrays of numbers -- hold nothing but numbers, brackets,
+    commas and spaces, and every number is written the way JSON requires, so that float8in
+    reads it as json.loads does (checked a few MB at a time)."""
+    piece: list[bytes] = []
+    size = 0
+    for text in arrays:
+        piece.append(text)
+        size += len(text)
+        if size >= _CHECK_BYTES:
+            if not _plain_json_text(b"\n".join(piece)):
+                return False
+            piece, size = [], 0
+    return _plain_json_text(b"\n".join(piece))
+
+
+def _plain_json_text(text: bytes) -> bool:
+    """_plain_json_numbers for arrays joined by newlines. Vectorised: a '.' sits between
+    digits; '+' only follows an exponent's 'e'; an exponent has one or two digits (a third
+    could under- or overflow, where float8in raises and Python does not); no leading zeros
+    ("05"); no "-0" (JSON's integer 0, float8in's -0.0); no run of 20 zeros (underflow)."""
     if text.translate(None, _DETS_BYTES) or b"0" * 20 in text:
         return False
     a = np.frombuffer(b"\n" + text + b"\n\n\n", dtype=np.uint8)  # padded: a[i - 2], a[i + 3] exist
@@ -924,14 +962,16 @@ def _plain_json_numbers(text: bytes) -> bool:
     return True
 
 
-def _copy_detections(conn: Connection, staged: list[_Staged], ids: dict[str, int],
-                     names: dict[int, str], classes: dict[bytes, bytes]) -> None:
+def _copy_detections(conn: Connection, staged: list[_Staged], fast: list[_Segment],
+                     ids: dict[str, int], names: dict[int, str], classes: dict[bytes, bytes]
+                     ) -> None:
     """COPY the staged detections into ``detections``, each row led by its image's id. The
-    rows are made while COPY runs, so the server works on one chunk as the next is made."""
+    rows are made (and a fast-way file's numbers checked) while COPY runs, so the server
+    works on one chunk as the next is made."""
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None
     sql = f"COPY {detections.name} ({', '.join(c.name for c in detections.columns)}) FROM STDIN"
-    reader = _ChunkReader(_detection_chunks(staged, ids, names, classes))
+    reader = _ChunkReader(_detection_chunks(staged, fast, ids, names, classes))
     with dbapi.cursor() as cur:
         try:
             cur.copy_expert(sql, reader, size=_COPY_CHUNK_BYTES)
@@ -941,15 +981,28 @@ def _copy_detections(conn: Connection, staged: list[_Staged], ids: dict[str, int
             raise
 
 
-def _detection_chunks(staged: list[_Staged], ids: dict[str, int], names: dict[int, str],
-                      classes: dict[bytes, bytes]) -> Iterator[bytes]:
+def _detection_chunks(staged: list[_Staged], fast: list[_Segment], ids: dict[str, int],
+                      names: dict[int, str], classes: dict[bytes, bytes]) -> Iterator[bytes]:
+    """COPY text of all staged detections; _NotCanonical(segment) when a fast-way file's
+    detections are not plain JSON numbers (checked before any of that file's rows are sent)
+    or not rows of ten with a class index first."""
+    starts = {segment[1]: segment for segment in fast}
+    segment = None
     parts: list[bytes] = []
     size = 0
-    for image, text, n_dets, is_json in staged:
+    for k, (image, text, n_dets, is_json) in enumerate(staged):
+        if k in starts:
+            segment = starts[k]
+            if not _plain_json_numbers(tail for _, tail, _, json_text in staged[k:segment[2]]
+                                       if json_text):
+                raise _NotCanonical(segment)
         if not n_dets:
             continue
         if is_json:
-            text = _dets_copy_text(text, names, classes)
+            try:
+                text = _dets_copy_text(text, names, classes)
+            except _NotCanonical:
+                raise _NotCanonical(segment) from None
         lead = b"%d\t" % ids[image[1]]
         rows = lead + text[:-1].replace(b"\n", b"\n" + lead) + b"\n"
         parts.append(rows)
