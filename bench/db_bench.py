@@ -6,8 +6,9 @@
 Both methods start from the same staging files (what the infer tasks leave behind) and end
 at COMMIT, with the same idempotent replace: loading the same images again replaces their rows.
 
-- ``copy``: ``image_etl.store.load_staged`` (COPY into temp staging tables, then set-based
-  upsert of images, delete of their old detections, INSERT ... SELECT of the new ones).
+- ``copy``: ``image_etl.store.load_staged``: images COPYed into a temp table and upserted
+  set-based (ids kept), their old detections deleted, the new detections COPYed straight into
+  ``detections`` from the staging files' number text.
 - ``executemany``: what one would write with SQLAlchemy Core alone, in one transaction:
   delete the old detections and images of those (model, date, rel_path)s, then
   ``conn.execute(insert(images).returning(id), rows)`` and ``conn.execute(insert(detections),
