@@ -341,7 +341,21 @@ class _Pipeline:
         st = self.settings
         return detect_batch(self.model, batch, st.conf, st.iou, st.max_det)
 
+    def _share_cpu(self) -> None:
+        """On a CPU device the model competes with the decode threads for the same cores:
+        give torch the cores the decoders leave (at least one) instead of oversubscribing."""
+        if self.model.is_cuda:
+            return
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) - self.threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            log.debug("CPU inference: %d torch thread(s) beside %d decode thread(s)", threads,
+                      self.threads)
+
     def run(self) -> None:
+        self._share_cpu()
         report = self.report
         decoders = [threading.Thread(target=self.decode_loop, name=f"decode-{i}")
                     for i in range(self.threads)]
