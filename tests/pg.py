@@ -141,22 +141,22 @@ def fresh_database() -> Iterator[str]:
 
     with _admin_url() as admin_url:
         name = f"image_etl_test_{uuid.uuid4().hex[:12]}"
-        conn = _connect_admin(admin_url)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
-        finally:
-            conn.close()
+        _admin_execute(admin_url, f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
         try:
             yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
         finally:
-            conn = _connect_admin(admin_url)
-            try:
-                with conn.cursor() as cur:
-                    # WITH (FORCE) (PostgreSQL 13+) ends connections a test forgot to close.
-                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                conn.close()
+            # WITH (FORCE) (PostgreSQL 13+) ends connections a test forgot to close.
+            _admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _admin_execute(admin_url: str, sql: str) -> None:
+    """One statement on an autocommit admin connection (CREATE/DROP DATABASE need that)."""
+    conn = _connect_admin(admin_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
 
 
 def postgres_url(tmp_path_factory: pytest.TempPathFactory | None = None) -> Iterator[str]:

@@ -12,6 +12,7 @@ import pytest
 from image_etl import synth
 
 from .conftest import DEMO_MODEL, DROP_DATE, ROOT
+from .dbrows import result_rows as _rows
 from .test_worker import match
 
 PARAM_NAMES = {"date", "drop_dir", "output_dir", "model_path", "devices", "imgsz", "conf", "iou",
@@ -48,23 +49,6 @@ def test_dag_file_imports_nothing_heavy(airflow_home):
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags/nightly_detections.py")],
                          capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
-
-
-def _rows(url: str) -> dict[str, list[tuple]]:
-    """Image and detection rows by identity, without ids, run keys or timestamps."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        images = conn.execute(sa.text(
-            "SELECT drop_date, rel_path, model_sha256, status, error, width, height, bytes "
-            "FROM images ORDER BY drop_date, rel_path")).all()
-        dets = conn.execute(sa.text(
-            "SELECT i.drop_date, i.rel_path, d.det_index, d.class_id, d.class_name, d.confidence, "
-            "d.x1, d.y1, d.x2, d.y2, d.xc, d.yc, d.w, d.h FROM detections d JOIN images i "
-            "ON i.id = d.image_id ORDER BY i.drop_date, i.rel_path, d.det_index")).all()
-    engine.dispose()
-    return {"images": [tuple(map(str, r)) for r in images], "detections": [tuple(r) for r in dets]}
 
 
 @pytest.fixture()

@@ -33,12 +33,12 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from image_etl import synth
 
 from .airflow_stack import DEFAULT_QUEUE, GPU_QUEUE, AirflowStack, Chromium, wait_for
 from .conftest import DEMO_MODEL, ROOT
+from .dbrows import result_rows as _rows
 from .pg import PostgresUnavailable, fresh_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -175,24 +175,6 @@ def _discovered(e2e: E2E, run_id: str) -> dict:
     entry = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/discover/xcomEntries/"
                                   "return_value", params={"deserialize": "true"}))
     return entry["value"]
-
-
-def _rows(url: str) -> dict[str, list[tuple]]:
-    """Images and detections by identity (no ids, run keys or timestamps)."""
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            images = conn.execute(sa.text(
-                "SELECT drop_date, rel_path, model_sha256, status, error, width, height, bytes "
-                "FROM images ORDER BY drop_date, rel_path")).all()
-            dets = conn.execute(sa.text(
-                "SELECT i.drop_date, i.rel_path, d.det_index, d.class_id, d.confidence, "
-                "d.x1, d.y1, d.x2, d.y2 FROM detections d JOIN images i ON i.id = d.image_id "
-                "ORDER BY i.drop_date, i.rel_path, d.det_index")).all()
-    finally:
-        engine.dispose()
-    return {"images": [(str(r[0]), *r[1:]) for r in images],
-            "detections": [(str(r[0]), *r[1:]) for r in dets]}
 
 
 def _of(rows: dict[str, list[tuple]], day: dt.date) -> dict[str, list[tuple]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -80,8 +81,6 @@ def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
 
 def _fleet_gpus() -> int:
     """GPUs the workers have: IMAGE_ETL_GPUS when set (scheduler hosts often have none)."""
-    import os
-
     from image_etl.devices import cuda_device_count
 
     value = os.environ.get("IMAGE_ETL_GPUS")
