@@ -13,13 +13,14 @@ from pathlib import Path
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.definitions.param import ParamsDict
+from airflow.sdk.exceptions import AirflowFailException
 
 # Deployments that mount dags/ and include/ side by side without installing the package.
 _INCLUDE = Path(__file__).resolve().parents[1] / "include"
 if _INCLUDE.is_dir() and str(_INCLUDE) not in sys.path:
     sys.path.append(str(_INCLUDE))
 
-from image_etl.settings import env_defaults  # noqa: E402  (stdlib-only import, cheap)
+from image_etl.settings import SettingsError, env_defaults  # noqa: E402  (stdlib only, cheap)
 
 DAG_ID = "nightly_detections"
 DB_CONN_ID = "image_etl_db"
@@ -87,7 +88,8 @@ PARAMS = {
                             "are still being written: left for the next run.", section="Outputs"),
     "max_failed_fraction": Param(D["max_failed_fraction"], type="number", minimum=0, maximum=1,
                                  title="Max failed fraction", description="Fail the run when more "
-                                 "images than this fraction could not be read.", section="Outputs"),
+                                 "than this fraction of the drop's images could not be read "
+                                 "(their rows are loaded all the same).", section="Outputs"),
 }
 
 
@@ -127,8 +129,13 @@ def nightly_detections():
         from image_etl import stages
 
         ctx = get_current_context()
-        return stages.discover(dict(ctx["params"]), run_id=ctx["run_id"], run_date=_run_date(ctx),
-                               db_url=_db_url(), allowed_roots=D["allowed_roots"])
+        try:
+            return stages.discover(dict(ctx["params"]), run_id=ctx["run_id"],
+                                   run_date=_run_date(ctx), db_url=_db_url(),
+                                   allowed_roots=D["allowed_roots"])
+        except SettingsError as exc:
+            # A bad parameter will not fix itself: fail now, naming it, instead of retrying.
+            raise AirflowFailException(f"invalid parameter {exc}") from exc
 
     @task
     def partition(discovered: dict) -> list[dict]:

@@ -13,6 +13,7 @@ from image_etl import synth
 
 from .conftest import DEMO_MODEL, DROP_DATE, ROOT
 from .dbrows import result_rows as _rows
+from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)
 from .test_worker import match
 
 PARAM_NAMES = {"date", "drop_dir", "output_dir", "model_path", "devices", "imgsz", "conf", "iou",
@@ -62,10 +63,29 @@ def dag_env(tmp_path, full_drop, monkeypatch):
     return db, conf, tmp_path
 
 
+def _day_run(dag, conf: dict, day: dt.date):
+    return dag.test(logical_date=dt.datetime(day.year, day.month, day.day, 2, tzinfo=dt.UTC),
+                    run_conf=conf)
+
+
+def _state(obj) -> str:
+    return str(getattr(obj.state, "value", obj.state))
+
+
+def _task_instances(run) -> dict:
+    """task_id → TaskInstance of a finished run (unmapped tasks)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter_by(run_id=run.run_id).all()
+        session.expunge_all()
+    return {ti.task_id: ti for ti in tis}
+
+
 def _test_run(dag, conf: dict, day: dt.date):
-    run = dag.test(logical_date=dt.datetime(day.year, day.month, day.day, 2, tzinfo=dt.UTC),
-                   run_conf=conf)
-    assert str(getattr(run.state, "value", run.state)) == "success"
+    run = _day_run(dag, conf, day)
+    assert _state(run) == "success"
     return run
 
 
@@ -131,10 +151,167 @@ def test_empty_drop_is_a_successful_visibly_empty_run(dag, dag_env, caplog):
     assert "0 images" in caplog.text
 
 
-def test_bad_param_is_refused_before_any_work(dag, dag_env):
+def test_bad_param_is_refused_before_any_work(dag, dag_env, capfd):
     db, conf, tmp = dag_env
-    day = DROP_DATE
-    run = dag.test(logical_date=dt.datetime(day.year, day.month, day.day, 2, tzinfo=dt.UTC),
-                   run_conf={**conf, "model_path": "relative/model.pt"})
-    assert str(getattr(run.state, "value", run.state)) == "failed"
+    run = _day_run(dag, {**conf, "model_path": "relative/model.pt"}, DROP_DATE)
+    assert _state(run) == "failed"
     assert not (tmp / "out").exists()
+    assert "invalid parameter model_path: must be an absolute path" in capfd.readouterr().out
+    discover = _task_instances(run)["discover"]
+    assert discover.try_number == 1 and _state(discover) == "failed"  # not retried
+
+
+# --- Hostile drops, allowed roots and secrets, through the whole DAG -----------------------------
+
+@pytest.mark.slow
+def test_bad_input_through_the_dag(dag, dag_env, tmp_path):
+    """Every odd file: processed, or one failed row with its reason, or a documented skip."""
+    import os
+    import time
+
+    from .test_bad_input import _cases
+
+    db, conf, _ = dag_env
+    day = dt.date(2026, 2, 3)
+    drop = tmp_path / "bad" / day.isoformat()
+    (drop / "folder.jpg").mkdir(parents=True)  # a directory named like an image: walked into
+    outside = tmp_path / "outside.jpg"  # a symlink target outside the drop: never read
+    good = _cases()["name with spaces 'quotes' \"double\" é漢字.jpg"][0]
+    outside.write_bytes(good)
+    for name, (data, _) in _cases().items():
+        (drop / name).write_bytes(data)
+    (drop / "folder.jpg" / "inside.jpg").write_bytes(good)
+    (drop / "link-outside.jpg").symlink_to(outside)
+    (drop / ".partial-upload.jpg").write_bytes(good[:100])  # uploader temp file: hidden, skipped
+    old = time.time() - 3600
+    for path in drop.rglob("*"):
+        os.utime(path, (old, old), follow_symlinks=False)
+    (drop / "uploading.jpg").write_bytes(good[: len(good) // 2])  # still being written
+
+    conf = {**conf, "drop_dir": str(tmp_path / "bad" / "{date}"), "settle_seconds": 60,
+            "max_failed_fraction": 0.5}
+    run = _day_run(dag, conf, day)
+    assert _state(run) == "success"
+    rows = {r[1]: r for r in _rows(db)["images"]}
+    expected = {**{n: e for n, (_, e) in _cases().items()}, "folder.jpg/inside.jpg": None}
+    assert sorted(rows) == sorted(expected)  # no link, no hidden file, no unsettled file
+    labels = Path(conf["output_dir"].format(date=day.isoformat())) / "labels"
+    for name, reason in expected.items():
+        status, error = rows[name][3], rows[name][4]
+        txt = labels / Path(name).with_suffix(".txt")
+        if reason is None:
+            assert (status, error) == ("ok", None), name
+            assert txt.is_file(), name
+        else:
+            assert status == "failed" and reason in error, (name, error)
+            assert not txt.exists(), name
+    out_root = labels.parent
+    assert not [p for p in out_root.rglob("*") if ".tmp" in p.name]
+    assert not (out_root / "labels" / "link-outside.txt").exists()
+
+    # The upload finishes: the next run picks up that file alone and keeps everything else.
+    (drop / "uploading.jpg").write_bytes(good)
+    os.utime(drop / "uploading.jpg", (old, old))
+    before = _rows(db)
+    assert _state(_day_run(dag, conf, day)) == "success"
+    after = _rows(db)
+    assert sorted(r[1] for r in after["images"]) == sorted([*rows, "uploading.jpg"])
+    assert [r for r in after["images"] if r[1] != "uploading.jpg"] == before["images"]
+
+
+def test_paths_outside_the_allowed_roots_are_refused_before_any_work(airflow_home, dag_env,
+                                                                     monkeypatch, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    db, conf, _ = dag_env
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    monkeypatch.setenv("IMAGE_ETL_ALLOWED_ROOTS", f"{allowed}:{DEMO_MODEL.parent}")
+    bag = DagBag(dag_folder=str(ROOT / "dags"))  # the roots are read when the DAG file is parsed
+    guarded = bag.get_dag("nightly_detections")
+    # The session drop lies outside the allowed roots; so does "../" out of an allowed one.
+    for bad in (conf, {**conf, "output_dir": str(allowed / ".." / "escape" / "{date}")}):
+        run = _day_run(guarded, bad, DROP_DATE)
+        assert _state(run) == "failed"
+        assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+    assert not Path(db.removeprefix("sqlite:///")).exists()  # refused before touching the DB
+    assert _state(_task_instances(run)["discover"]) == "failed"
+
+
+@pytest.mark.slow
+def test_db_password_never_leaves_the_connection(dag, dag_env, request, monkeypatch, capfd,
+                                                 caplog):
+    """Through a failing and a succeeding run: not in logs, XCom, run files, DB rows or summary."""
+    results_url = request.getfixturevalue("pg_url")
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from .conftest import AIRFLOW_HOME
+
+    _, conf, tmp = dag_env
+    secret = "s3cr3t-Pa55-" + tmp.name[-6:]
+    url = sa.engine.make_url(results_url).set(drivername="postgresql", password=secret)
+    day = dt.date(2026, 3, 4)
+    synth.make_drop(tmp / "pw", day, 2, width=512, height=3000, seed=11)
+    conf = {**conf, "drop_dir": str(tmp / "pw" / "{date}")}
+
+    # Unreachable DB (nothing listens on port 1): the run fails and says why, without the secret.
+    monkeypatch.setenv("AIRFLOW_CONN_IMAGE_ETL_DB",
+                       url.set(port=1).render_as_string(hide_password=False))
+    assert _state(_day_run(dag, conf, day)) == "failed"
+    failed_logs = capfd.readouterr().out + caplog.text
+    assert "127.0.0.1" in failed_logs and "***" in failed_logs
+
+    monkeypatch.setenv("AIRFLOW_CONN_IMAGE_ETL_DB", url.render_as_string(hide_password=False))
+    run = _day_run(dag, conf, day)
+    assert _state(run) == "success"
+    logs = failed_logs + capfd.readouterr().out + caplog.text
+    assert "loaded 2 image(s)" in logs and secret not in logs
+
+    # Every text and blob in Airflow's metadata DB (XCom, rendered fields, run conf, ...).
+    meta = sqlite3.connect(AIRFLOW_HOME / "airflow.db")
+    tables = [r[0] for r in meta.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    xcoms = meta.execute("SELECT count(*) FROM xcom WHERE run_id = ?", (run.run_id,)).fetchone()[0]
+    assert xcoms >= 4
+    for table in tables:
+        for row in meta.execute(f'SELECT * FROM "{table}"'):  # noqa: S608 (names from sqlite_master)
+            text = " ".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                            for v in row)
+            assert secret not in text, table
+    meta.close()
+    # Run files (manifest, shards, staging, reports) and every results-DB row.
+    out = Path(conf["output_dir"].format(date=day.isoformat()))
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    engine = sa.create_engine(results_url)
+    with engine.connect() as conn:
+        for table in ("runs", "images", "detections", "models"):
+            dump = str(conn.execute(sa.text(f"SELECT * FROM {table}")).all())  # noqa: S608
+            assert secret not in dump, table
+        assert conn.execute(sa.text("SELECT count(*) FROM images")).scalar() == 2
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_mostly_failed_drop_fails_the_run_but_keeps_its_rows(dag, dag_env, tmp_path):
+    from .test_bad_input import _cases
+
+    db, conf, _ = dag_env
+    day = dt.date(2026, 2, 4)
+    drop = tmp_path / "mostly-bad" / day.isoformat()
+    drop.mkdir(parents=True)
+    for name in ("truncated.jpg", "zero.jpg", "text.jpg", "gray.jpg"):
+        (drop / name).write_bytes(_cases()[name][0])
+    conf = {**conf, "drop_dir": str(tmp_path / "mostly-bad" / "{date}")}
+    run = _day_run(dag, {**conf, "max_failed_fraction": 0.5}, day)
+    assert _state(run) == "failed"
+    states = {task_id: _state(ti) for task_id, ti in _task_instances(run).items()}
+    assert states["load"] == "success" and states["report"] == "failed"
+    rows = _rows(db)["images"]
+    assert sorted((r[1], r[3]) for r in rows) == [("gray.jpg", "ok"), ("text.jpg", "failed"),
+                                                  ("truncated.jpg", "failed"), ("zero.jpg", "failed")]
+    # The same drop with a tolerant threshold is a green run; the rows stay the same.
+    assert _state(_day_run(dag, {**conf, "max_failed_fraction": 0.8}, day)) == "success"
+    assert _rows(db)["images"] == rows
