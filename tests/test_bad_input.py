@@ -123,3 +123,37 @@ def test_exif_orientation_is_applied_like_model_predict(bad_drop, cpu_model, dem
     for mine, theirs in zip(sorted(d[2:6] for d in record["detections"]),
                             sorted(r.boxes.xyxy.tolist())):
         assert max(abs(a - b) for a, b in zip(mine, theirs)) <= 1.0
+
+
+def test_unreadable_file_becomes_a_failed_row(demo_model_path, tmp_path):
+    """Permission denied on one file: a failed row with that reason, the rest processed.
+
+    Root reads anything: as root the worker runs without the capabilities that bypass file
+    permissions (util-linux ``setpriv``), so the kernel really refuses the read.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    good = _cases()["name with spaces 'quotes' \"double\" é漢字.jpg"][0]
+    (images / "readable.jpg").write_bytes(good)
+    (images / "secret.jpg").write_bytes(good)
+    (images / "secret.jpg").chmod(0o000)
+    staging = out / "staged.jsonl"
+    cmd = [sys.executable, "-m", "image_etl", "infer", str(images), "--out", str(out), "--model",
+           str(demo_model_path), "--staging", str(staging)]
+    if os.geteuid() == 0:
+        assert shutil.which("setpriv"), "setpriv (util-linux) is needed to drop root's DAC override"
+        drop = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    staged = {r["rel_path"]: r for r in read_staging(staging)[1]}
+    assert staged["readable.jpg"]["status"] == "ok"
+    assert staged["secret.jpg"]["status"] == "failed"
+    assert staged["secret.jpg"]["error"] == "unreadable: permission denied"
+    assert (out / "labels" / "readable.txt").is_file()
+    assert not (out / "labels" / "secret.txt").exists()
