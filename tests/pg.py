@@ -8,12 +8,14 @@ Order of attempts:
 If none works the tests fail when ``CI`` is set (CI must not skip silently) and skip otherwise.
 
 Use the ``pg_url`` session fixture (``from .pg import pg_url``); it yields a SQLAlchemy URL to
-a uniquely named, empty database that is dropped at the end of the session.
+a uniquely named, empty database that is dropped at the end of the session. A test that must
+restart its server (tests/test_crash.py) starts its own with ``throwaway_cluster()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import pwd
@@ -22,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -70,9 +72,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A throwaway PostgreSQL server: its admin URL, and a restart (for crash tests)."""
+
+    url: str
+    _restart: Callable[[], None]
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: ends every session (open transactions roll back) and
+        waits until the server accepts connections again."""
+        self._restart()
+
+
 @contextlib.contextmanager
 def throwaway_server() -> Iterator[str]:
     """Start a temporary PostgreSQL cluster; yield its admin URL; stop and delete it."""
+    with throwaway_cluster() as cluster:
+        yield cluster.url
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[Cluster]:
+    """Start a temporary PostgreSQL cluster; yield it; stop and delete it."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
         raise PostgresUnavailable("no initdb/pg_ctl found (/usr/lib/postgresql/*/bin or PATH)")
@@ -108,7 +130,14 @@ def throwaway_server() -> Iterator[str]:
         run([pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
              f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off", "start"])
         started = True
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+
+        def restart() -> None:
+            # -l again: without it the new server would write to our (captured) stdout and
+            # pg_ctl's caller would wait for that pipe to close. postmaster.opts keeps the -o.
+            run([pg_ctl, "-D", str(data), "-l", str(log), "-m", "fast", "-w", "-t", "60",
+                 "restart"])
+
+        yield Cluster(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres", restart)
     finally:
         if started:
             with contextlib.suppress(PostgresUnavailable, subprocess.TimeoutExpired):

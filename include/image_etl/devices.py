@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 DEFAULT_LOCK_DIR = Path(os.environ.get("IMAGE_ETL_LOCK_DIR", "/tmp/image_etl-device-locks"))
 
 
+class DeviceError(RuntimeError):
+    """A shard's device does not exist on the host that runs it (the message names both)."""
+
+
 def cuda_device_count() -> int:
     try:
         import torch
@@ -72,6 +76,30 @@ def shard_devices(spec: str, available_gpus: int | None = None) -> list[str]:
     if str(spec).strip().lower() == "auto" and devices != ["cpu"]:
         return ["cuda"] * len(devices)
     return devices
+
+
+def check_local_device(device: str, local_gpus: int | None = None) -> None:
+    """Refuse, before any work, a shard device this host does not have.
+
+    The shard's device was chosen on the scheduler's side (IMAGE_ETL_GPUS, or the scheduler's
+    own GPUs); the worker that runs it may have fewer, or may have lost its GPU (driver gone,
+    CUDA_VISIBLE_DEVICES changed). Without this check that shows up later as a confusing
+    model-load or CUDA error.
+    """
+    if device == "cpu":
+        return
+    count = cuda_device_count() if local_gpus is None else local_gpus
+    index = device.removeprefix("cuda").removeprefix(":")
+    if count > (int(index) if index.isdigit() else 0):
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = (f"{count} CUDA GPU(s) visible" if count else
+           "no usable CUDA GPU (torch.cuda.is_available() is False: no GPU, driver or CUDA "
+           "runtime here)")
+    if visible is not None:
+        why += f", CUDA_VISIBLE_DEVICES={visible!r}"
+    raise DeviceError(f"shard device {device!r} is not available on host {os.uname().nodename}: "
+                      f"{why}")
 
 
 @contextlib.contextmanager

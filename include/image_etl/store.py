@@ -147,7 +147,23 @@ def engine_from_url(url: str) -> Engine:
         raise StoreError(f"db_url: cannot create an engine for {redact_url(url)!r}: {e}") from None
     if backend == "sqlite":
         _sqlite_events(engine)
+    _connect_errors(engine, url, parsed.password)
     return engine
+
+
+def _connect_errors(engine: Engine, url: str, password: str | None) -> None:
+    """A failed connect (server down, port closed, wrong host or password) raises one line
+    naming the database, password hidden, instead of the driver's multi-line text."""
+
+    @event.listens_for(engine, "handle_error")
+    def _handle(ctx: Any) -> BaseException | None:
+        # Only the connect itself; never a pre-ping (the pool reconnects after those).
+        if ctx.connection is not None or ctx.is_pre_ping:
+            return None
+        reason = " ".join(str(ctx.original_exception).split())
+        if password:
+            reason = reason.replace(str(password), "***")
+        return StoreError(f"cannot connect to the results database {redact_url(url)}: {reason}")
 
 
 def _sqlite_events(engine: Engine) -> None:
@@ -183,9 +199,37 @@ def _sqlite_events(engine: Engine) -> None:
 
 @contextlib.contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """One read-write transaction: committed when the block ends, rolled back if it raises."""
-    with engine.connect().execution_options(image_etl_write=True) as conn, conn.begin():
-        yield conn
+    """One read-write transaction: committed when the block ends, rolled back if it raises.
+
+    A connection lost inside it (server restarted, network cut) raises one StoreError saying
+    so, the driver's first error chained. Without this the error would end in the rollback's
+    "connection already closed": the COPYs run on the raw driver connection, out of
+    SQLAlchemy's sight, so it only learns of the loss when its rollback fails.
+    """
+    with engine.connect().execution_options(image_etl_write=True) as conn:
+        try:
+            with conn.begin():
+                yield conn
+        except Exception as exc:
+            if not conn.invalidated:  # SQLAlchemy invalidates a connection only on a disconnect
+                raise
+            root = _first_error(exc)
+            reason = " ".join(str(getattr(root, "libpq_message", None) or root).split())
+            if engine.url.password:
+                reason = reason.replace(str(engine.url.password), "***")
+            url = redact_url(engine.url.render_as_string(hide_password=False))
+            raise StoreError(f"lost the connection to the results database {url} inside a "
+                             f"transaction, which did not complete (a retry is safe): "
+                             f"{reason}") from root
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    """The error a chain of follow-up failures started with."""
+    seen = {id(exc)}
+    while (earlier := exc.__cause__ or exc.__context__) is not None and id(earlier) not in seen:
+        seen.add(id(earlier))
+        exc = earlier
+    return exc
 
 
 @contextlib.contextmanager
@@ -561,7 +605,11 @@ def _fill(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
         assert dbapi is not None
         sql = f"COPY {table.name} ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv)"
         with dbapi.cursor() as cur:
-            cur.copy_expert(sql, _CsvStream(rows), size=65536)
+            try:
+                cur.copy_expert(sql, _CsvStream(rows), size=65536)
+            except dbapi.Error as e:
+                _keep_libpq_message(dbapi, e)
+                raise
         return
     for start in range(0, len(rows), _COPY_CHUNK_ROWS):
         chunk = rows[start:start + _COPY_CHUNK_ROWS]
@@ -975,10 +1023,20 @@ def _copy_detections(conn: Connection, staged: list[_Staged], fast: list[_Segmen
     with dbapi.cursor() as cur:
         try:
             cur.copy_expert(sql, reader, size=_COPY_CHUNK_BYTES)
-        except dbapi.Error:
+        except dbapi.Error as e:
             if reader.error is not None:  # psycopg2 reports it as "COPY from stdin failed"
                 raise reader.error from None
+            _keep_libpq_message(dbapi, e)
             raise
+
+
+def _keep_libpq_message(dbapi: Any, error: BaseException) -> None:
+    """A COPY whose connection died fails with psycopg2's bare "invalid socket"; libpq's message
+    says why ("FATAL: terminating connection due to administrator command"): keep it for
+    write_transaction's error."""
+    if getattr(dbapi, "closed", 0):
+        with contextlib.suppress(Exception):
+            error.libpq_message = dbapi.info.error_message  # type: ignore[attr-defined]
 
 
 def _detection_chunks(staged: list[_Staged], fast: list[_Segment], ids: dict[str, int],

@@ -1,0 +1,110 @@
+"""The OpenVINO runtime for CPU devices: same detections as PyTorch, exported once, safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from image_etl import openvino_backend
+from image_etl.model import ModelLoadError, load_model, resolve_runtime
+from image_etl.outputs import OutputLayout, read_staging
+from image_etl.settings import InferSettings, RunSettings, SettingsError
+from image_etl.worker import ImageTask, run_shard
+
+from .conftest import DROP_DATE, ROOT
+
+pytestmark = pytest.mark.skipif(not openvino_backend.available(), reason="openvino not installed")
+
+
+def test_runtime_resolution():
+    assert resolve_runtime("auto", "cpu") == "openvino"
+    assert resolve_runtime("auto", "cuda") == "torch"  # GPUs always run PyTorch
+    assert resolve_runtime("torch", "cpu") == "torch"
+    with pytest.raises(ModelLoadError, match="runtime 'openvino' runs on CPU devices only"):
+        resolve_runtime("openvino", "cuda")
+    with pytest.raises(SettingsError, match="^runtime: expected one of auto, torch, openvino"):
+        InferSettings(runtime="tensorrt")
+    settings = RunSettings.from_params({"model_path": str(ROOT / "models/demo-yolo11n-2cls.pt"),
+                                        "drop_dir": "/d/{date}", "output_dir": "/o",
+                                        "runtime": "torch"}, DROP_DATE)
+    assert settings.infer.runtime == "torch" and settings.to_dict()["runtime"] == "torch"
+    # Staged work of one runtime is never resumed by the other.
+    s = InferSettings()
+    assert s.result_fingerprint("abc", 640, "torch") != s.result_fingerprint("abc", 640, "openvino")
+
+
+@pytest.fixture(scope="module")
+def ov_model(demo_model_path, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ov_cache")
+    old = os.environ.get("IMAGE_ETL_CACHE_DIR")
+    os.environ["IMAGE_ETL_CACHE_DIR"] = str(cache)
+    try:
+        yield load_model(demo_model_path, "cpu", runtime="auto")
+    finally:
+        if old is None:
+            os.environ.pop("IMAGE_ETL_CACHE_DIR")
+        else:
+            os.environ["IMAGE_ETL_CACHE_DIR"] = old
+
+
+def _detections(model, drop: Path, out: Path, fast: bool = False) -> dict[str, list]:
+    tasks = [ImageTask(p, p.name) for p in sorted(drop.glob("*.jpg"))]
+    run_shard(tasks, model, InferSettings(fast_decode=fast, batch_size=4), OutputLayout(out),
+              out / "staged.jsonl")
+    return {r["rel_path"]: r["detections"] for r in read_staging(out / "staged.jsonl")[1]}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+def test_openvino_detections_equal_pytorch(ov_model, cpu_model, small_drop, tmp_path, fast):
+    assert ov_model.runtime == "openvino" and cpu_model.runtime == "torch"
+    assert (ov_model.names, ov_model.stride) == (cpu_model.names, cpu_model.stride)
+    drop = small_drop / DROP_DATE.isoformat()
+    ov = _detections(ov_model, drop, tmp_path / "ov", fast)
+    pt = _detections(cpu_model, drop, tmp_path / "pt", fast)
+    assert sorted(ov) == sorted(pt) and sum(len(d) for d in pt.values()) > 0
+    for name, theirs in pt.items():
+        mine = ov[name]
+        assert len(mine) == len(theirs), name
+        for a, b in zip(sorted(mine), sorted(theirs)):
+            assert a[0] == b[0], name  # class
+            assert abs(a[1] - b[1]) <= 1e-3, name  # confidence
+            assert max(abs(x - y) for x, y in zip(a[2:6], b[2:6])) <= 1.0, name  # xyxy px
+
+
+def test_export_is_cached_and_reused(ov_model):
+    xml = ov_model.backend.xml
+    cache = Path(os.environ.get("IMAGE_ETL_CACHE_DIR", "")) / "openvino"
+    assert xml.is_file() and xml.parent.parent == cache
+    mtime = xml.stat().st_mtime_ns
+    again = openvino_backend.exported_model(ov_model.path, ov_model.sha256, ov_model.default_imgsz)
+    assert again == xml and again.stat().st_mtime_ns == mtime
+    assert [p.name for p in cache.iterdir()] == [xml.parent.name]  # no temporary leftovers
+
+
+def test_concurrent_first_exports_leave_one_copy(demo_model_path, tmp_path):
+    """Two workers starting at once on a fresh host: both load, one cached copy remains."""
+    code = ("import json, sys; from image_etl.model import load_model; "
+            "m = load_model(sys.argv[1], 'cpu', runtime='openvino'); "
+            "print(json.dumps([str(m.backend.xml), m.runtime]))")
+    env = {**os.environ, "IMAGE_ETL_CACHE_DIR": str(tmp_path), "YOLO_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(demo_model_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert results[0] == results[1] and results[0][1] == "openvino"
+    assert [p.name for p in (tmp_path / "openvino").iterdir()] == [Path(results[0][0]).parent.name]
+
+
+def test_unusable_cache_dir_is_one_clear_error(demo_model_path, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("IMAGE_ETL_CACHE_DIR", str(blocker))
+    with pytest.raises(ModelLoadError, match="cannot prepare the OpenVINO copy .*IMAGE_ETL_CACHE_DIR"):
+        load_model(demo_model_path, "cpu", runtime="openvino")
