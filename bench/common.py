@@ -115,6 +115,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def machine_info(device: str) -> dict[str, Any]:
     """What the numbers were measured on (CPU, memory, library versions, the device)."""
     import cv2
@@ -134,6 +143,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "ultralytics": ultralytics.__version__,
         "opencv": cv2.__version__,
+        "openvino": _version("openvino"),
         "device": device,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }

@@ -52,6 +52,7 @@ class Variant:
     design: str = ""  # seeds: original | queue
     fast: bool = False  # reduced-scale JPEG decode
     save: bool = False  # annotated images
+    runtime: str = "auto"  # ours / limit-model: auto = OpenVINO on a CPU device, else PyTorch
     help: str = ""
 
 
@@ -69,12 +70,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("ours-fast", "ours", fast=True, help="run_shard, reduced-scale JPEG decode"),
     Variant("ours-fast+save", "ours", fast=True, save=True,
             help="run_shard, reduced-scale decode, annotated images"),
+    Variant("ours-exact-torch", "ours", runtime="torch",
+            help="ours-exact with runtime torch (what OpenVINO buys on a CPU device)"),
+    Variant("ours-fast-torch", "ours", fast=True, runtime="torch",
+            help="ours-fast with runtime torch"),
     Variant("limit-decode", "limit-decode",
             help="read + exact decode + letterbox on all cores, no model"),
     Variant("limit-decode-fast", "limit-decode", fast=True,
             help="read + reduced-scale decode + letterbox on all cores, no model"),
     Variant("limit-model", "limit-model",
-            help="forward + NMS on a pre-decoded batch, no I/O, no decode"),
+            help="forward + NMS on a pre-decoded batch, no I/O, no decode (runtime auto)"),
+    Variant("limit-model-torch", "limit-model", runtime="torch",
+            help="the same with runtime torch"),
 )}
 DEFAULT_VARIANTS = [name for name in VARIANTS if name != "seed-queue+save"]
 BASELINE = "seed-queue"
@@ -95,7 +102,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     elif variant.kind == "limit-decode":
         result = _child_decode_limit(variant, tasks, args)
     else:
-        result = _child_model_limit(tasks, args)
+        result = _child_model_limit(variant, tasks, args)
     result["variant"] = variant.name
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
@@ -123,11 +130,13 @@ def _child_seed(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
             "dropped": times.dropped, "rss_before_mb": round(rss_before, 1)}
 
 
-def _infer_settings(args: argparse.Namespace, fast: bool = False, save: bool = False) -> Any:
+def _infer_settings(args: argparse.Namespace, fast: bool = False, save: bool = False,
+                    runtime: str = "auto") -> Any:
     from image_etl.settings import InferSettings
 
     return InferSettings(imgsz=args.imgsz, conf=args.conf, iou=args.iou, batch_size=args.batch,
-                         fast_decode=fast, save_annotated=save, progress_every_s=86_400)
+                         fast_decode=fast, save_annotated=save, runtime=runtime,
+                         progress_every_s=86_400)
 
 
 def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
@@ -136,8 +145,8 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
     from image_etl.outputs import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
-    model = load_model(args.model, args.device, imgsz=args.imgsz)
-    settings = _infer_settings(args, variant.fast, variant.save)
+    model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime)
+    settings = _infer_settings(args, variant.fast, variant.save, variant.runtime)
     shard = [ImageTask(path, rel) for path, rel in tasks]
     # Warm-up on one batch (the timed pass's batch shape), outputs thrown away.
     run_shard(shard[:args.batch], model, settings, OutputLayout(out / "warmup"))
@@ -159,7 +168,7 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
                          "infer_s": report.infer_s, "write_s": report.write_s,
                          "decode_threads": report.decode_threads,
                          "batch_size": report.batch_size},
-            "rss_before_mb": round(rss_before, 1)}
+            "rss_before_mb": round(rss_before, 1), "runtime": model.runtime}
 
 
 def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
@@ -194,12 +203,13 @@ def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
             "rss_before_mb": round(rss_before, 1)}
 
 
-def _child_model_limit(tasks: list[tuple[Path, str]], args: argparse.Namespace) -> dict[str, Any]:
+def _child_model_limit(variant: Variant, tasks: list[tuple[Path, str]],
+                       args: argparse.Namespace) -> dict[str, Any]:
     from image_etl.decode import Decoder
     from image_etl.model import load_model
     from image_etl.worker import detect_batch
 
-    model = load_model(args.model, args.device, imgsz=args.imgsz)
+    model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime)
     settings = _infer_settings(args)
     decoder = Decoder(args.imgsz, model.stride)
     picked = [tasks[i % len(tasks)] for i in range(args.batch)]
@@ -228,7 +238,7 @@ def _child_model_limit(tasks: list[tuple[Path, str]], args: argparse.Namespace) 
                          "per_batch_ms": 1e3 * wall / iterations,
                          "input_shape": list(batch[0].input.shape) if batch[0].input is not None
                          else None},
-            "rss_before_mb": round(rss_before, 1)}
+            "rss_before_mb": round(rss_before, 1), "runtime": model.runtime}
 
 
 # ================================================================================================
@@ -294,6 +304,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, dict
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
             "detections": ok[0].get("detections"),
             "dropped": sum(r.get("dropped", 0) for r in ok),
+            "runtime": ok[0].get("runtime"),
         }
     base = summary.get(BASELINE, {}).get("images_per_s")
     for name, s in summary.items():

@@ -18,6 +18,8 @@ AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="image_etl_airflow_"))
 os.environ["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+# OpenVINO copies of the model (runtime auto on CPU) go to a per-session cache, not ~/.cache.
+os.environ["IMAGE_ETL_CACHE_DIR"] = tempfile.mkdtemp(prefix="image_etl_cache_")
 DEMO_MODEL = Path(os.environ.get("IMAGE_ETL_TEST_MODEL", ROOT / "models" / "demo-yolo11n-2cls.pt"))
 DROP_DATE = dt.date(2026, 11, 20)
 

@@ -17,7 +17,7 @@ from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL datab
 from .test_worker import match
 
 PARAM_NAMES = {"date", "drop_dir", "output_dir", "model_path", "devices", "imgsz", "conf", "iou",
-               "batch_size", "fast_decode", "save_annotated", "reprocess"}
+               "batch_size", "fast_decode", "save_annotated", "reprocess", "runtime"}
 
 
 @pytest.fixture(scope="module")

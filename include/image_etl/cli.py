@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from image_etl.settings import InferSettings, SettingsError
+from image_etl.settings import RUNTIMES, InferSettings, SettingsError
 
 log = logging.getLogger("image_etl")
 
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--fast-decode", action="store_true",
                        help="reduced-scale JPEG decode when the model input is much smaller")
     infer.add_argument("--save-annotated", action="store_true")
+    infer.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                       help="forward pass: auto (OpenVINO on a CPU device when installed), "
+                            "torch or openvino")
     infer.add_argument("--staging", type=Path, default=None,
                        help="JSONL of finished images; makes the run resumable")
     infer.add_argument("--summary", type=Path, default=None, help="write a JSON summary here")
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from image_etl.devices import DeviceError
+    from image_etl.model import ModelLoadError
+    from image_etl.outputs import OutputWriteError
+
     try:
         if args.command == "make-drop":
             return _make_drop(args)
@@ -80,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (ModelLoadError, DeviceError, OutputWriteError) as exc:
+        # Expected failures say everything in one line; a traceback would only bury it
+        # (-v shows it).
+        log.debug("traceback", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _make_drop(args: argparse.Namespace) -> int:
@@ -105,7 +118,7 @@ def _infer(args: argparse.Namespace) -> int:
         raise SettingsError("out", "give an output folder, or --beside-images")
     settings = InferSettings(imgsz=args.imgsz, conf=args.conf, iou=args.iou,
                              batch_size=args.batch, fast_decode=args.fast_decode,
-                             save_annotated=args.save_annotated,
+                             save_annotated=args.save_annotated, runtime=args.runtime,
                              decode_workers=args.decode_workers)
     devices = parse_devices(args.device)
     if len(devices) != 1:
@@ -113,7 +126,8 @@ def _infer(args: argparse.Namespace) -> int:
     root = args.images_dir.resolve()
     listing = list_images(root)
     tasks = [ImageTask(root / f.rel_path, f.rel_path) for f in listing.images]
-    model = load_model(args.model, devices[0], half=settings.half, imgsz=settings.imgsz)
+    model = load_model(args.model, devices[0], half=settings.half, imgsz=settings.imgsz,
+                       runtime=settings.runtime)
     layout = OutputLayout((args.out or root).resolve(), beside_images=args.beside_images)
     report = run_shard(tasks, model, settings, layout, staging_path=args.staging)
     summary = {"images_dir": str(root), "model": str(args.model), "model_sha256": model.sha256,

@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,42 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """The weights file cannot be used; the message names the file and why."""
+
+
+# torch.save before PyTorch 1.6 wrote a bare pickle that starts with this magic number.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Refuse a file that cannot be PyTorch weights, without torch (discover runs this).
+
+    Catches what actually happens to weights files in transit: an empty or truncated copy,
+    a Git LFS pointer checked out instead of the file, an HTML error page saved as ``.pt``.
+    A well-formed checkpoint that is not an Ultralytics model is caught by :func:`load_model`.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if zipfile.is_zipfile(path):  # the format of torch.save since PyTorch 1.6
+            with zipfile.ZipFile(path) as archive:
+                if any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist()):
+                    return
+            raise ModelLoadError(f"model weights {path} are a zip archive without data.pkl: "
+                                 "not a PyTorch checkpoint")
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelLoadError(f"cannot read model weights {path}: {exc}") from exc
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return
+    if not head:
+        why = "the file is empty"
+    elif head.startswith(b"version https://git-lfs"):
+        why = "it is a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
+    elif head.startswith(b"PK"):
+        why = "a zip archive without its end (truncated: an interrupted download or copy?)"
+    else:
+        why = f"neither a zip archive nor a pickle (starts with {head[:16]!r})"
+    raise ModelLoadError(f"model weights {path} are not a PyTorch checkpoint: {why}")
 
 
 def weights_sha256(path: str | Path) -> str:
@@ -42,10 +80,37 @@ class LoadedModel:
     default_imgsz: int
     fp16: bool
     end2end: bool
+    runtime: str = "torch"  # what runs the forward pass: "torch" or "openvino" (CPU only)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def set_cpu_threads(self, threads: int) -> None:
+        """Threads for the forward pass on a CPU device (the cores the decoders leave)."""
+        if self.runtime == "openvino":
+            self.backend.set_threads(threads)
+            return
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def resolve_runtime(runtime: str, device: str) -> str:
+    """``auto`` → OpenVINO on a CPU device when it is installed, PyTorch otherwise."""
+    from image_etl import openvino_backend
+
+    on_cpu = device == "cpu"
+    if runtime == "auto":
+        return "openvino" if on_cpu and openvino_backend.available() else "torch"
+    if runtime == "openvino":
+        if not on_cpu:
+            raise ModelLoadError(f"runtime 'openvino' runs on CPU devices only, not on {device}")
+        if not openvino_backend.available():
+            raise ModelLoadError("runtime 'openvino' asked for, but the openvino package is not "
+                                 "installed on this worker (pip install openvino)")
+    return runtime
 
 
 def read_model_info(path: str | Path) -> tuple[dict[int, str], int]:
@@ -55,13 +120,19 @@ def read_model_info(path: str | Path) -> tuple[dict[int, str], int]:
 
 
 def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
-               warmup: bool = True, imgsz: int | None = None) -> LoadedModel:
-    """Load ``path`` on ``device`` (fp16 on CUDA unless ``half`` is False)."""
+               warmup: bool = True, imgsz: int | None = None,
+               runtime: str = "torch") -> LoadedModel:
+    """Load ``path`` on ``device`` (fp16 on CUDA unless ``half`` is False).
+
+    ``runtime`` "openvino" (or "auto" on a CPU device) runs the forward pass with OpenVINO on
+    an IR exported from the same weights; names, stride and identity still come from the .pt.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model weights not found: {path}")
     if path.suffix != ".pt":
         raise ModelLoadError(f"model weights must be an Ultralytics .pt file: {path}")
+    check_weights_file(path)
     import torch
     from ultralytics.nn.autobackend import AutoBackend
 
@@ -74,7 +145,12 @@ def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
         backend = AutoBackend(model=str(path), device=torch_device, fp16=fp16, fuse=True,
                               verbose=False)
     except Exception as exc:  # corrupt pickle, wrong architecture, ... : say which file
-        raise ModelLoadError(f"cannot load model weights {path}: {type(exc).__name__}: {exc}") from exc
+        # One line: Ultralytics' messages run over several, with an "ERROR ❌️" prefix and advice
+        # to download its own models (the full text stays in __cause__).
+        lines = str(exc).strip().splitlines()
+        reason = re.sub(r"^ERROR\s+[^\w\s/]*\s*", "", lines[0]).strip() if lines else ""
+        raise ModelLoadError(f"cannot load model weights {path}: "
+                             f"{reason or type(exc).__name__}") from exc
     backend.eval()
     if getattr(backend, "task", "detect") not in (None, "detect"):
         raise ModelLoadError(f"{path} is a {backend.task!r} model; this pipeline runs detection")
@@ -87,9 +163,21 @@ def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
     model = LoadedModel(backend=backend, device=torch_device, path=path, sha256=sha, names=names,
                         stride=stride, default_imgsz=int(default_imgsz), fp16=fp16,
                         end2end=bool(getattr(backend, "end2end", False)))
+    model.runtime = resolve_runtime(runtime, "cuda" if model.is_cuda else "cpu")
+    if model.runtime == "openvino":
+        from image_etl import openvino_backend
+
+        try:
+            xml = openvino_backend.exported_model(path, sha, model.default_imgsz)
+            model.backend = openvino_backend.OpenVINOBackend(xml)
+        except Exception as exc:  # unwritable cache, a layer the exporter cannot convert, ...
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ModelLoadError(f"cannot prepare the OpenVINO copy of {path} under "
+                                 f"{openvino_backend.cache_root()} (IMAGE_ETL_CACHE_DIR): {why}; "
+                                 "runtime 'torch' needs no copy") from exc
     if warmup and model.is_cuda:
         size = imgsz or model.default_imgsz
         backend.warmup(imgsz=(1, 3, size, size))
-    log.info("loaded %s (sha256 %s…, %d classes) on %s%s", path.name, sha[:12], len(names),
-             device, " fp16" if fp16 else "")
+    log.info("loaded %s (sha256 %s…, %d classes) on %s%s with %s", path.name, sha[:12],
+             len(names), device, " fp16" if fp16 else "", model.runtime)
     return model

@@ -46,6 +46,9 @@ def _flag(name: str, value: Any) -> bool:
     raise SettingsError(name, f"expected true or false, got {value!r}")
 
 
+RUNTIMES = ("auto", "torch", "openvino")
+
+
 @dataclasses.dataclass(frozen=True)
 class InferSettings:
     """What one worker needs to turn images into detections.
@@ -62,6 +65,7 @@ class InferSettings:
     max_det: int = 300
     fast_decode: bool = False
     save_annotated: bool = False
+    runtime: str = "auto"  # auto: OpenVINO on a CPU device when installed, else PyTorch
     half: bool | None = None
     decode_workers: int | None = None
     decoded_queue_size: int | None = None
@@ -82,6 +86,9 @@ class InferSettings:
         set_(self, "max_det", _number("max_det", self.max_det, int, 1, 100_000))
         set_(self, "fast_decode", _flag("fast_decode", self.fast_decode))
         set_(self, "save_annotated", _flag("save_annotated", self.save_annotated))
+        if self.runtime not in RUNTIMES:
+            raise SettingsError("runtime", f"expected one of {', '.join(RUNTIMES)}, got "
+                                f"{self.runtime!r}")
         if self.half is not None:
             set_(self, "half", _flag("half", self.half))
         if self.decode_workers is not None:
@@ -96,10 +103,16 @@ class InferSettings:
         set_(self, "progress_every_s", _number("progress_every_s", self.progress_every_s, float,
                                                0.1, 86_400))
 
-    def result_fingerprint(self, model_sha256: str, imgsz: int) -> str:
-        """Hash of everything that changes detections: staged work is reusable only if equal."""
+    def result_fingerprint(self, model_sha256: str, imgsz: int, runtime: str = "torch") -> str:
+        """Hash of everything that changes detections: staged work is reusable only if equal.
+
+        ``runtime`` is the one actually used (never "auto"): PyTorch and OpenVINO agree only to
+        float rounding, and a retry must not mix the two in one shard.
+        """
         key = {"model": model_sha256, "imgsz": imgsz, "conf": self.conf, "iou": self.iou,
                "max_det": self.max_det, "fast_decode": self.fast_decode}
+        if runtime != "torch":  # keeps the fingerprints of existing staged work valid
+            key["runtime"] = runtime
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +155,7 @@ def env_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "batch_size": int(env.get("IMAGE_ETL_BATCH_SIZE", 8)),
         "fast_decode": env.get("IMAGE_ETL_FAST_DECODE", "false").lower() in {"1", "true", "yes"},
         "save_annotated": env.get("IMAGE_ETL_SAVE_ANNOTATED", "false").lower() in {"1", "true", "yes"},
+        "runtime": env.get("IMAGE_ETL_RUNTIME", "auto"),
         "settle_seconds": float(env.get("IMAGE_ETL_SETTLE_SECONDS", 60)),
         "max_failed_fraction": float(env.get("IMAGE_ETL_MAX_FAILED_FRACTION", 0.5)),
         "schedule": env.get("IMAGE_ETL_SCHEDULE", "0 2 * * *"),
@@ -171,8 +185,8 @@ class RunSettings:
                     allowed_roots: tuple[Path, ...] = ()) -> RunSettings:
         """Validate DAG params / CLI options; raise SettingsError naming the first bad one."""
         known = {"date", "drop_dir", "output_dir", "model_path", "devices", "imgsz", "conf", "iou",
-                 "batch_size", "fast_decode", "save_annotated", "reprocess", "settle_seconds",
-                 "max_failed_fraction"}
+                 "batch_size", "fast_decode", "save_annotated", "runtime", "reprocess",
+                 "settle_seconds", "max_failed_fraction"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise SettingsError(unknown[0], f"unknown parameter (known: {', '.join(sorted(known))})")
@@ -201,7 +215,8 @@ class RunSettings:
         infer = InferSettings(imgsz=params.get("imgsz") or None, conf=params.get("conf", 0.25),
                               iou=params.get("iou", 0.7), batch_size=params.get("batch_size", 8),
                               fast_decode=params.get("fast_decode", False),
-                              save_annotated=params.get("save_annotated", False))
+                              save_annotated=params.get("save_annotated", False),
+                              runtime=params.get("runtime") or "auto")
         return cls(drop_date=drop_date, drop_dir=drop_dir, output_dir=output_dir,
                    model_path=model_path, devices=devices, infer=infer,
                    reprocess=_flag("reprocess", params.get("reprocess", False)),
@@ -215,6 +230,7 @@ class RunSettings:
                 "output_dir": str(self.output_dir), "model_path": str(self.model_path),
                 "devices": self.devices, **{k: v for k, v in self.infer.to_dict().items()
                                             if k in {"imgsz", "conf", "iou", "batch_size",
-                                                     "fast_decode", "save_annotated"}},
+                                                     "fast_decode", "save_annotated",
+                                                     "runtime"}},
                 "reprocess": self.reprocess, "settle_seconds": self.settle_seconds,
                 "max_failed_fraction": self.max_failed_fraction}

@@ -10,8 +10,14 @@
 Every hand-off blocks when full (nothing is dropped, memory stays flat) and waits in short
 slices so that a failure anywhere stops the other stages promptly; threads are joined and the
 first error is raised to the caller. A bad image is not an error: it is written as ``failed``
-with its reason and the rest go on. Batches are consecutive images in manifest order, so a
-re-run feeds the model the same batches and writes byte-identical files.
+with its reason and the rest go on.
+
+Batches are fixed groups of ``batch_size`` consecutive images of the shard (a bad image leaves
+its place in its group empty), and a resumed attempt re-runs each group it has work in whole,
+inferring but not rewriting the images an earlier attempt finished. So every image meets the
+model in the same batch, with the same torch thread count, whatever attempt writes it: a re-run
+or a retry after a crash writes byte-identical files and rows. (On a CPU both the batch size
+and the thread count change the last bits of the results, and sometimes the txt text.)
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +38,14 @@ from image_etl.decode import DecodedImage, Decoder
 from image_etl.model import LoadedModel
 from image_etl.outputs import (
     OutputLayout,
+    OutputPathError,
     StagingWriter,
     atomic_write,
     draw_annotations,
     encode_jpeg,
     format_txt,
     image_record,
+    remove_stale_temps,
 )
 from image_etl.settings import InferSettings
 
@@ -191,15 +199,24 @@ class _Stop(Exception):
 
 class _Pipeline:
     def __init__(self, tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
-                 sink: ResultSink, report: ShardReport, imgsz: int) -> None:
-        self.tasks = tasks
+                 sink: ResultSink, report: ShardReport, imgsz: int,
+                 done: Collection[str] = ()) -> None:
+        # Batch groups (see the module docstring): the groups with unfinished work, whole; a
+        # finished image in them is inferred again (its batch must not change) but not written.
+        size = settings.batch_size
+        todo_groups = {i // size for i, t in enumerate(tasks) if t.rel_path not in done}
+        picked = [i for i in range(len(tasks)) if i // size in todo_groups]
+        self.tasks = [tasks[i] for i in picked]
+        self.group = [i // size for i in picked]
+        self.replay = [tasks[i].rel_path in done for i in picked]
         self.model = model
         self.settings = settings
         self.sink = sink
         self.report = report
         self.batch_size = settings.batch_size
         threads = settings.decode_workers or max(1, os.cpu_count() or 1)
-        self.threads = max(1, min(threads, len(tasks)))
+        self.configured_threads = threads  # not capped by this attempt's task count (_share_cpu)
+        self.threads = max(1, min(threads, len(self.tasks)))
         report.decode_threads = self.threads
         # Annotated images are full-size frames drawn and JPEG-encoded on the writer side:
         # as costly as a decode, so they get as many threads, and shorter queues (each queued
@@ -343,16 +360,15 @@ class _Pipeline:
 
     def _share_cpu(self) -> None:
         """On a CPU device the model competes with the decode threads for the same cores:
-        give torch the cores the decoders leave (at least one) instead of oversubscribing."""
+        give it the cores the decoders leave (at least one) instead of oversubscribing."""
         if self.model.is_cuda:
             return
-        import torch
-
-        threads = max(1, (os.cpu_count() or 1) - self.threads)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-            log.debug("CPU inference: %d torch thread(s) beside %d decode thread(s)", threads,
-                      self.threads)
+        # From the configured decode threads, not those this attempt runs: a retry with a few
+        # images left must not get more threads (other numbers) than the first attempt.
+        threads = max(1, (os.cpu_count() or 1) - self.configured_threads)
+        self.model.set_cpu_threads(threads)
+        log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
+                  self.model.runtime, threads, self.threads)
 
     def run(self) -> None:
         self._share_cpu()
@@ -364,18 +380,20 @@ class _Pipeline:
         for t in [*decoders, *writers]:
             t.start()
         start = time.perf_counter()
-        progress = _Progress(len(self.tasks), report.resumed, self.settings.progress_every_s,
-                             lambda: self.written_total())
+        progress = _Progress(len(self.tasks) - sum(self.replay), report.resumed,
+                             self.settings.progress_every_s, lambda: self.written_total())
         try:
             batch: list[DecodedImage] = []
             for i in range(len(self.tasks)):
                 item = self._take(i)
                 self._check()
                 if item.error is not None:
-                    self._put_result((item, None))
+                    if not self.replay[i]:
+                        self._put_result((item, None))
                     continue
                 assert item.input is not None
                 if batch and (len(batch) >= self.batch_size
+                              or self.group[i] != self.group[batch[0].index]
                               or item.input.shape != batch[0].input.shape):
                     self._emit(batch)
                     batch = []
@@ -415,7 +433,8 @@ class _Pipeline:
     def _emit(self, batch: list[DecodedImage]) -> None:
         for item, dets in zip(batch, self.infer_batch(batch), strict=True):
             item.input = None  # free the model input before it waits in the write queue
-            self._put_result((item, dets))
+            if not self.replay[item.index]:  # done by an earlier attempt: only its batch mates
+                self._put_result((item, dets))
 
 
 class _Progress:
@@ -453,6 +472,25 @@ def _eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _remove_stale_temps(tasks: Sequence[ImageTask], layout: OutputLayout, annotated: bool) -> None:
+    """Temp files an earlier, killed attempt left beside this shard's outputs: its images' txt
+    (and annotated) files are this shard's to write, so no other shard is looked at."""
+    folders: dict[Path, set[str]] = {}
+    for t in tasks:
+        try:
+            paths = [layout.txt_path(t.rel_path, t.path)]
+            if annotated:
+                paths.append(layout.annotated_path(t.rel_path))
+        except OutputPathError:
+            continue  # refused with its reason when the image is written
+        for path in paths:
+            folders.setdefault(path.parent, set()).add(path.name)
+    removed = sum(remove_stale_temps(folder, names) for folder, names in folders.items())
+    if removed:
+        log.info("removed %d temp file(s) a killed earlier attempt left beside the outputs",
+                 removed)
+
+
 def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
               layout: OutputLayout, staging_path: Path | None = None,
               sink: ResultSink | None = None) -> ShardReport:
@@ -465,22 +503,25 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
     if sink is None:
         staging = None
         if staging_path is not None:
-            staging = StagingWriter(staging_path, settings.result_fingerprint(model.sha256, imgsz),
+            fingerprint = settings.result_fingerprint(model.sha256, imgsz, model.runtime)
+            staging = StagingWriter(staging_path, fingerprint,
                                     {"model_sha256": model.sha256, "model_path": str(model.path),
                                      "imgsz": imgsz, "device": str(model.device),
+                                     "runtime": model.runtime,
                                      "names": {str(k): v for k, v in model.names.items()}})
         sink = OutputSink(layout, model.names, settings.save_annotated, staging)
     report = ShardReport(device=str(model.device), images=len(tasks),
                          staging_path=str(staging_path) if staging_path else None)
     done = sink.open()
     try:
+        _remove_stale_temps(tasks, layout, settings.save_annotated)
         todo = [t for t in tasks if t.rel_path not in done]
         report.resumed = len(tasks) - len(todo)
         if report.resumed:
             log.info("resuming: %d of %d images already done by an earlier attempt",
                      report.resumed, len(tasks))
         if todo:
-            _Pipeline(todo, model, settings, sink, report, imgsz).run()
+            _Pipeline(tasks, model, settings, sink, report, imgsz, done=done.keys()).run()
     finally:
         sink.close()
     return report
