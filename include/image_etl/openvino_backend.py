@@ -74,10 +74,15 @@ def exported_model(weights: Path, sha256: str, imgsz: int) -> Path:
 
 
 class OpenVINOBackend:
-    """Callable like Ultralytics' AutoBackend on CPU: NCHW float RGB in [0, 1] → raw preds.
+    """Runs the exported model on the CPU; raw predictions come back as a torch tensor.
+
+    :meth:`infer_bgr` takes the letterboxed uint8 BGR images as they are (NHWC): the layout
+    change, BGR → RGB and the scaling to [0, 1] are compiled into the graph, which saves the
+    main thread several passes over every batch. Calling the object itself takes what
+    Ultralytics' AutoBackend takes (NCHW float RGB in [0, 1]).
 
     Compiled lazily with the thread count set by :meth:`set_threads` (the cores the decode
-    threads leave). ``infer`` releases the GIL, so decoding goes on meanwhile.
+    threads leave). Inference releases the GIL, so decoding goes on meanwhile.
     """
 
     def __init__(self, xml: Path) -> None:
@@ -87,34 +92,57 @@ class OpenVINOBackend:
         self._core = openvino.Core()
         self._model = self._core.read_model(str(xml))
         self._threads = 0
-        self._request: Any = None
+        self._requests: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def set_threads(self, threads: int) -> None:
         if threads != self._threads:
             self._threads = threads
-            self._request = None
+            self._requests.clear()
 
-    def _compile(self) -> Any:
-        import openvino.properties as props
-        import openvino.properties.hint as hints
+    def _bgr_model(self) -> Any:
+        import openvino
+        from openvino.preprocess import ColorFormat, PrePostProcessor
 
-        config: dict[str, Any] = {hints.inference_precision: "f32",
-                                  hints.performance_mode: hints.PerformanceMode.LATENCY}
-        if self._threads:
-            config[props.inference_num_threads] = self._threads
-        compiled = self._core.compile_model(self._model, "CPU", config)
-        return compiled.create_infer_request()
+        ppp = PrePostProcessor(self._model.clone())
+        tensor = ppp.input().tensor()
+        tensor.set_element_type(openvino.Type.u8).set_layout(openvino.Layout("NHWC"))
+        tensor.set_color_format(ColorFormat.BGR)
+        ppp.input().model().set_layout(openvino.Layout("NCHW"))
+        steps = ppp.input().preprocess()
+        steps.convert_element_type(openvino.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
+        return ppp.build()
 
-    def __call__(self, im: Any) -> Any:
+    def _request(self, kind: str) -> Any:
+        request = self._requests.get(kind)
+        if request is None:
+            import openvino.properties as props
+            import openvino.properties.hint as hints
+
+            config: dict[str, Any] = {hints.inference_precision: "f32",
+                                      hints.performance_mode: hints.PerformanceMode.LATENCY}
+            if self._threads:
+                config[props.inference_num_threads] = self._threads
+            model = self._bgr_model() if kind == "bgr" else self._model
+            request = self._core.compile_model(model, "CPU", config).create_infer_request()
+            self._requests[kind] = request
+        return request
+
+    def _infer(self, kind: str, array: Any) -> Any:
         import torch
 
         with self._lock:
-            if self._request is None:
-                self._request = self._compile()
-            self._request.infer({0: im.detach().cpu().contiguous().numpy()})
+            request = self._request(kind)
+            request.infer({0: array})
             # Copy out: the request reuses its output buffer on the next call.
-            return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    def infer_bgr(self, batch: Any) -> Any:
+        """uint8 NHWC BGR letterboxed images (numpy) → raw predictions."""
+        return self._infer("bgr", batch)
+
+    def __call__(self, im: Any) -> Any:
+        return self._infer("float", im.detach().cpu().contiguous().numpy())
 
     def eval(self) -> OpenVINOBackend:
         return self

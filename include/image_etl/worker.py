@@ -163,20 +163,25 @@ def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage], conf: float,
     import torch
     from ultralytics.utils import nms, ops
 
-    arr = torch.from_numpy(np.stack([b.input for b in batch]))
-    if model.is_cuda:
-        arr = arr.pin_memory()
-    im = arr.to(model.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-    im = im.flip(1)  # BGR → RGB
-    im = (im.half() if model.fp16 else im.float()).div_(255)
+    stacked = np.stack([b.input for b in batch])
+    shape = stacked.shape[1:3]  # letterboxed (h, w) of the batch
     with torch.inference_mode():
-        preds = model.backend(im)
+        if model.runtime == "openvino":  # layout, BGR → RGB and scaling run inside the graph
+            preds = model.backend.infer_bgr(stacked)
+        else:
+            arr = torch.from_numpy(stacked)
+            if model.is_cuda:
+                arr = arr.pin_memory()
+            im = arr.to(model.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            im = im.flip(1)  # BGR → RGB
+            im = (im.half() if model.fp16 else im.float()).div_(255)
+            preds = model.backend(im)
         dets = nms.non_max_suppression(preds, conf, iou, None, False, max_det=max_det, nc=0,
                                        end2end=model.end2end)
         rows = []
         for j, (d, item) in enumerate(zip(dets, batch, strict=True)):
             d = d[:, :6].float()
-            ops.scale_boxes(im.shape[2:], d[:, :4], item.decoded_shape)
+            ops.scale_boxes(shape, d[:, :4], item.decoded_shape)
             h, w = item.orig_shape
             if item.decoded_shape != item.orig_shape:  # fast mode: back to full size
                 dh, dw = item.decoded_shape
