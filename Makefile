@@ -19,7 +19,7 @@ demo: $(STAMP)
 	YOLO_OFFLINE=1 $(PY) scripts/demo.py
 
 test: $(STAMP)
-	YOLO_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	YOLO_OFFLINE=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

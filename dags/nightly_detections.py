@@ -172,7 +172,11 @@ def nightly_detections():
     def report(discovered: dict, loaded: dict) -> dict:
         from image_etl import stages
 
-        return stages.report(discovered, loaded, db_url=_db_url())
+        try:
+            return stages.report(discovered, loaded, db_url=_db_url())
+        except stages.TooManyFailedError as exc:
+            # The rows are loaded; retrying would read the same counts. Fail once, visibly.
+            raise AirflowFailException(str(exc)) from exc
 
     found = discover()
     shards = partition(found)

@@ -27,6 +27,10 @@ from image_etl.settings import RunSettings, SettingsError
 log = logging.getLogger(__name__)
 
 
+class TooManyFailedError(RuntimeError):
+    """More of the drop's images failed than ``max_failed_fraction`` allows (not transient)."""
+
+
 def safe_name(text: str) -> str:
     """A run id as a folder name (run ids contain ':' and '+')."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
@@ -201,7 +205,7 @@ def report(discovered: Mapping[str, Any], loaded: Mapping[str, Any], *, db_url: 
     # Judged on the whole drop, not on this run alone: a re-run retries only the failed images
     # (plus late arrivals) and must not turn a healthy drop red because of them.
     if summary["images"] and summary["failed"] / summary["images"] > settings.max_failed_fraction:
-        raise RuntimeError(f"{summary['failed']} of {summary['images']} images of drop "
+        raise TooManyFailedError(f"{summary['failed']} of {summary['images']} images of drop "
                            f"{settings.drop_date} failed, more than max_failed_fraction="
                            f"{settings.max_failed_fraction}; their reasons are in the images "
                            f"table (status='failed')")
