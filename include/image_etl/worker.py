@@ -368,9 +368,17 @@ class _Pipeline:
         give it the cores the decoders leave (at least one) instead of oversubscribing."""
         if self.model.is_cuda:
             return
-        # From the configured decode threads, not those this attempt runs: a retry with a few
-        # images left must not get more threads (other numbers) than the first attempt.
-        threads = max(1, (os.cpu_count() or 1) - self.configured_threads)
+        cores = os.cpu_count() or 1
+        if self.model.runtime == "openvino":
+            # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
+            # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
+            # it soaks up the decoders' stalls and the shard's tail. Its results do not depend
+            # on the thread count.
+            threads = cores
+        else:
+            # From the configured decode threads, not those this attempt runs: a retry with a
+            # few images left must not get more threads (other numbers) than the first attempt.
+            threads = max(1, cores - self.configured_threads)
         self.model.set_cpu_threads(threads)
         log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
                   self.model.runtime, threads, self.threads)
