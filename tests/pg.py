@@ -210,3 +210,23 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory | None = None) -> Iter
 def pg_url(tmp_path_factory) -> Iterator[str]:
     """SQLAlchemy URL of an empty PostgreSQL database for this test session."""
     yield from postgres_url(tmp_path_factory)
+
+
+@contextlib.contextmanager
+def schema_url(base_url: str) -> Iterator[str]:
+    """A URL to ``base_url``'s database with a fresh schema of its own first on the search path;
+    the schema is dropped afterwards."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        yield (make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
+               .render_as_string(hide_password=False))
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        admin.dispose()

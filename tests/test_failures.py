@@ -21,14 +21,11 @@ import socket
 import subprocess
 import sys
 import traceback
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from image_etl import stages, synth
 from image_etl.devices import DeviceError, cuda_device_count
@@ -39,7 +36,10 @@ from image_etl.store import StoreError
 
 from .conftest import DEMO_MODEL, ROOT
 from .dbrows import result_rows
-from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)
+from .pg import (
+    pg_url,  # noqa: F401  (session fixture: a fresh PostgreSQL database)
+    schema_url,
+)
 
 DAY = dt.date(2026, 3, 7)  # a date of its own: these rows never meet other tests' rows
 N_IMAGES = 6
@@ -428,17 +428,8 @@ def test_read_only_then_full_disk_mid_shard_then_retry_completes(drop, reference
 @pytest.fixture()
 def pg_schema_url(pg_url) -> Iterator[str]:  # noqa: F811
     """The session's PostgreSQL database, in a schema of this test's own."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        yield (make_url(pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
-               .render_as_string(hide_password=False))
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        admin.dispose()
+    with schema_url(pg_url) as url:
+        yield url
 
 
 def _closed_port() -> int:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from image_etl import store
 from image_etl.outputs import StagingWriter, image_record, read_staging
@@ -35,7 +34,10 @@ from image_etl.store import (
     upsert_model,
 )
 
-from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)
+from .pg import (
+    pg_url,  # noqa: F401  (session fixture: a fresh PostgreSQL database)
+    schema_url,
+)
 
 SHA_A = "a1" * 32
 SHA_B = "b2" * 32
@@ -71,18 +73,8 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'not' / 'yet' / 'results.sqlite'}"
         return
-    base = request.getfixturevalue("pg_url")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        yield (make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-               .render_as_string(hide_password=False))
-        with admin.connect() as c:
-            c.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        admin.dispose()
+    with schema_url(request.getfixturevalue("pg_url")) as url:
+        yield url
 
 
 @pytest.fixture

@@ -78,11 +78,10 @@ class OpenVINOBackend:
 
     :meth:`infer_bgr` takes the letterboxed uint8 BGR images as they are (NHWC): the layout
     change, BGR → RGB and the scaling to [0, 1] are compiled into the graph, which saves the
-    main thread several passes over every batch. Calling the object itself takes what
-    Ultralytics' AutoBackend takes (NCHW float RGB in [0, 1]).
+    inference thread several passes over every batch.
 
-    Compiled lazily with the thread count set by :meth:`set_threads` (the cores the decode
-    threads leave). Inference releases the GIL, so decoding goes on meanwhile.
+    Compiled lazily with the thread count set by :meth:`set_threads`. Inference releases the
+    GIL, so decoding goes on meanwhile.
     """
 
     def __init__(self, xml: Path) -> None:
@@ -92,13 +91,13 @@ class OpenVINOBackend:
         self._core = openvino.Core()
         self._model = self._core.read_model(str(xml))
         self._threads = 0
-        self._requests: dict[str, Any] = {}
+        self._request: Any = None
         self._lock = threading.Lock()
 
     def set_threads(self, threads: int) -> None:
         if threads != self._threads:
             self._threads = threads
-            self._requests.clear()
+            self._request = None
 
     def _bgr_model(self) -> Any:
         import openvino
@@ -113,36 +112,23 @@ class OpenVINOBackend:
         steps.convert_element_type(openvino.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
         return ppp.build()
 
-    def _request(self, kind: str) -> Any:
-        request = self._requests.get(kind)
-        if request is None:
-            import openvino.properties as props
-            import openvino.properties.hint as hints
+    def _compile(self) -> Any:
+        import openvino.properties as props
+        import openvino.properties.hint as hints
 
-            config: dict[str, Any] = {hints.inference_precision: "f32",
-                                      hints.performance_mode: hints.PerformanceMode.LATENCY}
-            if self._threads:
-                config[props.inference_num_threads] = self._threads
-            model = self._bgr_model() if kind == "bgr" else self._model
-            request = self._core.compile_model(model, "CPU", config).create_infer_request()
-            self._requests[kind] = request
-        return request
-
-    def _infer(self, kind: str, array: Any) -> Any:
-        import torch
-
-        with self._lock:
-            request = self._request(kind)
-            request.infer({0: array})
-            # Copy out: the request reuses its output buffer on the next call.
-            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        config: dict[str, Any] = {hints.inference_precision: "f32",
+                                  hints.performance_mode: hints.PerformanceMode.LATENCY}
+        if self._threads:
+            config[props.inference_num_threads] = self._threads
+        return self._core.compile_model(self._bgr_model(), "CPU", config).create_infer_request()
 
     def infer_bgr(self, batch: Any) -> Any:
         """uint8 NHWC BGR letterboxed images (numpy) → raw predictions."""
-        return self._infer("bgr", batch)
+        import torch
 
-    def __call__(self, im: Any) -> Any:
-        return self._infer("float", im.detach().cpu().contiguous().numpy())
-
-    def eval(self) -> OpenVINOBackend:
-        return self
+        with self._lock:
+            if self._request is None:
+                self._request = self._compile()
+            self._request.infer({0: batch})
+            # Copy out: the request reuses its output buffer on the next call.
+            return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
