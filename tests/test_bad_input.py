@@ -157,3 +157,41 @@ def test_unreadable_file_becomes_a_failed_row(demo_model_path, tmp_path):
     assert staged["secret.jpg"]["error"] == "unreadable: permission denied"
     assert (out / "labels" / "readable.txt").is_file()
     assert not (out / "labels" / "secret.txt").exists()
+
+
+def test_cli_exit_status_says_when_too_many_images_failed(demo_model_path, tmp_path):
+    """The CLI judges failures like the DAG's report: more than --max-failed-fraction failed
+    → status 3 naming the reasons; with --staging, on every image done so far (a resumed run
+    that has nothing left to do is still judged on the folder)."""
+    import subprocess
+    import sys
+
+    images, out, staging = tmp_path / "images", tmp_path / "out", tmp_path / "staged.jsonl"
+    images.mkdir()
+    cases = _cases()
+    (images / "good.jpg").write_bytes(cases["name with spaces 'quotes' \"double\" é漢字.jpg"][0])
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.jpg").write_bytes(b"not a picture at all\n" * 10)
+
+    def infer(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "image_etl", "infer", str(images), "--out", str(out),
+               "--model", str(demo_model_path), "--staging", str(staging), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    lenient = infer("--max-failed-fraction", "1")
+    assert lenient.returncode == 0, lenient.stderr
+    assert "3 images (2 failed, 0 resumed)" in lenient.stdout
+    again = infer()  # default 0.5; the staging file says 2 of 3 failed
+    assert again.returncode == 3, again.stderr
+    message = again.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: 2 of 3 images failed, more than --max-failed-fraction=0.5")
+    assert "empty.jpg: empty file (0 bytes)" in message
+    assert "notes.jpg: not an image (unrecognised header)" in message
+    assert (out / "labels" / "good.txt").is_file()
+
+    bad_fraction = infer("--max-failed-fraction", "1.5")
+    assert bad_fraction.returncode == 2
+    assert "max_failed_fraction: must be between 0.0 and 1.0" in bad_fraction.stderr
+    bad_device = infer("--device", "gpu7")
+    assert bad_device.returncode == 2
+    assert bad_device.stderr.strip().startswith("error: device: unknown device 'gpu7'")

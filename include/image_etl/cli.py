@@ -2,6 +2,10 @@
 
     make-drop DIR --date YYYY-MM-DD --count N     synthetic drop + ground truth
     infer IMAGES_DIR --out OUT --model PATH       one worker over a folder of images
+
+Exit status: 0 done; 1 the run could not go on (model, device, output; one line says why);
+2 a bad argument, refused before any work; 3 done, but more images failed than
+``--max-failed-fraction`` allows (each failed image's reason is in the log and the summary).
 """
 
 from __future__ import annotations
@@ -12,8 +16,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from image_etl.settings import RUNTIMES, InferSettings, SettingsError
+from image_etl.settings import RUNTIMES, InferSettings, SettingsError, check_number
+
+if TYPE_CHECKING:
+    from image_etl.worker import ShardReport
 
 log = logging.getLogger("image_etl")
 
@@ -69,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--staging", type=Path, default=None,
                        help="JSONL of finished images; makes the run resumable")
     infer.add_argument("--summary", type=Path, default=None, help="write a JSON summary here")
+    infer.add_argument("--max-failed-fraction", type=float, default=0.5,
+                       help="exit with status 3 when more of the images failed than this "
+                            "(judged on every image the staging file holds, with --staging)")
     return parser
 
 
@@ -114,13 +125,14 @@ def _infer(args: argparse.Namespace) -> int:
     from image_etl.outputs import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
+    max_failed = check_number("max_failed_fraction", args.max_failed_fraction, float, 0.0, 1.0)
     if args.out is None and not args.beside_images:
         raise SettingsError("out", "give an output folder, or --beside-images")
     settings = InferSettings(imgsz=args.imgsz, conf=args.conf, iou=args.iou,
                              batch_size=args.batch, fast_decode=args.fast_decode,
                              save_annotated=args.save_annotated, runtime=args.runtime,
                              decode_workers=args.decode_workers)
-    devices = parse_devices(args.device)
+    devices = parse_devices(args.device, param="device")
     if len(devices) != 1:
         raise SettingsError("device", f"infer runs one worker on one device, got {devices}")
     root = args.images_dir.resolve()
@@ -137,4 +149,25 @@ def _infer(args: argparse.Namespace) -> int:
         args.summary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print(f"{report.processed} images ({report.failed} failed, {report.resumed} resumed), "
           f"{report.detections} detections, {report.images_per_s:.2f} images/s")
-    return 0
+    return _judge_failures(report, args.staging, max_failed)
+
+
+def _judge_failures(report: ShardReport, staging: Path | None, max_failed: float) -> int:
+    """Status 3 when too many images failed. With a staging file every image done so far
+    counts, so a resumed run that retries a few bad images is judged on the whole folder."""
+    failures = report.failures
+    total = report.processed
+    if staging is not None:
+        from image_etl.outputs import read_staging
+
+        records = read_staging(staging)[1]
+        failures = [{"rel_path": r["rel_path"], "error": r.get("error") or ""}
+                    for r in records if r["status"] == "failed"]
+        total = len(records)
+    if not total or len(failures) / total <= max_failed:
+        return 0
+    first = "; ".join(f"{f['rel_path']}: {f['error']}" for f in failures[:3])
+    more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+    print(f"error: {len(failures)} of {total} images failed, more than --max-failed-fraction="
+          f"{max_failed}: {first}{more}", file=sys.stderr)
+    return 3

@@ -34,18 +34,19 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def parse_devices(spec: str | list[str] | tuple[str, ...], available_gpus: int | None = None
-                  ) -> list[str]:
+def parse_devices(spec: str | list[str] | tuple[str, ...], available_gpus: int | None = None,
+                  param: str = "devices") -> list[str]:
     """Normalise a device list to torch names: ``["cuda:0", "cuda:1"]`` or ``["cpu", ...]``.
 
     ``auto`` means every visible GPU, or one ``cpu`` if there is none. ``cpu`` may repeat
     (``cpu,cpu`` = two CPU workers), which makes multi-worker runs testable without a GPU.
     A GPU may not repeat: two workers on one GPU is what the lease exists to prevent.
+    ``param`` names the setting in error messages (the DAG's ``devices``, the CLI's ``device``).
     """
     items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
     items = [str(i).strip().lower() for i in items if str(i).strip()]
     if not items:
-        raise SettingsError("devices", "is empty; use 'auto', 'cpu' or GPU indices like '0,1'")
+        raise SettingsError(param, "is empty; use 'auto', 'cpu' or GPU indices like '0,1'")
     gpus = cuda_device_count() if available_gpus is None else available_gpus
     if items == ["auto"]:
         return [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
@@ -56,14 +57,14 @@ def parse_devices(spec: str | list[str] | tuple[str, ...], available_gpus: int |
             continue
         index = item.removeprefix("cuda:")
         if not index.isdigit():
-            raise SettingsError("devices", f"unknown device {item!r}; use 'auto', 'cpu', "
+            raise SettingsError(param, f"unknown device {item!r}; use 'auto', 'cpu', "
                                            "'0,1' or 'cuda:0,cuda:1'")
         if int(index) >= gpus:
-            raise SettingsError("devices", f"{item!r} does not exist on this host "
+            raise SettingsError(param, f"{item!r} does not exist on this host "
                                            f"({gpus} GPU(s) visible)")
         name = f"cuda:{int(index)}"
         if name in devices:
-            raise SettingsError("devices", f"{name} is listed twice")
+            raise SettingsError(param, f"{name} is listed twice")
         devices.append(name)
     return devices
 

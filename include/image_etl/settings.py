@@ -23,7 +23,7 @@ class SettingsError(ValueError):
         self.name = name
 
 
-def _number(name: str, value: Any, kind: type, lo: float, hi: float) -> Any:
+def check_number(name: str, value: Any, kind: type, lo: float, hi: float) -> Any:
     if isinstance(value, bool) or value is None:
         raise SettingsError(name, f"expected a {kind.__name__}, got {value!r}")
     try:
@@ -76,14 +76,14 @@ class InferSettings:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         if self.imgsz is not None:
-            size = _number("imgsz", self.imgsz, int, 32, 8192)
+            size = check_number("imgsz", self.imgsz, int, 32, 8192)
             if size % 32:
                 raise SettingsError("imgsz", f"must be a multiple of 32, got {size}")
             set_(self, "imgsz", size)
-        set_(self, "conf", _number("conf", self.conf, float, 0.0, 1.0))
-        set_(self, "iou", _number("iou", self.iou, float, 0.0, 1.0))
-        set_(self, "batch_size", _number("batch_size", self.batch_size, int, 1, 1024))
-        set_(self, "max_det", _number("max_det", self.max_det, int, 1, 100_000))
+        set_(self, "conf", check_number("conf", self.conf, float, 0.0, 1.0))
+        set_(self, "iou", check_number("iou", self.iou, float, 0.0, 1.0))
+        set_(self, "batch_size", check_number("batch_size", self.batch_size, int, 1, 1024))
+        set_(self, "max_det", check_number("max_det", self.max_det, int, 1, 100_000))
         set_(self, "fast_decode", _flag("fast_decode", self.fast_decode))
         set_(self, "save_annotated", _flag("save_annotated", self.save_annotated))
         if self.runtime not in RUNTIMES:
@@ -92,15 +92,15 @@ class InferSettings:
         if self.half is not None:
             set_(self, "half", _flag("half", self.half))
         if self.decode_workers is not None:
-            set_(self, "decode_workers", _number("decode_workers", self.decode_workers, int, 1, 256))
+            set_(self, "decode_workers", check_number("decode_workers", self.decode_workers, int, 1, 256))
         if self.decoded_queue_size is not None:
             set_(self, "decoded_queue_size",
-                 _number("decoded_queue_size", self.decoded_queue_size, int, 1, 100_000))
-        set_(self, "write_queue_size", _number("write_queue_size", self.write_queue_size, int, 1,
+                 check_number("decoded_queue_size", self.decoded_queue_size, int, 1, 100_000))
+        set_(self, "write_queue_size", check_number("write_queue_size", self.write_queue_size, int, 1,
                                                100_000))
-        set_(self, "max_image_pixels", _number("max_image_pixels", self.max_image_pixels, int, 1,
+        set_(self, "max_image_pixels", check_number("max_image_pixels", self.max_image_pixels, int, 1,
                                                10**12))
-        set_(self, "progress_every_s", _number("progress_every_s", self.progress_every_s, float,
+        set_(self, "progress_every_s", check_number("progress_every_s", self.progress_every_s, float,
                                                0.1, 86_400))
 
     def result_fingerprint(self, model_sha256: str, imgsz: int, runtime: str = "torch") -> str:
@@ -220,9 +220,9 @@ class RunSettings:
         return cls(drop_date=drop_date, drop_dir=drop_dir, output_dir=output_dir,
                    model_path=model_path, devices=devices, infer=infer,
                    reprocess=_flag("reprocess", params.get("reprocess", False)),
-                   settle_seconds=_number("settle_seconds", params.get("settle_seconds", 60.0),
+                   settle_seconds=check_number("settle_seconds", params.get("settle_seconds", 60.0),
                                           float, 0, 86_400),
-                   max_failed_fraction=_number("max_failed_fraction",
+                   max_failed_fraction=check_number("max_failed_fraction",
                                                params.get("max_failed_fraction", 0.5), float, 0, 1))
 
     def to_dict(self) -> dict[str, Any]:
