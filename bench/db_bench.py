@@ -231,6 +231,48 @@ def measure(engine: Any, method: str, files: list[Path], rows: int, rep: int
     return out
 
 
+def fk_cost(engine: Any, rows: int) -> dict[str, Any]:
+    """What the foreign key ``detections.image_id → images.id`` costs PostgreSQL alone.
+
+    The rows the loads left are dumped as COPY text once, then COPYed back (no Python in the
+    timed part) into ``detections`` (emptied first; its images stay) and into a copy of it
+    made with ``LIKE ... INCLUDING ALL``, which has the same columns, primary key and checks
+    but no foreign key. Each load is one transaction, timed to COMMIT.
+    """
+    import io
+
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        dump = io.BytesIO()
+        cur.copy_expert("COPY detections TO STDOUT", dump)
+        raw.commit()
+        if dump.getbuffer().nbytes == 0:
+            raise RuntimeError("fk_cost: detections is empty; run a load first")
+        cur.execute("CREATE TABLE detections_without_fk (LIKE detections INCLUDING ALL)")
+        raw.commit()
+        seconds = {}
+        for table in ("detections", "detections_without_fk"):
+            cur.execute(f"TRUNCATE {table}")
+            raw.commit()
+            dump.seek(0)
+            t0 = time.perf_counter()
+            cur.copy_expert(f"COPY {table} FROM STDIN", dump)
+            raw.commit()
+            seconds[table] = time.perf_counter() - t0
+            cur.execute(f"SELECT count(*) FROM {table}")
+            if cur.fetchone()[0] != rows:
+                raise RuntimeError(f"fk_cost: {table} does not hold {rows} rows")
+        cur.execute("DROP TABLE detections_without_fk")
+        raw.commit()
+    finally:
+        raw.close()
+    with_fk, without = seconds["detections"], seconds["detections_without_fk"]
+    return {"rows": rows, "with_fk_s": with_fk, "without_fk_s": without,
+            "with_fk_rows_per_s": rows / with_fk, "without_fk_rows_per_s": rows / without,
+            "fk_share_of_copy": 1 - without / with_fk}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="100000,1000000",
@@ -239,6 +281,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=4, help="staging files (one per worker)")
     p.add_argument("--reps", type=int, default=1, help="repetitions (median reported)")
     p.add_argument("--methods", default="copy,executemany")
+    p.add_argument("--fk-cost", choices=("yes", "no"), default="yes",
+                   help="also time PostgreSQL alone COPYing the loaded rows with and without "
+                        "the detections → images foreign key (default yes)")
     p.add_argument("--admin-url", default=DEFAULT_ADMIN_URL,
                    help="a maintenance database on the server; a throwaway one is made beside it")
     p.add_argument("--results", type=Path, default=RESULTS_DIR)
@@ -269,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     url = make_url(args.admin_url).set(database=name).render_as_string(hide_password=False)
     print(f"PostgreSQL {server}, throwaway database {name} ({redact_url(url)})")
     results: list[dict[str, Any]] = []
+    fk_costs: list[dict[str, Any]] = []
     engine = None
     try:
         engine = engine_from_url(url)
@@ -279,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                 order = args.methods if (i + rep) % 2 else args.methods[::-1]
                 for method in order:
                     results.extend(measure(engine, method, files, rows, rep))
+            if args.fk_cost == "yes":
+                fk_costs.append(fk_cost(engine, rows))
+                _quiesce(engine)
     finally:
         if engine is not None:
             engine.dispose()
@@ -313,13 +362,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target: {status}  COPY load >= 10x the executemany baseline "
               f"(lowest ratio {min(goal):.1f}x)")
 
+    for cost in fk_costs:
+        print(f"PostgreSQL alone, COPY of the same {cost['rows']:,} rows as text: "
+              f"{cost['with_fk_rows_per_s']:,.0f} rows/s into detections, "
+              f"{cost['without_fk_rows_per_s']:,.0f} rows/s into a copy without its foreign key "
+              f"(the per-row check is {cost['fk_share_of_copy']:.0%} of the COPY)")
+
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"db-{started.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({
         "started": started.isoformat(), "finished": dt.datetime.now(dt.UTC).isoformat(),
         "command": [sys.executable, *sys.argv], "machine": machine_info("cpu"),
         "server": f"PostgreSQL {server}", "dets_per_image": args.dets_per_image,
-        "shards": args.shards, "results": results, "summary": summary,
+        "shards": args.shards, "results": results, "summary": summary, "fk_cost": fk_costs,
         "target": {"goal": "copy >= 10x executemany", "lowest_ratio": min(goal) if goal else None},
     }, indent=2))
     print(f"wrote {path}")
