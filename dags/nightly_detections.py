@@ -166,7 +166,10 @@ def nightly_detections():
     def load(discovered: dict, results: list[dict]) -> dict:
         from image_etl import stages
 
-        return stages.load(discovered, list(results or []), db_url=_db_url(), dag_id=DAG_ID)
+        # One slice fetches every shard's result in one request; iterating would ask item by
+        # item until one is missing, which Airflow logs as a warning ("XCom not found").
+        shard_results = list(results[:]) if results else []
+        return stages.load(discovered, shard_results, db_url=_db_url(), dag_id=DAG_ID)
 
     @task(trigger_rule="none_failed")
     def report(discovered: dict, loaded: dict) -> dict:
