@@ -244,5 +244,5 @@ def test_header_probe_looks_past_large_metadata():
 
     buf = io.BytesIO()
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(buf, "JPEG", icc_profile=b"\0" * 200_000)
-    assert _probe(np.frombuffer(buf.getvalue(), np.uint8)) == ("JPEG", (50, 40))
+    assert _probe(np.frombuffer(buf.getvalue(), np.uint8)) == ("JPEG", (50, 40), False)
     assert _probe(np.frombuffer(b"hello", np.uint8)) == "not an image (unrecognised header)"
