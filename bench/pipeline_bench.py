@@ -53,6 +53,7 @@ class Variant:
     fast: bool = False  # reduced-scale JPEG decode
     save: bool = False  # annotated images
     runtime: str = "auto"  # ours / limit-model: auto = OpenVINO on a CPU device, else PyTorch
+    turbojpeg: bool = True  # limit-decode: False decodes every file with cv2.imdecode
     help: str = ""
 
 
@@ -76,6 +77,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             help="ours-fast with runtime torch"),
     Variant("limit-decode", "limit-decode",
             help="read + exact decode + letterbox on all cores, no model"),
+    Variant("limit-decode-opencv", "limit-decode", turbojpeg=False,
+            help="limit-decode with cv2.imdecode for every file, as the seeds decode "
+                 "(the same pixels; what TurboJPEG buys)"),
     Variant("limit-decode-fast", "limit-decode", fast=True,
             help="read + reduced-scale decode + letterbox on all cores, no model"),
     Variant("limit-model", "limit-model",
@@ -177,7 +181,7 @@ def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
     from image_etl.model import load_model
 
     model = load_model(args.model, "cpu", warmup=False)  # only for its stride
-    decoder = Decoder(args.imgsz, model.stride, fast=variant.fast)
+    decoder = Decoder(args.imgsz, model.stride, fast=variant.fast, turbojpeg=variant.turbojpeg)
     del model
     threads = os.cpu_count() or 1
 

@@ -138,3 +138,12 @@ def test_a_jpeg_turbojpeg_refuses_gets_cv2s_verdict(tmp_path):
     item = Decoder(IMGSZ, STRIDE)(0, path, path.name)
     assert item.decoder == "opencv"
     assert item.error == "cannot decode JPEG data (corrupt or truncated)"
+
+
+def test_turbojpeg_can_be_switched_off(variants):
+    """turbojpeg=False (the bench's limit-decode-opencv) decodes with cv2.imdecode: same pixels."""
+    path, _ = variants["cv2-420-q90"]
+    on = Decoder(IMGSZ, STRIDE, keep_image=True)(0, path, path.name)
+    off = Decoder(IMGSZ, STRIDE, keep_image=True, turbojpeg=False)(0, path, path.name)
+    assert (on.decoder, off.decoder) == ("turbojpeg", "opencv")
+    assert np.array_equal(on.image, off.image) and np.array_equal(on.input, off.input)

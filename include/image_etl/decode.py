@@ -77,13 +77,14 @@ class Decoder:
     """Callable that turns a file into a ``DecodedImage`` (thread-safe, no shared state)."""
 
     def __init__(self, imgsz: int, stride: int, fast: bool = False, keep_image: bool = False,
-                 max_pixels: int = 400_000_000) -> None:
+                 max_pixels: int = 400_000_000, turbojpeg: bool = True) -> None:
         from ultralytics.data.augment import LetterBox
 
         self.imgsz = imgsz
         self.fast = fast
         self.keep_image = keep_image
         self.max_pixels = max_pixels
+        self.turbojpeg = turbojpeg  # False: cv2.imdecode for every file (the bench compares)
         # Same construction as Ultralytics' predictor for one image: rect (auto) padding.
         self.letterbox = LetterBox((imgsz, imgsz), auto=True, stride=stride)
         self._local = threading.local()  # per decode thread: its reusable full-size buffer
@@ -133,7 +134,7 @@ class Decoder:
         item.orig_shape = (h, w)
         factor = reduction_factor((h, w), self.imgsz) if self.fast and fmt in JPEG_FORMATS else 1
         img, buffer = None, None
-        if fmt == "JPEG" and not rotated:
+        if fmt == "JPEG" and not rotated and self.turbojpeg:
             img, buffer = self._turbo_decode(data, (h, w), factor)
         item.decoder = "turbojpeg" if img is not None else "opencv"
         if img is None:
