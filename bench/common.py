@@ -31,7 +31,20 @@ def default_model() -> Path:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own memory.
+    Not ``ru_maxrss``: that survives fork + exec, so a child spawned by a parent holding 1.2 GB
+    reports at least 1.2 GB whatever it used itself (seen here when the parent had just made
+    the benchmark drop).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
