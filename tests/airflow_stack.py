@@ -412,6 +412,14 @@ class Chromium:
         return wait_for(f"page text {needles}", check, timeout_s, poll_s=0.5,
                         on_timeout=lambda: "page text was:\n" + self.text()[:3000])
 
+    def wait_until_still(self, timeout_s: float = 15.0) -> None:
+        """Until no finite CSS animation or transition runs (endless ones, like a spinner, never
+        end): while an accordion opens, what a click aims at moves, and a screenshot catches
+        two sections half drawn."""
+        wait_for("the page to stop animating", lambda: self.evaluate(
+            "document.getAnimations().every(a => a.playState !== 'running'"
+            " || a.effect?.getComputedTiming().endTime === Infinity)"), timeout_s, poll_s=0.1)
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=False)["data"]
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -335,9 +335,17 @@ def test_ui_screenshots_grid_and_trigger_form(e2e: E2E):
         browser.wait_for_text([f"Trigger Dag - {DAG_ID}", *sections], 60)
         shots = []
         for section, titles in sections.items():
-            # The form's sections are an accordion: one open at a time.
-            browser.click("Array.from(document.querySelectorAll('button[data-part=item-trigger]'))"
-                          f".find(b => b.innerText.trim() === {section!r})")
+            # The form's sections are an accordion: one open at a time. Click only when the
+            # page is still (an opening section moves the others), then wait for it to open.
+            trigger = ("Array.from(document.querySelectorAll('button[data-part=item-trigger]'))"
+                       f".find(b => b.innerText.trim() === {section!r})")
+            expanded = f"{trigger}?.getAttribute('aria-expanded') === 'true'"
+            browser.wait_until_still()
+            if not browser.evaluate(expanded):
+                browser.click(trigger)
+            wait_for(f"form section {section!r} to open",
+                     lambda js=expanded: browser.evaluate(js), 30, poll_s=0.2)
+            browser.wait_until_still()
             dialog = browser.wait_for_text(titles, 30)
             assert all(t in dialog for t in titles)
             height = browser.evaluate("Math.max(...Array.from(document.querySelectorAll('[role=dialog]'))"
