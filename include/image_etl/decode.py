@@ -74,7 +74,8 @@ def reduction_factor(orig_hw: tuple[int, int], imgsz: int) -> int:
 
 
 class Decoder:
-    """Callable that turns a file into a ``DecodedImage`` (thread-safe, no shared state)."""
+    """Callable that turns a file into a ``DecodedImage`` (thread-safe: the only state it
+    keeps is each decode thread's own reusable buffer)."""
 
     def __init__(self, imgsz: int, stride: int, fast: bool = False, keep_image: bool = False,
                  max_pixels: int = 400_000_000, turbojpeg: bool = True) -> None:

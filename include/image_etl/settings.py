@@ -92,16 +92,17 @@ class InferSettings:
         if self.half is not None:
             set_(self, "half", _flag("half", self.half))
         if self.decode_workers is not None:
-            set_(self, "decode_workers", check_number("decode_workers", self.decode_workers, int, 1, 256))
+            set_(self, "decode_workers",
+                 check_number("decode_workers", self.decode_workers, int, 1, 256))
         if self.decoded_queue_size is not None:
             set_(self, "decoded_queue_size",
                  check_number("decoded_queue_size", self.decoded_queue_size, int, 1, 100_000))
-        set_(self, "write_queue_size", check_number("write_queue_size", self.write_queue_size, int, 1,
-                                               100_000))
-        set_(self, "max_image_pixels", check_number("max_image_pixels", self.max_image_pixels, int, 1,
-                                               10**12))
-        set_(self, "progress_every_s", check_number("progress_every_s", self.progress_every_s, float,
-                                               0.1, 86_400))
+        set_(self, "write_queue_size",
+             check_number("write_queue_size", self.write_queue_size, int, 1, 100_000))
+        set_(self, "max_image_pixels",
+             check_number("max_image_pixels", self.max_image_pixels, int, 1, 10**12))
+        set_(self, "progress_every_s",
+             check_number("progress_every_s", self.progress_every_s, float, 0.1, 86_400))
 
     def result_fingerprint(self, model_sha256: str, imgsz: int, runtime: str = "torch") -> str:
         """Hash of everything that changes detections: staged work is reusable only if equal.
@@ -220,10 +221,11 @@ class RunSettings:
         return cls(drop_date=drop_date, drop_dir=drop_dir, output_dir=output_dir,
                    model_path=model_path, devices=devices, infer=infer,
                    reprocess=_flag("reprocess", params.get("reprocess", False)),
-                   settle_seconds=check_number("settle_seconds", params.get("settle_seconds", 60.0),
-                                          float, 0, 86_400),
+                   settle_seconds=check_number("settle_seconds",
+                                               params.get("settle_seconds", 60.0), float, 0, 86_400),
                    max_failed_fraction=check_number("max_failed_fraction",
-                                               params.get("max_failed_fraction", 0.5), float, 0, 1))
+                                                    params.get("max_failed_fraction", 0.5),
+                                                    float, 0, 1))
 
     def to_dict(self) -> dict[str, Any]:
         return {"date": self.drop_date.isoformat(), "drop_dir": str(self.drop_dir),

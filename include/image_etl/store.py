@@ -160,10 +160,14 @@ def _connect_errors(engine: Engine, url: str, password: str | None) -> None:
         # Only the connect itself; never a pre-ping (the pool reconnects after those).
         if ctx.connection is not None or ctx.is_pre_ping:
             return None
-        reason = " ".join(str(ctx.original_exception).split())
-        if password:
-            reason = reason.replace(str(password), "***")
+        reason = _one_line(ctx.original_exception, password)
         return StoreError(f"cannot connect to the results database {redact_url(url)}: {reason}")
+
+
+def _one_line(error: BaseException | str, password: str | None) -> str:
+    """A driver's (multi-line) error text on one line, the password hidden."""
+    text = " ".join(str(error).split())
+    return text.replace(str(password), "***") if password else text
 
 
 def _sqlite_events(engine: Engine) -> None:
@@ -214,9 +218,7 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
             if not conn.invalidated:  # SQLAlchemy invalidates a connection only on a disconnect
                 raise
             root = _first_error(exc)
-            reason = " ".join(str(getattr(root, "libpq_message", None) or root).split())
-            if engine.url.password:
-                reason = reason.replace(str(engine.url.password), "***")
+            reason = _one_line(getattr(root, "libpq_message", None) or root, engine.url.password)
             url = redact_url(engine.url.render_as_string(hide_password=False))
             raise StoreError(f"lost the connection to the results database {url} inside a "
                              f"transaction, which did not complete (a retry is safe): "
