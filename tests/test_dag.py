@@ -183,7 +183,8 @@ def test_empty_drop_is_a_successful_visibly_empty_run(dag, dag_env, caplog):
     empty.mkdir(parents=True)
     _test_run(dag, {**conf, "drop_dir": str(tmp / "empty" / "{date}")}, dt.date(2026, 1, 1))
     assert _rows(db) == {"images": [], "detections": []}
-    assert "0 images" in caplog.text
+    assert "this run loaded 0 image(s) (0 ok, 0 failed), 0 detection(s) (nothing new in the drop)" \
+        in caplog.text
 
 
 def test_bad_param_is_refused_before_any_work(dag, dag_env, capfd):
