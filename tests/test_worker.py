@@ -15,40 +15,10 @@ import pytest
 from image_etl import synth
 from image_etl.outputs import OutputLayout, read_staging
 from image_etl.settings import InferSettings
-from image_etl.worker import ImageTask, OutputSink, run_shard
+from image_etl.worker import OutputSink, run_shard
 
 from .conftest import DROP_DATE, ROOT
-
-
-def tasks_for(root: Path) -> list[ImageTask]:
-    return [ImageTask(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*.jpg"))]
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def match(preds: list[tuple[int, tuple]], truth: list[tuple[int, tuple]], thr: float = 0.5) -> int:
-    """Greedy class-aware matching at IoU >= thr; returns the number of matched pairs."""
-    used: set[int] = set()
-    hits = 0
-    for cls, box in preds:
-        best, best_j = thr, None
-        for j, (tcls, tbox) in enumerate(truth):
-            if j not in used and tcls == cls and (v := iou(box, tbox)) >= best:
-                best, best_j = v, j
-        if best_j is not None:
-            used.add(best_j)
-            hits += 1
-    return hits
-
-
-def staged_by_path(staging: Path) -> dict[str, dict]:
-    return {r["rel_path"]: r for r in read_staging(staging)[1]}
+from .helpers import match, staged_by_path, tasks_for
 
 
 def run(tasks, model, out: Path, staging: Path | None = None, **settings):
