@@ -55,8 +55,8 @@ image and detection into the results database (connection `{DB_CONN_ID}`, else a
   staging file fail their task at once (no retry).
 * **GPUs**: `infer` runs on the `{GPU_QUEUE}` queue and in the **`{GPU_POOL}` pool, which must
   exist** (`airflow pools set {GPU_POOL} <number of GPUs> "one slot per GPU"`; the project's
-  plugin creates it when a run starts without it, sized by `IMAGE_ETL_GPUS`, and says so in
-  the scheduler log). A per-host lock file per GPU keeps two tasks off one GPU even when a
+  plugin creates it when the scheduler starts without it, sized by `IMAGE_ETL_GPUS`, and says
+  so in the scheduler's log). A per-host lock file per GPU keeps two tasks off one GPU even when a
   backfill overlaps the nightly run. Each `infer` has a time limit of 15 minutes plus
   **timeout_per_image_s** per image of its shard.
 """

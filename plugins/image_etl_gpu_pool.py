@@ -1,11 +1,13 @@
-"""Airflow plugin: the ``gpu`` pool exists whenever a nightly_detections run starts.
+"""Airflow plugin: the ``gpu`` pool exists once Airflow's scheduler is up.
 
 Airflow leaves a task whose pool does not exist in ``scheduled`` forever and says so only in
 the scheduler's log, so a fresh install (``airflow standalone``, a new metadata DB) would wait
-silently at ``infer``. This listener runs in the scheduler when a run of the DAG starts and,
-if the pool is missing, creates it with one slot per GPU of the fleet (``IMAGE_ETL_GPUS``, else
-this host's GPUs, else 1), in the scheduler's own transaction, and logs a warning. A deployment
-that sizes the pool itself (docker-compose's init, ``airflow pools set``) never sees it act.
+silently at nightly_detections' ``infer``. When an Airflow component with database access
+starts (the scheduler, the DAG processor, the triggerer), this listener creates the pool if it
+is missing, with one slot per GPU of the fleet (``IMAGE_ETL_GPUS``, else this host's GPUs,
+else 1), and logs a warning. A deployment that sizes the pool itself (docker-compose's init,
+``airflow pools set``) never sees it act. (Not at run start: the scheduler forbids commits
+inside its scheduling transaction.)
 """
 
 from __future__ import annotations
@@ -34,16 +36,22 @@ def _fleet_slots() -> int:
         return 1
 
 
-def ensure_pool(session, name: str = POOL) -> bool:
-    """Create pool ``name`` in ``session`` if missing; True if it was created."""
+def ensure_pool(name: str = POOL) -> bool:
+    """Create pool ``name`` if it is missing; True if this call created it."""
     from airflow.models.pool import Pool
+    from airflow.utils.session import create_session
     from sqlalchemy import select
+    from sqlalchemy.exc import IntegrityError
 
-    with session.begin_nested():  # a race with another scheduler rolls back only this
-        if session.scalar(select(Pool.id).where(Pool.pool == name)) is not None:
-            return False
-        slots = _fleet_slots()
-        session.add(Pool(pool=name, slots=slots, description=DESCRIPTION, include_deferred=False))
+    try:
+        with create_session() as session:
+            if session.scalar(select(Pool.id).where(Pool.pool == name)) is not None:
+                return False
+            slots = _fleet_slots()
+            session.add(Pool(pool=name, slots=slots, description=DESCRIPTION,
+                             include_deferred=False))
+    except IntegrityError:  # another component created it at the same moment
+        return False
     log.warning("pool %r did not exist: created it with %d slot(s) for %s's infer tasks "
                 "(size it to your GPUs: airflow pools set %s <GPUs> ...)", name, slots, DAG_ID,
                 name)
@@ -52,19 +60,10 @@ def ensure_pool(session, name: str = POOL) -> bool:
 
 class GpuPoolListener:
     @hookimpl
-    def on_dag_run_running(self, dag_run, msg: str) -> None:
-        if dag_run.dag_id != DAG_ID:
-            return
-        from sqlalchemy.orm import object_session
-
-        session = object_session(dag_run)
-        if session is None:
-            from airflow.utils.session import create_session
-
-            with create_session() as own:
-                ensure_pool(own)
-            return
-        ensure_pool(session)
+    def on_starting(self, component) -> None:
+        # Jobs (scheduler, DAG processor, triggerer) have the metadata DB; task processes do not.
+        if type(component).__name__ == "Job":
+            ensure_pool()
 
 
 class ImageEtlGpuPoolPlugin(AirflowPlugin):
