@@ -1,7 +1,7 @@
 """One prepared check of the CUDA path, for a GPU owner with a fresh machine and this repo.
 
-    python3 bench/gpu_check.py              # on the GPU machine: cuda:0, ~6-8 minutes
-    python3 bench/gpu_check.py --dry-run    # the same steps on the CPU, small counts (~1-2 min)
+    python3 bench/gpu_check.py              # on the GPU machine: cuda:0, planned for < 8 min
+    python3 bench/gpu_check.py --dry-run    # the same steps on the CPU, small counts (~1 min)
 
 Steps (each reported ok / FAILED / skipped, with why; a failed step makes the exit status 1
 and names itself, and the steps that do not need it still run):
@@ -24,8 +24,10 @@ and names itself, and the steps that do not need it still run):
 
 Everything goes to one folder (--out, else $OUT when set, else
 bench/results/gpu-check-<UTC time>/): gpu-check.log, gpu-check.json, summary.md,
-nvidia-smi.csv, and the bench's pipeline-<time>.json + .png. Scratch files (drops, outputs,
-installed wheels) go to a temporary folder, removed at the end unless --keep-work.
+nvidia-smi.csv, and the bench's pipeline-<time>.json + .png (6 files: the device tool brings
+back at most 8). Scratch files (the demo drop, outputs, locks) go to a temporary folder,
+removed at the end unless --keep-work; the wheels are installed into --site; the bench's drop
+is bench/data/ as for `make bench` (reused when it is there).
 
 --dry-run runs the same steps on `cpu` with small counts: parity in fp32 only (fp16 runs on
 CUDA only), runtime torch (what a GPU runs; no OpenVINO export), the lease over a pretend
@@ -95,7 +97,9 @@ def expect(condition: bool, message: str) -> None:
 # ================================================================================================
 
 class Child:
-    """A child process in its own process group; its output goes to the log, line by line."""
+    """A child process in its own process group (so that stopping it stops what it started;
+    still in our session, so whoever ends our session ends it too); its output goes to the
+    log, line by line."""
 
     def __init__(self, check: Check, tag: str, cmd: list[str], env: dict[str, str] | None = None,
                  stdout_file: Path | None = None, shown: str | None = None) -> None:
@@ -105,9 +109,10 @@ class Child:
         check.log(f"  [{tag}] $ {shown or ' '.join(cmd)}")
         self.sink = open(stdout_file, "w") if stdout_file else None  # noqa: SIM115 - closed in wait
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env or check.env, start_new_session=True, text=True,
+            cmd, cwd=ROOT, env=env or check.env, process_group=0, text=True,
             errors="replace", stdout=self.sink or subprocess.PIPE,
             stderr=subprocess.STDOUT)
+        check.children.append(self)
         self.pump = threading.Thread(target=self._pump, daemon=True)
         if self.sink is None:
             self.pump.start()
@@ -134,12 +139,16 @@ class Child:
                 continue
 
     def wait(self, timeout_s: float) -> int:
-        """The exit status; raises StepError (after ending it) past ``timeout_s``."""
+        """The exit status; raises StepError (after ending it) past ``timeout_s`` or the
+        check's deadline, whichever comes first."""
+        limit = min(timeout_s, max(self.check.left(), 1.0))
         try:
-            rc = self.proc.wait(timeout_s)
+            rc = self.proc.wait(limit)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise StepError(f"{self.tag}: still running after {timeout_s:.0f}s; ended") from None
+            why = ("" if limit == timeout_s else
+                   f" (the check's --deadline-s {self.check.args.deadline_s}s was reached)")
+            raise StepError(f"{self.tag}: still running after {limit:.0f}s{why}; ended") from None
         finally:
             if self.pump.is_alive():
                 self.pump.join(10)
@@ -180,11 +189,11 @@ class Check:
         self.log_file = open(self.out / "gpu-check.log", "w")  # noqa: SIM115 - closed in close()
         self.lock = threading.Lock()
         self.steps: dict[str, Step] = {}
-        self.site = args.site
+        self.children: list[Child] = []
         self.env = self._child_env()
 
     def _child_env(self) -> dict[str, str]:
-        paths = [str(self.site), str(ROOT / "include")]
+        paths = [str(ROOT / "include")]
         if os.environ.get("PYTHONPATH"):
             paths.append(os.environ["PYTHONPATH"])
         return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "YOLO_OFFLINE": "1",
@@ -200,6 +209,10 @@ class Check:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        """Seconds before the deadline, less what the summary needs."""
+        return self.args.deadline_s - self.elapsed() - 10
 
     def run(self, name: str, fn: Callable[[Step], None], needs: tuple[str, ...] = (),
             skip: str | None = None) -> Step:
@@ -217,6 +230,9 @@ class Check:
         self.log(f"== {name} (at {self.elapsed():.0f}s)")
         t0 = time.monotonic()
         try:
+            if name != "summary" and self.left() < 5:
+                raise StepError(f"not started: the check's --deadline-s {self.args.deadline_s}s "
+                                f"is spent ({self.elapsed():.0f}s gone)")
             fn(step)
             step.status = OK
         except StepError as exc:
@@ -247,6 +263,12 @@ class Check:
                                for k, v in vars(self.args).items() if not k.startswith("_")},
                   "failed": failed, "steps": [s.to_dict() for s in self.steps.values()]}
         (self.out / "gpu-check.json").write_text(json.dumps(report, indent=2))
+
+    def stop_children(self) -> None:
+        for child in self.children:
+            if child.proc.poll() is None:
+                self.log(f"  [{child.tag}] still running: stopped")
+                child.stop()
 
     def close(self) -> None:
         self.log_file.close()
@@ -289,13 +311,18 @@ def step_install(check: Check, step: Step) -> None:
         step.notes.append(f"dry run: the {len(wheels)} wheel(s) under {args.wheels} were not "
                           "installed (they are for the GPU machine's Python)")
     else:
-        check.site.mkdir(parents=True, exist_ok=True)
+        args.site.mkdir(parents=True, exist_ok=True)
         child = check.python("pip", ["-m", "pip", "install", "-q", "--no-index", "--no-deps",
                                      "--no-compile", "--no-cache-dir", "--upgrade", "--target",
-                                     str(check.site), *map(str, wheels)], args.timeout_install)
+                                     str(args.site), *map(str, wheels)], args.timeout_install)
         expect(child.rc == 0, f"pip install of {len(wheels)} wheel(s) from {args.wheels} "
                               f"{child.exited}")
         step.data["installed"] = [w.name for w in wheels]
+        # First on every child's path: the carried versions win over any the machine has.
+        check.env["PYTHONPATH"] = os.pathsep.join([str(args.site), check.env["PYTHONPATH"]])
+        step.notes.append(f"installed {len(wheels)} wheel(s) into {args.site}: "
+                          + ", ".join(w.name.split("-")[0] + " " + w.name.split("-")[1]
+                                      for w in wheels))
     child = check.python("imports", ["-c", IMPORT_CHECK], 120,
                          shown="-c <import " + ", ".join(m for m, _ in NEEDED) + ">")
     found = [line for line in child.lines if line.startswith("IMPORTS ")]
@@ -716,7 +743,10 @@ def target(summary: dict[str, Any], variants: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def git_commit() -> str:
+def git_commit(given: str | None) -> str:
+    """The commit checked: --commit, else git's, else unknown (the device tool sends no .git)."""
+    if given:
+        return given
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10)
@@ -746,7 +776,7 @@ def write_summary(check: Check, step: Step) -> None:
                   "Do not paste these numbers into bench/README.md.", ""]
     lines += [f"#### {gpu}, {date}", "",
               f"`{' '.join(['python3', 'bench/gpu_check.py', *sys.argv[1:]])}` at commit "
-              f"{git_commit()}: {machine.get('cpu', '?')} x{machine.get('cpu_logical', '?')} "
+              f"{git_commit(args.commit)}: {machine.get('cpu', '?')} x{machine.get('cpu_logical', '?')} "
               f"cores, {machine.get('ram_gb', '?')} GB RAM, Python {env.get('python', '?')}, "
               f"torch {env.get('torch', '?')} (CUDA {env.get('cuda')}), ultralytics "
               f"{env.get('ultralytics', '?')}, simplejpeg {env.get('simplejpeg', '?')}, opencv "
@@ -846,7 +876,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "summary always run): " + ", ".join(STEPS))
     p.add_argument("--budget-s", type=int, default=480, help="the whole check's time budget "
                                                              "(reported, not enforced)")
+    p.add_argument("--deadline-s", type=int, default=570,
+                   help="enforced: a step still running then is ended and fails, the steps "
+                        "left fail unstarted, and the summary is written (default 570: inside "
+                        "the device tool's 600 s per command)")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
+    p.add_argument("--commit", default=None,
+                   help="the commit being checked, for the summary (default: git's, if any)")
     p.add_argument("--_lease-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_lease-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -935,14 +971,24 @@ def main(argv: list[str] | None = None) -> int:
         "summary": lambda s: write_summary(check, s),
     }
     assert tuple(plan) == STEPS
+    def stopped(signum: int, _frame: Any) -> None:
+        raise SystemExit(f"gpu-check: stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGHUP, stopped)
     try:
         for name, fn in plan.items():
             check.run(name, fn, NEEDS[name], skip(name))
             if name == "install" and check.steps[name].status == OK and chosen("bench-drop"):
                 bench_drop = start_bench_drop(check)  # ~1 s per full-size image: start it early
+    except BaseException as exc:  # a signal or Ctrl-C: leave nothing running on the GPU
+        check.log(f"gpu-check interrupted ({type(exc).__name__}: {exc}) during step "
+                  f"{next(reversed(check.steps), '-')}")
+        check.stop_children()
+        check.save()
+        raise
     finally:
-        if bench_drop is not None and bench_drop.proc.poll() is None:
-            bench_drop.stop()
+        check.stop_children()
     failed = [s.name for s in check.steps.values() if s.status == FAILED]
     not_run = [s.name for s in check.steps.values()
                if s.status == SKIPPED and s.detail.startswith("needs ")]
