@@ -475,7 +475,11 @@ def step_lease(check: Check, step: Step) -> None:
         if args.dry_run:
             cmd.append("--dry-run")
         children.append(Child(check, f"lease-{k}", cmd))
-    rcs = [c.wait(args.timeout_step) for c in children]
+    try:
+        rcs = [c.wait(args.timeout_step) for c in children]
+    finally:  # one timed out: the other goes too, before the next step starts
+        for c in children:
+            c.stop()
     results = []
     for k, (c, rc) in enumerate(zip(children, rcs)):
         path = lease_dir / f"result-{k}.json"
