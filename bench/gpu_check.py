@@ -672,7 +672,7 @@ def step_bench(check: Check, step: Step) -> None:
     errors = [f"{r['variant']}: {r['error'].splitlines()[-1] if r['error'] else '?'}"
               for r in bench["runs"] if "error" in r]
     missing = [v for v in variants if v not in bench["summary"]]
-    cores = bench["machine"]["cpu_logical"]
+    cores = bench["machine"].get("cpu_usable") or bench["machine"]["cpu_logical"]
     threads = {}
     for row, v in zip(ROWS, variants):
         ok = [r for r in bench["runs"] if r["variant"] == v and "error" not in r]
@@ -686,7 +686,7 @@ def step_bench(check: Check, step: Step) -> None:
            f"pipeline_bench.py exited {child.rc}; failed runs: {errors or 'none'}; rows "
            f"without a result: {missing or 'none'}")
     wrong = {row: t for row, t in threads.items() if t != [cores]}
-    expect(not wrong, f"decode threads {wrong}, not all {cores} cores")
+    expect(not wrong, f"decode threads {wrong}, not all {cores} usable cores")
     s = bench["summary"]
     step.detail = ", ".join(f"{row} {s[v]['images_per_s']:.2f}" for row, v in zip(ROWS, variants)) \
         + f" img/s; decode threads {cores} (all cores)"

@@ -186,7 +186,9 @@ def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
     model = load_model(args.model, "cpu", warmup=False)  # only for its stride
     decoder = Decoder(args.imgsz, model.stride, fast=variant.fast, turbojpeg=variant.turbojpeg)
     del model
-    threads = os.cpu_count() or 1
+    from image_etl.resources import cpu_count
+
+    threads = cpu_count()  # every core this process may use, as the worker's default
 
     def one(i: int) -> tuple[float, str | None]:
         path, rel = tasks[i]
