@@ -146,16 +146,23 @@ class Child:
             rc = self.proc.wait(limit)
         except subprocess.TimeoutExpired:
             self.stop()
+            self._drain()
             why = ("" if limit == timeout_s else
                    f" (the check's --deadline-s {self.check.args.deadline_s}s was reached)")
             raise StepError(f"{self.tag}: still running after {limit:.0f}s{why}; ended") from None
-        finally:
-            if self.pump.is_alive():
-                self.pump.join(10)
-            if self.sink:
-                self.sink.close()
+        except BaseException:  # a signal: stop it now rather than wait for its output to end
+            self.stop()
+            raise
+        self._drain()
         self.rc = rc
         return rc
+
+    def _drain(self) -> None:
+        """The rest of its output (it has exited or been stopped)."""
+        if self.pump.is_alive():
+            self.pump.join(10)
+        if self.sink and not self.sink.closed:
+            self.sink.close()
 
     @property
     def exited(self) -> str:
@@ -990,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{next(reversed(check.steps), '-')}")
         check.stop_children()
         check.save()
+        check.close()
         raise
     finally:
         check.stop_children()

@@ -209,3 +209,39 @@ def test_gpu_sampling_finds_the_samples_inside_the_timed_sections(tmp_path, monk
             gpu_check.step_gpu_util(check, gpu_check.Step("gpu-util"))
     finally:
         check.close()
+
+
+def test_a_signal_stops_the_check_and_everything_it_started(tmp_path):
+    import signal
+
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "include"), "YOLO_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:  # until the parity step's pytest is running
+            lines.append(line)
+            if "[parity-fp32] $ " in line or time.monotonic() > deadline:
+                break
+        scratch = re.search(r"scratch (\S+)", lines[0]).group(1)
+        time.sleep(1.0)
+        children = [c for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert children, "nothing running to stop"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[0]
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert took < 4, f"took {took:.1f}s to stop"
+    assert "gpu-check interrupted" in rest and "during step parity-fp32" in rest
+    assert not Path(scratch).exists()
+    alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"left running: {alive}"
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert steps_of(report)["install"]["status"] == "ok"
