@@ -127,8 +127,9 @@ def _child_seed(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
     runner.warmup(tasks[0][0])
     shutil.rmtree(out, ignore_errors=True)
     rss_before = _rss_now_mb()
+    start = time.time()
     times = runner.run_original(tasks) if variant.design == "original" else runner.run_queue(tasks)
-    return {"images": times.images, "wall_s": times.wall_s,
+    return {"window_unix": [start, time.time()], "images": times.images, "wall_s": times.wall_s,
             "images_per_s": times.images / times.wall_s, "detections": times.detections,
             "busy": times.busy(), "stages_s": dataclasses.asdict(times),
             "dropped": times.dropped, "rss_before_mb": round(rss_before, 1)}
@@ -158,15 +159,17 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
     rss_before = _rss_now_mb()
     run_dir = out / "run"
     run_dir.mkdir(parents=True)
-    t0 = time.perf_counter()
+    start, t0 = time.time(), time.perf_counter()
     report = run_shard(shard, model, settings, OutputLayout(run_dir),
                        staging_path=run_dir / "staging.jsonl")
     wall = time.perf_counter() - t0
+    window = [start, time.time()]
     if report.failed or report.processed != len(shard):
         raise RuntimeError(f"{variant.name}: {report.failed} failed, {report.processed} of "
                            f"{len(shard)} processed: {report.failures[:3]}")
     info = report.to_dict()
-    return {"images": report.processed, "wall_s": wall, "images_per_s": report.processed / wall,
+    return {"window_unix": window, "images": report.processed, "wall_s": wall,
+            "images_per_s": report.processed / wall,
             "detections": report.detections, "busy": info["busy"],
             "stages_s": {"shard_wall_s": report.wall_s, "decode_s": report.decode_s,
                          "infer_s": report.infer_s, "write_s": report.write_s,
@@ -183,7 +186,9 @@ def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
     model = load_model(args.model, "cpu", warmup=False)  # only for its stride
     decoder = Decoder(args.imgsz, model.stride, fast=variant.fast, turbojpeg=variant.turbojpeg)
     del model
-    threads = os.cpu_count() or 1
+    from image_etl.resources import cpu_count
+
+    threads = cpu_count()  # every core this process may use, as the worker's default
 
     def one(i: int) -> tuple[float, str | None]:
         path, rel = tasks[i]
@@ -192,15 +197,17 @@ def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
 
     one(0)  # warm-up: first use of the decoder and the letterbox
     rss_before = _rss_now_mb()
-    t0 = time.perf_counter()
+    start, t0 = time.time(), time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         done = list(pool.map(one, range(len(tasks))))
     wall = time.perf_counter() - t0
+    window = [start, time.time()]
     errors = [e for _, e in done if e]
     if errors:
         raise RuntimeError(f"decode errors: {errors[:3]}")
     decode_s = sum(s for s, _ in done)
-    return {"images": len(tasks), "wall_s": wall, "images_per_s": len(tasks) / wall,
+    return {"window_unix": window, "images": len(tasks), "wall_s": wall,
+            "images_per_s": len(tasks) / wall,
             "busy": {"decode": decode_s / wall / threads, "infer": 0.0, "write": 0.0},
             "stages_s": {"decode_s": decode_s, "threads": threads,
                          "per_image_decode_ms": 1e3 * decode_s / len(tasks)},
@@ -227,7 +234,7 @@ def _child_model_limit(variant: Variant, tasks: list[tuple[Path, str]],
     infer()  # warm-up
     rss_before = _rss_now_mb()
     iterations = 0
-    t0 = time.perf_counter()
+    start, t0 = time.time(), time.perf_counter()
     while True:
         dets = infer()
         iterations += 1
@@ -235,7 +242,8 @@ def _child_model_limit(variant: Variant, tasks: list[tuple[Path, str]],
         if wall >= args.model_seconds and iterations >= 3:
             break
     images = iterations * len(batch)
-    return {"images": images, "wall_s": wall, "images_per_s": images / wall,
+    return {"window_unix": [start, time.time()], "images": images, "wall_s": wall,
+            "images_per_s": images / wall,
             "detections": sum(len(d) for d in dets),
             "busy": {"decode": 0.0, "infer": 1.0, "write": 0.0},
             "stages_s": {"iterations": iterations, "batch": len(batch),
