@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint bench bench-db train-demo-model clean
 
@@ -15,16 +16,22 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Test-only packages (SAHI, the sliced-inference reference), without their dependencies: see
+# requirements-test.txt.
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q --no-deps -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	YOLO_OFFLINE=1 $(PY) scripts/demo.py
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	YOLO_OFFLINE=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	YOLO_OFFLINE=1 $(PY) bench/pipeline_bench.py $(BENCH_ARGS)
 
 bench-db: $(STAMP)

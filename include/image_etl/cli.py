@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("--size", type=_size, default=(2048, 12000), help="WIDTHxHEIGHT")
     drop.add_argument("--seed", type=int, default=0)
     drop.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    drop.add_argument("--defects", choices=("large", "small"), default="large",
+                      help="large: 260-560 px (the demo); small: 8-48 px, for sliced inference")
 
     infer = sub.add_parser("infer", help="run one worker over every image under a folder",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -126,7 +128,7 @@ def _make_drop(args: argparse.Namespace) -> int:
 
     width, height = args.size
     paths = synth.make_drop(args.dir, args.date, args.count, width=width, height=height,
-                            seed=args.seed, quality=args.quality)
+                            seed=args.seed, quality=args.quality, defects=args.defects)
     size = sum(p.stat().st_size for p in paths)
     print(f"wrote {len(paths)} images ({size / 1e6:.0f} MB) under {args.dir / args.date.isoformat()}"
           f", ground truth under {args.dir / synth.GROUND_TRUTH_DIR / args.date.isoformat()}")
