@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint bench bench-db train-demo-model clean
+.PHONY: demo demo-sliced test lint bench bench-db train-demo-model train-small-defect-model clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON)"; exit 1; }
@@ -25,11 +25,16 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 demo: $(STAMP)
 	YOLO_OFFLINE=1 $(PY) scripts/demo.py
 
+# Small defects, sliced inference, through the same DAG (6 images, a few minutes on 2 cores).
+demo-sliced: $(STAMP)
+	YOLO_OFFLINE=1 $(PY) scripts/demo.py --sliced
+
 test: $(TEST_STAMP)
 	YOLO_OFFLINE=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(TEST_STAMP)
 	YOLO_OFFLINE=1 $(PY) bench/pipeline_bench.py $(BENCH_ARGS)
@@ -40,5 +45,8 @@ bench-db: $(STAMP)
 train-demo-model: $(STAMP)
 	YOLO_OFFLINE=1 $(PY) scripts/train_demo_model.py
 
+train-small-defect-model: $(STAMP)
+	YOLO_OFFLINE=1 $(PY) scripts/train_demo_model.py --defects small
+
 clean:
-	rm -rf demo .airflow runs bench/results
+	rm -rf demo demo-sliced .airflow runs bench/results

@@ -597,7 +597,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma list from: {', '.join(VARIANTS)}")
     p.add_argument("--model", type=Path, default=None,
-                   help="Ultralytics .pt (default: models/demo-yolo11n-2cls.pt, else /tmp/interim.pt)")
+                   help="Ultralytics .pt (default: models/demo-yolo11n-2cls.pt)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--imgsz", type=int, default=None, help="default: the model's training size")
     p.add_argument("--conf", type=float, default=0.25)

@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+
+from image_etl import synth
+
 os.environ.setdefault("YOLO_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from image_etl import synth  # noqa: E402
 
 
 def make_split(root: Path, split: str, count: int, seed: int) -> None:

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -155,7 +156,7 @@ class Decoder:
             item.orig_shape = (w, h)
         item.decoded_shape = img.shape[:2]
         if self.make_input:
-            item.input = self.letterbox(image=img)
+            item.input = cast(np.ndarray, self.letterbox(image=img))
             if buffer is not None and np.may_share_memory(item.input, buffer):
                 item.input = item.input.copy()  # no resize, no padding: it is the buffer itself
         if self.keep_image:

@@ -118,10 +118,9 @@ class OpenVINOBackend:
         return ppp.build()
 
     def _compile(self) -> Any:
+        import openvino
         import openvino.properties as props
         import openvino.properties.hint as hints
-
-        import openvino
 
         config: dict[str, Any] = {hints.inference_precision: "f32",
                                   hints.performance_mode: hints.PerformanceMode.THROUGHPUT,

@@ -490,10 +490,12 @@ class RunSettings:
         paths = {name: absolute_path(name, _fill(values[name], drop_date, model_name),
                                      allowed_roots) for name in ("drop_dir", "output_dir")}
         return cls(drop_date=drop_date, model_path=model_path, devices=values["devices"],
-                   infer=InferSettings.from_params(values), **paths,
-                   **{name: values[name] for name in ("reprocess", "settle_seconds",
-                                                      "max_failed_fraction", "timeout_per_image_s",
-                                                      "drop_date_offset_days")})
+                   infer=InferSettings.from_params(values), drop_dir=paths["drop_dir"],
+                   output_dir=paths["output_dir"], reprocess=values["reprocess"],
+                   settle_seconds=values["settle_seconds"],
+                   max_failed_fraction=values["max_failed_fraction"],
+                   timeout_per_image_s=values["timeout_per_image_s"],
+                   drop_date_offset_days=values["drop_date_offset_days"])
 
     @classmethod
     def resolved(cls, params: Mapping[str, Any]) -> RunSettings:

@@ -209,9 +209,9 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     from image_etl.outputs import read_staging_header
 
     settings = _settings(discovered)
-    results = [r for r in results if r]
-    _check_staging_present(results)
-    staging = [Path(r["staging"]) for r in results]
+    shards: list[Mapping[str, Any]] = [r for r in results if r]
+    _check_staging_present(shards)
+    staging = [Path(r["staging"]) for r in shards]
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
     names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
@@ -220,8 +220,9 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
         store.migrate(engine)
         run = store.RunInfo(run_key=f"{dag_id}/{discovered['run_id']}", dag_id=dag_id,
                             run_id=discovered["run_id"], drop_date=settings.drop_date,
-                            settings=discovered["settings"], infer_seconds=_infer_span_s(results))
+                            settings=discovered["settings"], infer_seconds=_infer_span_s(shards))
         t0 = time.perf_counter()
+        loaded: dict[str, float]
         if staging:
             report = store.load_staged(engine, staging, run, names=names)
             loaded = {"images": report.images, "ok": report.ok, "failed": report.failed,

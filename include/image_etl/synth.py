@@ -60,7 +60,7 @@ def _background(rng: np.random.Generator, width: int, height: int, grain: float)
     # Slow 2-D illumination drift along the scan.
     drift = cv2.resize(rng.normal(0, 8, (max(2, height // 500), 8)).astype(np.float32),
                        (width, height), interpolation=cv2.INTER_CUBIC)
-    gray = drift
+    gray: np.ndarray = np.asarray(drift, dtype=np.float32)
     gray += columns[None, :]
     if grain > 0:
         noise = rng.standard_normal((height, width), dtype=np.float32)
@@ -196,3 +196,31 @@ def make_drop(root: Path, date: dt.date, count: int, *, width: int = FULL_WIDTH,
 
 def truth_path(root: Path, date: dt.date, image_name: str) -> Path:
     return root / GROUND_TRUTH_DIR / date.isoformat() / (Path(image_name).stem + ".txt")
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def count_matches(preds: list[tuple[int, tuple[float, ...]]], truth: list[Box],
+                  threshold: float = 0.5) -> int:
+    """Predictions (class, x1 y1 x2 y2) matched one to one to true boxes of their class at
+    IoU >= ``threshold``, greedily in the given order (best first); the number matched."""
+    used: set[int] = set()
+    hits = 0
+    for cls, box in preds:
+        best, best_j = threshold, None
+        for j, t in enumerate(truth):
+            if j in used or t.cls != cls:
+                continue
+            value = box_iou(box, (t.x1, t.y1, t.x2, t.y2))
+            if value >= best:
+                best, best_j = value, j
+        if best_j is not None:
+            used.add(best_j)
+            hits += 1
+    return hits

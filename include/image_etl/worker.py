@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -296,7 +296,8 @@ class SlicedPlan(ImagePlan):
         for k, (x1, y1, x2, y2) in enumerate(grid.tolist()):
             view = image[y1:y2, x1:x2]
             # A slice of the model's own size letterboxes to itself: keep the view.
-            pixels = view if view.shape[:2] == self.target else self.letterbox(image=view)
+            pixels = view if view.shape[:2] == self.target else cast(np.ndarray,
+                                                                     self.letterbox(image=view))
             units.append(ModelInput(item, pixels, view.shape[:2], offset=(x1, y1), position=k))
         if self.full_image_pass and len(grid) > 1:  # SAHI: only when there are slices
             units.append(as_model_input(item))
