@@ -129,15 +129,49 @@ def compare_with_whole_image(work: Path, day: dt.date) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         run_shard([ImageTask(p, p.name) for p in paths], load_model(SMALL_MODEL, "cpu"),
                   InferSettings(), OutputLayout(Path(scratch)))
-        for name, labels in (("whole image", Path(scratch) / "labels"), ("sliced", sliced_labels)):
+        labels = {"whole image": Path(scratch) / "labels", "sliced": sliced_labels}
+        for name, folder in labels.items():
             tp = n_pred = n_true = 0
             for p in paths:
                 truth = synth.read_labels(synth.truth_path(work / "drops", day, p.name), 2048, 12000)
-                preds = synth.read_labels(labels / f"{p.stem}.txt", 2048, 12000)
+                preds = synth.read_labels(folder / f"{p.stem}.txt", 2048, 12000)
                 tp += synth.count_matches([(b.cls, (b.x1, b.y1, b.x2, b.y2)) for b in preds], truth)
                 n_pred, n_true = n_pred + len(preds), n_true + len(truth)
             print(f"  {name:<12} recall {tp / max(n_true, 1):.3f}, precision "
                   f"{tp / max(n_pred, 1):.3f} ({tp} of {n_true} defects found, {n_pred} boxes)")
+        picture = work / "sliced-vs-whole.png"
+        side_by_side(paths[0], {k: v / f"{paths[0].stem}.txt" for k, v in labels.items()}, picture)
+        print(f"  picture:     {picture} (the same region, whole-image vs sliced boxes)")
+
+
+def side_by_side(image: Path, labels: dict[str, Path], out: Path, size: int = 560) -> None:
+    """The image's busiest ``size`` px square, once per set of boxes, side by side."""
+    import cv2
+    import numpy as np
+
+    from image_etl import synth
+
+    img = cv2.imread(str(image))
+    h, w = img.shape[:2]
+    found = {name: synth.read_labels(path, w, h) for name, path in labels.items()}
+    centres = np.array([((b.x1 + b.x2) / 2, (b.y1 + b.y2) / 2) for b in found["sliced"]] or
+                       [(w / 2, h / 2)])
+    near = [(np.abs(centres - c) < size / 2).all(axis=1).sum() for c in centres]
+    cx, cy = centres[int(np.argmax(near))]
+    x0, y0 = int(np.clip(cx - size / 2, 0, w - size)), int(np.clip(cy - size / 2, 0, h - size))
+    panels = []
+    for name, boxes in found.items():
+        panel = img[y0:y0 + size, x0:x0 + size].copy()
+        for b in boxes:
+            cv2.rectangle(panel, (int(b.x1) - x0, int(b.y1) - y0), (int(b.x2) - x0, int(b.y2) - y0),
+                          (40, 40, 255), 2)
+        cv2.rectangle(panel, (0, 0), (size, 34), (0, 0, 0), -1)
+        inside = sum(1 for b in boxes if x0 <= b.x1 < x0 + size and y0 <= b.y1 < y0 + size)
+        cv2.putText(panel, f"{name}: {inside} boxes here", (10, 24), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.7, (255, 255, 255), 2, cv2.LINE_AA)
+        panels.append(panel)
+    gap = np.full((size, 8, 3), 255, np.uint8)
+    cv2.imwrite(str(out), np.hstack([panels[0], gap, panels[1]]))
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ class Merger:
         else:
             merged_rows: list[np.ndarray] = []
             for g in groups:
-                claims = self._claims(rows[g])
-                merged_rows += [self._merge_into(rows[g], keep, members)
-                                for keep, members in claims.items()]
+                group = rows[g]
+                merged_rows += [self._merge_into(group, keep, members)
+                                for keep, members in self._claims(group).items()]
             merged = np.asarray(merged_rows).reshape(-1, 10)
         return _with_normalised(merged, width, height)
 
