@@ -576,7 +576,7 @@ def test_staging_lines_in_other_json_spellings_load_as_json_reads_them(db, tmp_p
 @pytest.mark.parametrize("token", [".5", "5.", "+5", "05", "-05", "1.e5", "-.5", "00", "0x1p3",
                                    "inf", "1e5e5", "1.2.3", "--1", "1e+", ""])
 def test_numbers_that_are_not_json_fail_the_load(db, tmp_path, monkeypatch, token):
-    monkeypatch.setattr(store, "_CHECK_BYTES", 100)  # the bad line is checked in a later piece
+    monkeypatch.setattr(store.load, "_CHECK_BYTES", 100)  # the bad line is checked in a later piece
     good = det_line("fine.jpg", f"[[{ROW}]]")
     bad = det_line("bad.jpg", f"[[1.0, 0.5, {token}, 20.5, 30.0, 40.0, 0.03, 0.06, 0.03, 0.04]]")
     path = write_staging(tmp_path / "tokens.jsonl", [good, bad, good.replace("fine", "fine2")])
@@ -598,8 +598,8 @@ def test_numbers_that_are_not_json_fail_the_load(db, tmp_path, monkeypatch, toke
     (b"[[e5]]", False), (b"[[1e]]", False),
 ])
 def test_plain_json_numbers(text, plain):
-    assert store._plain_json_numbers([text]) is plain
-    assert store._plain_json_numbers([b"[[1.5, 2]]"] * 3 + [text] + [b"[]"]) is plain
+    assert store.load._plain_json_numbers([text]) is plain
+    assert store.load._plain_json_numbers([b"[[1.5, 2]]"] * 3 + [text] + [b"[]"]) is plain
 
 
 @pytest.mark.parametrize(("dets", "message"), [
@@ -638,7 +638,7 @@ def test_worker_files_take_the_fast_way_on_postgresql(db, tmp_path, monkeypatch)
     def exact(path, *args):
         raise AssertionError(f"{path} was read the exact way")
 
-    monkeypatch.setattr(store, "_staged_exact", exact)
+    monkeypatch.setattr(store.load, "_staged_exact", exact)
     files, records = two_shards(tmp_path)
     rng = np.random.default_rng(33)
     awkward = [ok(name, make_dets(rng, 2)) for name in AWKWARD] + [failed("x\ty.jpg", "a\\N\tb")]

@@ -1,15 +1,4 @@
-"""The results database: schema, migrations and the idempotent load of staged rows.
-
-SQLAlchemy 2 Core, no ORM. A SQLite file by default (no server needed), PostgreSQL in
-production. Identity: a result is (model_sha256, drop_date, rel_path); loading it again
-replaces that image's row (same id) and its detections, all in one transaction.
-
-PostgreSQL is filled with ``COPY ... FROM STDIN`` through psycopg2's ``copy_expert`` on the
-very connection (and transaction) SQLAlchemy holds: the images into a temp table (then
-upserted), the detections straight into ``detections``, their numbers as the staging file
-wrote them (see "the PostgreSQL load" below); SQLite with ``executemany``. File names never
-become SQL text: they travel as bound parameters or as COPY data.
-"""
+"""Loads: staging files → rows, one transaction per load, replacing what was loaded before."""
 
 from __future__ import annotations
 
@@ -20,352 +9,43 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import (
     BigInteger,
-    CheckConstraint,
     Column,
     Connection,
     Date,
     DateTime,
     Double,
     Engine,
-    ForeignKey,
     Integer,
     MetaData,
-    PrimaryKeyConstraint,
     String,
     Table,
     Text,
-    UniqueConstraint,
     and_,
-    case,
-    create_engine,
     delete,
-    event,
     func,
-    inspect,
     literal,
     select,
     true,
 )
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
 
 from image_etl.outputs import DET_FIELDS, read_staging
+from image_etl.store.engine import dialect_insert, in_transaction, write_transaction
+from image_etl.store.schema import DET_COLS, detections, images, models, runs
 
 log = logging.getLogger(__name__)
 
-SQLITE_BUSY_TIMEOUT_MS = 60_000
-# pg_advisory_xact_lock keys: one for migrations, one namespace for loads (ASCII "imgetl").
-_PG_LOCK_MIGRATE = 0x696D6765746C
+# pg_advisory_xact_lock namespace of loads (ASCII "imge").
 _PG_LOCK_LOAD_NS = 0x696D6765
 _COPY_CHUNK_ROWS = 50_000
-
-
-class StoreError(ValueError):
-    """The database or its URL cannot be used; the message says which (password hidden)."""
-
-
-# --- engine ---------------------------------------------------------------------------------
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: safe for logs and error messages."""
-    try:
-        text = make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError, TypeError):
-        text = str(url)
-        # Not parseable by SQLAlchemy: hide whatever sits between "user:" and "@".
-        text = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
-    # libpq also takes the password as a query parameter.
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", text)
-
-
-def default_url() -> str:
-    """The embedded default: a SQLite file beside Airflow's home (or ~/.image_etl)."""
-    home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / ".image_etl")
-    return f"sqlite:///{Path(home) / 'image_etl_results.db'}"
-
-
-def url_from_connection(conn_type: str | None, *, host: str | None = None,
-                        port: int | None = None, login: str | None = None,
-                        password: str | None = None, schema: str | None = None) -> str:
-    """A SQLAlchemy URL from an Airflow Connection's fields (``image_etl_db``).
-
-    Airflow calls PostgreSQL ``postgres``; SQLite connections keep the file path in ``host``.
-    """
-    kind = (conn_type or "").lower()
-    if kind in {"postgres", "postgresql"}:
-        url = URL.create("postgresql+psycopg2", username=login or None, password=password or None,
-                         host=host or None, port=port or None, database=schema or None)
-        return url.render_as_string(hide_password=False)
-    if kind == "sqlite":
-        path = host or schema
-        if not path:
-            raise StoreError("image_etl_db: a sqlite connection needs the database file in host")
-        return f"sqlite:///{path}"
-    raise StoreError(f"image_etl_db: unsupported connection type {conn_type!r}; "
-                     "use postgres or sqlite")
-
-
-def engine_from_url(url: str) -> Engine:
-    """An Engine for ``sqlite:///path`` or ``postgresql+psycopg2://...``.
-
-    SQLite: the file's folder is created; every connection gets foreign keys on, WAL and a
-    busy timeout, and SQLAlchemy (not the sqlite3 module) emits BEGIN, so DDL is
-    transactional too; :func:`write_transaction` begins with ``BEGIN IMMEDIATE``.
-    """
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as e:
-        raise StoreError(f"db_url: cannot parse {redact_url(url)!r}: {e}") from None
-    backend = parsed.get_backend_name()
-    kwargs: dict[str, Any] = {}
-    if backend == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-    elif backend == "postgresql":
-        if parsed.get_driver_name() == "psycopg2":
-            kwargs["client_encoding"] = "utf8"
-    else:
-        raise StoreError(f"db_url: unsupported database {backend!r} in {redact_url(url)!r}; "
-                         "use sqlite:///path or postgresql+psycopg2://...")
-    try:
-        engine = create_engine(parsed, pool_pre_ping=backend == "postgresql", **kwargs)
-    except Exception as e:  # a missing driver etc.: name the URL, never the password
-        raise StoreError(f"db_url: cannot create an engine for {redact_url(url)!r}: {e}") from None
-    if backend == "sqlite":
-        _sqlite_events(engine)
-    _connect_errors(engine, url, parsed.password)
-    return engine
-
-
-def _connect_errors(engine: Engine, url: str, password: str | None) -> None:
-    """A failed connect (server down, port closed, wrong host or password) raises one line
-    naming the database, password hidden, instead of the driver's multi-line text."""
-
-    @event.listens_for(engine, "handle_error")
-    def _handle(ctx: Any) -> BaseException | None:
-        # Only the connect itself; never a pre-ping (the pool reconnects after those).
-        if ctx.connection is not None or ctx.is_pre_ping:
-            return None
-        reason = _one_line(ctx.original_exception, password)
-        return StoreError(f"cannot connect to the results database {redact_url(url)}: {reason}")
-
-
-def _one_line(error: BaseException | str, password: str | None) -> str:
-    """A driver's (multi-line) error text on one line, the password hidden."""
-    text = " ".join(str(error).split())
-    return text.replace(str(password), "***") if password else text
-
-
-def _sqlite_events(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" event emit BEGIN (the sqlite3 module would only begin
-        # before DML, leaving DDL and reads outside the transaction).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute("PRAGMA foreign_keys = ON")
-            cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
-            # Switching a new file to WAL needs an exclusive lock and does not wait on the busy
-            # timeout: when several processes open a new database at once, retry briefly.
-            for attempt in range(100):
-                try:
-                    cur.execute("PRAGMA journal_mode = WAL")
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == 99:
-                        raise
-                    time.sleep(0.05)
-        finally:
-            cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        # A writer takes the write lock up front: a deferred transaction that reads first
-        # and writes later can fail with SQLITE_BUSY instead of waiting for the other writer.
-        write = conn.get_execution_options().get("image_etl_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-
-@contextlib.contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """One read-write transaction: committed when the block ends, rolled back if it raises.
-
-    A connection lost inside it (server restarted, network cut) raises one StoreError saying
-    so, the driver's first error chained. Without this the error would end in the rollback's
-    "connection already closed": the COPYs run on the raw driver connection, out of
-    SQLAlchemy's sight, so it only learns of the loss when its rollback fails.
-    """
-    with engine.connect().execution_options(image_etl_write=True) as conn:
-        try:
-            with conn.begin():
-                yield conn
-        except Exception as exc:
-            if not conn.invalidated:  # SQLAlchemy invalidates a connection only on a disconnect
-                raise
-            root = _first_error(exc)
-            reason = _one_line(getattr(root, "libpq_message", None) or root, engine.url.password)
-            url = redact_url(engine.url.render_as_string(hide_password=False))
-            raise StoreError(f"lost the connection to the results database {url} inside a "
-                             f"transaction, which did not complete (a retry is safe): "
-                             f"{reason}") from root
-
-
-def _first_error(exc: BaseException) -> BaseException:
-    """The error a chain of follow-up failures started with."""
-    seen = {id(exc)}
-    while (earlier := exc.__cause__ or exc.__context__) is not None and id(earlier) not in seen:
-        seen.add(id(earlier))
-        exc = earlier
-    return exc
-
-
-@contextlib.contextmanager
-def _in_transaction(conn_or_engine: Connection | Engine) -> Iterator[Connection]:
-    """Use the caller's connection (and its transaction) or open a write transaction."""
-    if isinstance(conn_or_engine, Connection):
-        if conn_or_engine.in_transaction():
-            yield conn_or_engine
-        else:
-            with conn_or_engine.begin():
-                yield conn_or_engine
-    else:
-        with write_transaction(conn_or_engine) as conn:
-            yield conn
-
-
-def _insert(conn: Connection, table: Table) -> Any:
-    """The dialect's INSERT, which has ``on_conflict_do_update``/``do_nothing``."""
-    if conn.dialect.name == "postgresql":
-        return pg_dialect.insert(table)
-    if conn.dialect.name == "sqlite":
-        return sqlite_dialect.insert(table)
-    raise StoreError(f"unsupported database {conn.dialect.name!r}")
-
-
-# --- schema ---------------------------------------------------------------------------------
-
-def _id_type() -> Any:
-    return BigInteger().with_variant(Integer, "sqlite")
-
-
-def _schema_v1(md: MetaData) -> tuple[Table, Table, Table, Table]:
-    models_ = Table(
-        "models", md,
-        Column("sha256", String(64), primary_key=True),
-        Column("name", Text),
-        Column("path", Text),
-        Column("class_names", Text, nullable=False),  # JSON object {"0": "person", ...}
-        Column("first_seen", DateTime(timezone=True), nullable=False),
-    )
-    runs_ = Table(
-        "runs", md,
-        Column("run_key", Text, primary_key=True),  # "<dag_id>/<run_id>"
-        Column("dag_id", Text),
-        Column("run_id", Text),
-        Column("drop_date", Date, nullable=False),
-        Column("model_sha256", String(64), ForeignKey("models.sha256"), nullable=True),
-        Column("settings", Text, nullable=False),  # JSON
-        Column("loaded_at", DateTime(timezone=True), nullable=False),
-        Column("images", Integer, nullable=False),
-        Column("ok", Integer, nullable=False),
-        Column("failed", Integer, nullable=False),
-        Column("detections", BigInteger, nullable=False),
-        Column("infer_seconds", Double, nullable=False),
-        Column("images_per_s", Double, nullable=True),  # NULL when the time is unknown
-    )
-    images_ = Table(
-        "images", md,
-        Column("id", _id_type(), primary_key=True, autoincrement=True),
-        Column("model_sha256", String(64), ForeignKey("models.sha256"), nullable=False),
-        Column("drop_date", Date, nullable=False),
-        Column("rel_path", Text, nullable=False),
-        Column("run_key", Text, nullable=False),
-        Column("bytes", BigInteger),
-        Column("width", Integer),
-        Column("height", Integer),
-        Column("status", Text, nullable=False),
-        Column("error", Text, nullable=True),
-        Column("processed_at", DateTime(timezone=True), nullable=False),
-        # Its unique index also serves every lookup by (model_sha256, drop_date): a second
-        # index on that prefix would only slow the loads down.
-        UniqueConstraint("model_sha256", "drop_date", "rel_path", name="uq_images_identity"),
-        CheckConstraint("status IN ('ok', 'failed')", name="ck_images_status"),
-    )
-    detections_ = Table(
-        "detections", md,
-        Column("image_id", _id_type(), ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
-        Column("det_index", Integer, nullable=False),
-        Column("class_id", Integer, nullable=False),
-        Column("class_name", Text, nullable=False),
-        Column("confidence", Double, nullable=False),
-        *(Column(c, Double, nullable=False) for c in ("x1", "y1", "x2", "y2")),  # pixels
-        *(Column(c, Double, nullable=False) for c in ("xc", "yc", "w", "h")),  # normalised
-        PrimaryKeyConstraint("image_id", "det_index", name="pk_detections"),
-        CheckConstraint("confidence >= 0 AND confidence <= 1", name="ck_detections_confidence"),
-        CheckConstraint("det_index >= 0", name="ck_detections_det_index"),
-    )
-    return models_, runs_, images_, detections_
-
-
-# The current schema, for queries (the migrations below build their own copies).
-SCHEMA = MetaData()
-models, runs, images, detections = _schema_v1(SCHEMA)
-schema_version = Table("image_etl_schema_version", MetaData(),
-                       Column("version", Integer, primary_key=True, autoincrement=False))
-
-
-def _migration_1(conn: Connection) -> None:
-    md = MetaData()
-    for table in _schema_v1(md):
-        table.create(conn)
-
-
-# Ordered: MIGRATIONS[n] takes the schema from version n to n + 1. Append, never edit.
-MIGRATIONS: Sequence[Callable[[Connection], None]] = (_migration_1,)
-
-
-def schema_version_of(conn: Connection) -> int:
-    """The version recorded in the database; 0 when it was never migrated."""
-    if not inspect(conn).has_table(schema_version.name):
-        return 0
-    return conn.execute(select(func.coalesce(func.max(schema_version.c.version), 0))).scalar_one()
-
-
-def migrate(engine: Engine) -> int:
-    """Apply the missing migrations, each in its own transaction; return the schema version.
-
-    Idempotent, and safe when several processes call it at once: on PostgreSQL each step runs
-    under a transaction-scoped advisory lock, SQLite serialises writers (BEGIN IMMEDIATE).
-    """
-    while True:
-        with write_transaction(engine) as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(select(func.pg_advisory_xact_lock(_PG_LOCK_MIGRATE)))
-            schema_version.create(conn, checkfirst=True)
-            current = schema_version_of(conn)
-            if current > len(MIGRATIONS):
-                raise StoreError(f"database schema is version {current}, newer than this code "
-                                 f"knows ({len(MIGRATIONS)}): upgrade image_etl")
-            if current == len(MIGRATIONS):
-                return current
-            MIGRATIONS[current](conn)
-            conn.execute(schema_version.insert().values(version=current + 1))
-            log.info("migrated the results database to schema version %d", current + 1)
 
 
 # --- models, runs -----------------------------------------------------------------------------
@@ -381,8 +61,8 @@ def upsert_model(conn_or_engine: Connection | Engine, sha256: str, path: str,
     ``names`` None keeps the class names already stored (``{}`` for a new row).
     """
     _check_sha(sha256)
-    with _in_transaction(conn_or_engine) as conn:
-        stmt = _insert(conn, models).values(
+    with in_transaction(conn_or_engine) as conn:
+        stmt = dialect_insert(conn, models).values(
             sha256=sha256, name=Path(path).name if path else None, path=path or None,
             class_names=_names_json(names or {}), first_seen=_now())
         # An empty path (a staging header without one) keeps the stored path.
@@ -406,8 +86,6 @@ def model_names(conn: Connection, sha256: str) -> dict[int, str] | None:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
 # --- load -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -454,11 +132,6 @@ _stage_dets = Table(
     *(Column(c, Double, nullable=False) for c in ("x1", "y1", "x2", "y2", "xc", "yc", "w", "h")),
     prefixes=["TEMPORARY"], postgresql_on_commit="DROP",
 )
-_DET_COLS = ("confidence", "x1", "y1", "x2", "y2", "xc", "yc", "w", "h")
-# DET_FIELDS is (cls, conf, x1..y2, xc..h): everything after cls maps onto _DET_COLS in order.
-assert DET_FIELDS[0] == "cls" and DET_FIELDS[1] == "conf" and len(DET_FIELDS) == 1 + len(_DET_COLS)
-
-
 def _read_header(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -548,8 +221,6 @@ def _record_rows(record: dict[str, Any], seq: int, names: dict[int, str]
             for i, (class_id, values) in enumerate(_det_values(raw, rel_path)):
                 dets.append((seq, i, class_id, names.get(class_id, str(class_id)), *values))
     return image, dets
-
-
 def _csv_field(value: Any) -> str:
     # NULL is an empty unquoted field and every text value is quoted, so '' and NULL stay
     # apart (Python 3.11's csv module cannot write that distinction: QUOTE_NOTNULL is 3.12+).
@@ -616,8 +287,6 @@ def _fill(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
     for start in range(0, len(rows), _COPY_CHUNK_ROWS):
         chunk = rows[start:start + _COPY_CHUNK_ROWS]
         conn.execute(table.insert(), [dict(zip(cols, row)) for row in chunk])
-
-
 def _create_stage(conn: Connection, *, detections: bool = True) -> None:
     if conn.dialect.name == "sqlite":
         # Temp tables live as long as the pooled connection: start from a clean slate.
@@ -740,7 +409,6 @@ def _count(counts: _Counts, image: tuple[Any, ...], n_dets: int) -> None:
     counts.ok += image[5] == "ok"
     counts.failed += image[5] == "failed"
     counts.detections += n_dets
-
 
 # --- the PostgreSQL load ------------------------------------------------------------------------
 #
@@ -865,7 +533,7 @@ def _staged_exact(path: Path, sha: str, names: dict[int, str], seq: int) -> list
 
 # A detection row as COPY text, without its image_id: det_index, class_id, class_name and the
 # nine doubles (%r: the shortest text that reads back as the same double).
-_DET_COPY_LINE = "%d\t%d\t%s" + "\t%r" * len(_DET_COLS) + "\n"
+_DET_COPY_LINE = "%d\t%d\t%s" + "\t%r" * len(DET_COLS) + "\n"
 
 
 def _det_copy_line(row: Sequence[Any]) -> bytes:
@@ -1089,7 +757,6 @@ class _ChunkReader:
             self.error = e
             raise
 
-
 def _upsert_run(conn: Connection, run: RunInfo, sha: str | None, now: dt.datetime, *,
                 images: int, ok: int, failed: int, detections: int) -> None:
     """The run's row, replaced when the run_key was loaded before."""
@@ -1100,7 +767,7 @@ def _upsert_run(conn: Connection, run: RunInfo, sha: str | None, now: dt.datetim
            "loaded_at": now, "images": images, "ok": ok, "failed": failed,
            "detections": detections, "infer_seconds": seconds,
            "images_per_s": images / seconds if seconds > 0 else None}
-    stmt = _insert(conn, runs).values(**row)
+    stmt = dialect_insert(conn, runs).values(**row)
     conn.execute(stmt.on_conflict_do_update(
         index_elements=[runs.c.run_key],
         set_={k: stmt.excluded[k] for k in row if k != "run_key"}))
@@ -1112,10 +779,10 @@ def record_empty_run(conn_or_engine: Connection | Engine, run: RunInfo,
 
     An unknown ``model_sha256`` gets a models row without class names (see upsert_model).
     """
-    with _in_transaction(conn_or_engine) as conn:
+    with in_transaction(conn_or_engine) as conn:
         if model_sha256 is not None:
             _check_sha(model_sha256)
-            stmt = _insert(conn, models).values(sha256=model_sha256, name=None, path=None,
+            stmt = dialect_insert(conn, models).values(sha256=model_sha256, name=None, path=None,
                                                 class_names="{}", first_seen=_now())
             conn.execute(stmt.on_conflict_do_nothing(index_elements=[models.c.sha256]))
         _upsert_run(conn, run, model_sha256, _now(), images=0, ok=0, failed=0, detections=0)
@@ -1137,7 +804,7 @@ def _upsert_images(conn: Connection, sha: str, run: RunInfo, now: dt.datetime) -
     ).where(true()).order_by(s.c.rel_path)  # WHERE: SQLite's INSERT…SELECT…ON CONFLICT needs one
     cols = ["model_sha256", "drop_date", "rel_path", "run_key", "bytes", "width", "height",
             "status", "error", "processed_at"]
-    stmt = _insert(conn, i).from_select(cols, source)
+    stmt = dialect_insert(conn, i).from_select(cols, source)
     stmt = stmt.on_conflict_do_update(
         index_elements=[i.c.model_sha256, i.c.drop_date, i.c.rel_path],
         set_={c: stmt.excluded[c] for c in cols[3:]})
@@ -1155,56 +822,8 @@ def _delete_staged_detections(conn: Connection, sha: str, run: RunInfo) -> None:
 
 def _insert_staged_detections(conn: Connection, sha: str, run: RunInfo) -> None:
     s, d, i = _stage_images, _stage_dets, images
-    det_cols = ["det_index", "class_id", "class_name", *_DET_COLS]
+    det_cols = ["det_index", "class_id", "class_name", *DET_COLS]
     new_dets = (select(i.c.id, *(d.c[c] for c in det_cols))
                 .select_from(d.join(s, s.c.seq == d.c.seq).join(i, _staged_identity(sha, run)))
                 .where(s.c.status == "ok"))
     conn.execute(detections.insert().from_select(["image_id", *det_cols], new_dets))
-
-
-# --- queries --------------------------------------------------------------------------------
-
-def loaded_rel_paths(engine: Engine, model_sha256: str, drop_date: dt.date) -> set[str]:
-    """rel_paths this model already loaded with status 'ok' for ``drop_date``."""
-    query = select(images.c.rel_path).where(
-        images.c.model_sha256 == model_sha256, images.c.drop_date == drop_date,
-        images.c.status == "ok")
-    with engine.connect() as conn:
-        return set(conn.execute(query).scalars())
-
-
-def drop_summary(engine: Engine, drop_date: dt.date | None = None,
-                 model_sha256: str | None = None) -> dict[str, Any]:
-    """Counts for a drop (all drops / all models when None).
-
-    ``{"images", "ok", "failed", "detections": total, "per_class": {class_name: count}}``.
-    """
-    where = []
-    if drop_date is not None:
-        where.append(images.c.drop_date == drop_date)
-    if model_sha256 is not None:
-        where.append(images.c.model_sha256 == model_sha256)
-    counts = select(
-        func.count(),
-        func.coalesce(func.sum(case((images.c.status == "ok", 1), else_=0)), 0),
-        func.coalesce(func.sum(case((images.c.status == "failed", 1), else_=0)), 0),
-    ).select_from(images).where(*where)
-    per_class = (select(detections.c.class_name, func.count())
-                 .select_from(detections.join(images, images.c.id == detections.c.image_id))
-                 .where(*where).group_by(detections.c.class_name)
-                 .order_by(detections.c.class_name))
-    with engine.connect() as conn:
-        n, ok, failed = conn.execute(counts).one()
-        classes = {name: int(count) for name, count in conn.execute(per_class)}
-    return {"images": int(n), "ok": int(ok), "failed": int(failed),
-            "detections": sum(classes.values()), "per_class": classes}
-
-
-def latest_run(engine: Engine, drop_date: dt.date) -> dict[str, Any] | None:
-    """The most recently loaded run of a drop: its counts and throughput."""
-    query = (select(runs.c.run_key, runs.c.images, runs.c.failed, runs.c.detections,
-                    runs.c.infer_seconds, runs.c.images_per_s, runs.c.loaded_at)
-             .where(runs.c.drop_date == drop_date).order_by(runs.c.loaded_at.desc()).limit(1))
-    with engine.connect() as conn:
-        row = conn.execute(query).first()
-    return None if row is None else dict(row._mapping)
