@@ -8,7 +8,9 @@ never become SQL text: they travel as bound parameters or as COPY data.
     engine.py    URL, engine, write transactions, errors with the password hidden
     schema.py    the tables, declared once
     migrate.py   schema migrations
-    load.py      staging files → rows: the idempotent replace
+    staging.py   staging files → checked rows
+    load.py      the idempotent replace of a load's rows
+    postgres_copy.py   COPY on PostgreSQL
     queries.py   what the stages read back
 """
 
