@@ -46,6 +46,7 @@ NAMES = {0: "person", 1: "car", 2: 'traffic "light", 신호등'}
 D1 = dt.date(2026, 11, 20)
 D2 = dt.date(2026, 11, 21)
 TIME_COLS = ("loaded_at", "processed_at", "first_seen")
+VERSION_TABLE = sa.table("image_etl_alembic_version", sa.column("version_num"))
 
 AWKWARD = [
     "with space.jpg",
@@ -87,7 +88,7 @@ def engine(db_url):
 
 @pytest.fixture
 def db(engine):
-    assert migrate(engine) == len(store.MIGRATIONS)
+    assert migrate(engine) == store.head_revision()
     return engine
 
 
@@ -137,8 +138,7 @@ def dump(engine, skip: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
     """Every row of every table (minus ``skip`` columns), in a stable order."""
     out = {}
     with engine.connect() as conn:
-        for table in (store.models, store.runs, store.images, store.detections,
-                      store.schema_version):
+        for table in (store.models, store.runs, store.images, store.detections, VERSION_TABLE):
             cols = [c for c in table.c if c.name not in skip]
             out[table.name] = sorted((tuple(r) for r in conn.execute(sa.select(*cols))), key=repr)
     return out
@@ -229,11 +229,11 @@ def test_sqlite_engine_creates_folder_and_sets_pragmas(tmp_path):
 
 
 def test_migrate_twice_gives_same_version_and_tables(engine):
-    assert migrate(engine) == 1
-    assert migrate(engine) == 1
+    assert migrate(engine) == "0001"
+    assert migrate(engine) == "0001"
     tables = set(sa.inspect(engine).get_table_names())
-    assert {"image_etl_schema_version", "models", "runs", "images", "detections"} <= tables
-    assert dump(engine)["image_etl_schema_version"] == [(1,)]
+    assert tables == {VERSION_TABLE.name, "models", "runs", "images", "detections"}
+    assert dump(engine)[VERSION_TABLE.name] == [("0001",)]
     uniques = sa.inspect(engine).get_unique_constraints("images")
     assert any(u["column_names"] == ["model_sha256", "drop_date", "rel_path"] for u in uniques)
 
@@ -256,8 +256,8 @@ def test_migrate_concurrently_applies_each_step_once(db_url):
             t.start()
         for t in threads:
             t.join(120)
-        assert results == [1, 1, 1]
-        assert dump(engines[0])["image_etl_schema_version"] == [(1,)]
+        assert results == ["0001", "0001", "0001"]
+        assert dump(engines[0])[VERSION_TABLE.name] == [("0001",)]
     finally:
         for e in engines:
             e.dispose()
@@ -265,7 +265,7 @@ def test_migrate_concurrently_applies_each_step_once(db_url):
 
 def test_migrate_refuses_a_newer_schema(db):
     with db.begin() as conn:
-        conn.execute(store.schema_version.insert().values(version=99))
+        conn.execute(sa.update(VERSION_TABLE).values(version_num="9999"))
     with pytest.raises(StoreError, match="newer"):
         migrate(db)
 

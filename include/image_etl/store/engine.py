@@ -159,19 +159,26 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     "connection already closed": the COPYs run on the raw driver connection, out of
     SQLAlchemy's sight, so it only learns of the loss when its rollback fails.
     """
-    with engine.connect().execution_options(image_etl_write=True) as conn:
-        try:
-            with conn.begin():
-                yield conn
-        except Exception as exc:
-            if not conn.invalidated:  # SQLAlchemy invalidates a connection only on a disconnect
-                raise
-            root = _first_error(exc)
-            reason = _one_line(getattr(root, "libpq_message", None) or root, engine.url.password)
-            url = redact_url(engine.url.render_as_string(hide_password=False))
-            raise StoreError(f"lost the connection to the results database {url} inside a "
-                             f"transaction, which did not complete (a retry is safe): "
-                             f"{reason}") from root
+    with engine.connect() as conn, begin_write(conn):
+        yield conn
+
+
+@contextlib.contextmanager
+def begin_write(conn: Connection) -> Iterator[Connection]:
+    """:func:`write_transaction` on a connection the caller holds (and has not begun)."""
+    try:
+        with conn.execution_options(image_etl_write=True).begin():
+            yield conn
+    except Exception as exc:
+        if not conn.invalidated:  # SQLAlchemy invalidates a connection only on a disconnect
+            raise
+        root = _first_error(exc)
+        url = conn.engine.url
+        reason = _one_line(getattr(root, "libpq_message", None) or root, url.password)
+        raise StoreError(f"lost the connection to the results database "
+                         f"{redact_url(url.render_as_string(hide_password=False))} inside a "
+                         f"transaction, which did not complete (a retry is safe): "
+                         f"{reason}") from root
 
 
 def _first_error(exc: BaseException) -> BaseException:
