@@ -11,6 +11,7 @@ or names the file, the image and what is wrong. Both read a number as the same d
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import itertools
 import json
@@ -95,40 +96,46 @@ def read_staged(path: Path, sha: str) -> StagedFile:
     if header is None or header.get("model_sha256") != sha:
         raise ValueError(f"staging file {path}: header changed while loading")
     images: list[ImageRow] = []
-    rows: list[list[Any]] = []
+    rows: list[array.array] = []
     try:
         for record in records:
-            image, dets = _typed(record) if isinstance(record, _Record) else _checked(record)
+            image, dets = _checked(record) if isinstance(record, dict) else _typed(*record)
             images.append(image)
             rows.append(dets)
-        counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         width = len(DET_FIELDS)
-        flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rows))
-        detections = np.fromiter(flat, dtype=np.float64, count=int(counts.sum()) * width)
-        detections = detections.reshape(-1, width)
+        counts = np.fromiter((len(r) // width for r in rows), dtype=np.int64, count=len(rows))
+        detections = np.frombuffer(b"".join(rows), dtype=np.float64).reshape(-1, width)
         _check_class_ids(images, counts, detections)
     except ValueError as e:
         raise ValueError(f"staging file {path}: {e}") from None
     return StagedFile(path, images, counts, detections)
 
 
-def _read_lines(path: Path) -> tuple[dict[str, Any] | None, list[_Record | dict[str, Any]]]:
+# A record line: decoded by msgspec (with its detections' numbers), or by json.loads.
+_Line = tuple[_Record, array.array] | dict[str, Any]
+
+
+def _read_lines(path: Path) -> tuple[dict[str, Any] | None, list[_Line]]:
     """The header and the latest record of each image, as ``outputs.read_staging`` reads them."""
     header: dict[str, Any] | None = None
-    latest: dict[Any, _Record | dict[str, Any]] = {}
+    latest: dict[Any, _Line] = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 break  # torn write from a killed process: only ever the last line
             try:
-                record: _Record | dict[str, Any] = _DECODER.decode(line)
+                record = _DECODER.decode(line)
             except msgspec.DecodeError:  # also a ValidationError: not the worker's shape
-                record = _json_object(line, path, number)
-                if record.get("kind") == "header":
-                    header = record
-                    continue
-            key = record.rel_path if isinstance(record, _Record) else record.get("rel_path")
-            latest[key] = record
+                obj = _json_object(line, path, number)
+                if obj.get("kind") == "header":
+                    header = obj
+                else:
+                    latest[obj.get("rel_path")] = obj
+                continue
+            # 8 bytes a number, not a Python float each: a shard may stage millions of them.
+            numbers = array.array("d", itertools.chain.from_iterable(record.detections or ()))
+            record.detections = None
+            latest[record.rel_path] = record, numbers
     return header, list(latest.values())
 
 
@@ -142,14 +149,14 @@ def _json_object(line: str, path: Path, number: int) -> dict[str, Any]:
     return obj
 
 
-def _typed(record: _Record) -> tuple[ImageRow, list[Any]]:
+def _typed(record: _Record, numbers: array.array) -> tuple[ImageRow, array.array]:
     """A record msgspec has checked: only what its types cannot say is left to check."""
     image = _image(record.rel_path, record.bytes, record.width, record.height, record.status,
                    record.error)
-    return image, (record.detections or []) if record.status == "ok" else []
+    return image, numbers if record.status == "ok" else array.array("d")
 
 
-def _checked(record: dict[str, Any]) -> tuple[ImageRow, list[Any]]:
+def _checked(record: dict[str, Any]) -> tuple[ImageRow, array.array]:
     """Any other record, checked value by value (the messages name what is wrong)."""
     rel_path = record.get("rel_path")
     if not isinstance(rel_path, str):
@@ -164,11 +171,11 @@ def _checked(record: dict[str, Any]) -> tuple[ImageRow, list[Any]]:
                    _int_or_none(record.get("width"), f"{rel_path!r}: width"),
                    _int_or_none(record.get("height"), f"{rel_path!r}: height"), status, error)
     if status != "ok":  # a failed image has no detections, whatever was staged with it
-        return image, []
+        return image, array.array("d")
     raw = record.get("detections") or []
     if not isinstance(raw, list):
         raise ValueError(f"{rel_path!r}: detections must be a list")
-    return image, _det_rows(raw, rel_path)
+    return image, _det_values(raw, rel_path)
 
 
 def _image(rel_path: str, bytes_: int | None, width: int | None, height: int | None,
@@ -188,8 +195,9 @@ def _int_or_none(value: Any, what: str) -> int | None:
     return value
 
 
-def _det_rows(raw: list[Any], rel_path: str) -> list[list[float]]:
-    """Staged detection rows, checked: len(DET_FIELDS) finite numbers, a class index first."""
+def _det_values(raw: list[Any], rel_path: str) -> array.array:
+    """Staged detection rows' numbers, checked: len(DET_FIELDS) finite numbers a row, a class
+    index first."""
     width = len(DET_FIELDS)
     for i, row in enumerate(raw):
         what = f"{rel_path!r}: detection {i}"
@@ -199,7 +207,7 @@ def _det_rows(raw: list[Any], rel_path: str) -> list[list[float]]:
             _finite(value, f"{what}: {name}")
         if row[0] < 0 or row[0] != int(row[0]):
             raise ValueError(f"{what}: cls must be a class index, got {row[0]!r}")
-    return [[float(v) for v in row] for row in raw]
+    return array.array("d", (float(v) for row in raw for v in row))
 
 
 def _finite(value: Any, what: str) -> float:
