@@ -43,7 +43,7 @@ from sqlalchemy import (
 from image_etl.store import postgres_copy
 from image_etl.store.engine import dialect_insert, in_transaction, write_transaction
 from image_etl.store.schema import detections, images, models, runs
-from image_etl.store.staging import StagedFile, read_headers, read_staged
+from image_etl.store.staging import ImageRow, StagedFile, read_headers, read_staged
 
 log = logging.getLogger(__name__)
 
@@ -212,23 +212,10 @@ def _replace(conn: Connection, files: list[Path], sha: str, run: RunInfo,
     if not counts.images:
         return counts
     copy = conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg2"
-    _create_stage(conn)
-    stage_rows = [image for part in staged for image in part.images]
-    if copy:
-        postgres_copy.copy_csv(conn, _stage_images, stage_rows)
-    else:
-        cols = [c.name for c in _stage_images.columns]
-        conn.execute(_stage_images.insert(), [dict(zip(cols, row)) for row in stage_rows])
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"ANALYZE {_stage_images.name}")  # the planner's row count
+    _stage(conn, [image for part in staged for image in part.images], copy)
     ids = _upsert_images(conn, sha, run, now)
     _delete_staged_detections(conn, sha, run)
-    batches = _detection_batches(staged, ids)
-    if copy:
-        postgres_copy.copy_detections(conn, (postgres_copy.detection_rows(*batch, names)
-                                             for batch in batches))
-    else:
-        _insert_detections(conn, batches, names)
+    _write_detections(conn, _detection_batches(staged, ids), names, copy)
     if conn.dialect.name == "sqlite":  # PostgreSQL drops it at commit (ON COMMIT DROP)
         _stage_images.drop(conn)
     return counts
@@ -259,11 +246,19 @@ def _count(staged: list[StagedFile]) -> _Counts:
     return counts
 
 
-def _create_stage(conn: Connection) -> None:
+def _stage(conn: Connection, rows: list[ImageRow], copy: bool) -> None:
+    """The staged images into a fresh temp table (COPY when ``copy``)."""
     if conn.dialect.name == "sqlite":
         # Temp tables live as long as the pooled connection: start from a clean slate.
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{_stage_images.name}")
     _stage_images.create(conn)
+    if copy:
+        postgres_copy.copy_csv(conn, _stage_images, rows)
+    else:
+        cols = [c.name for c in _stage_images.columns]
+        conn.execute(_stage_images.insert(), [dict(zip(cols, row)) for row in rows])
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"ANALYZE {_stage_images.name}")  # the planner's row count
 
 
 def _staged_identity(sha: str, run: RunInfo) -> Any:
@@ -313,7 +308,13 @@ def _detection_batches(staged: list[StagedFile], ids: dict[str, int]) -> Iterato
             yield image_id[rows], det_index[rows], class_id[rows], part.detections[rows, 1:]
 
 
-def _insert_detections(conn: Connection, batches: Iterator[_Batch], names: dict[int, str]) -> None:
+def _write_detections(conn: Connection, batches: Iterator[_Batch], names: dict[int, str],
+                      copy: bool) -> None:
+    """Straight into ``detections``: binary COPY when ``copy``, else executemany."""
+    if copy:
+        postgres_copy.copy_detections(conn, (postgres_copy.detection_rows(*batch, names)
+                                             for batch in batches))
+        return
     cols = [c.name for c in detections.columns]
     for image_id, det_index, class_id, values in batches:
         classes = class_id.tolist()

@@ -85,14 +85,16 @@ def _row_dtype(name_bytes: int) -> np.dtype:
 def _copy(conn: Connection, sql: str, reader: _Reader, size: int) -> None:
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None
-    with dbapi.cursor() as cur:
-        try:
-            cur.copy_expert(sql, reader, size=size)
-        except dbapi.Error as e:
-            if reader.error is not None:  # psycopg2 reports it as "COPY from stdin failed"
-                raise reader.error from None
-            _keep_libpq_message(dbapi, e)
-            raise
+    cur = dbapi.cursor()
+    try:
+        cur.copy_expert(sql, reader, size=size)
+    except dbapi.Error as e:
+        if reader.error is not None:  # psycopg2 reports it as "COPY from stdin failed"
+            raise reader.error from None
+        _keep_libpq_message(dbapi, e)
+        raise
+    finally:
+        cur.close()
 
 
 def _keep_libpq_message(dbapi: Any, error: BaseException) -> None:

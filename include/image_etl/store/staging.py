@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 import numpy as np
@@ -28,7 +28,7 @@ _INT32_MAX = 2**31 - 1  # class_id is an INTEGER column
 
 _ClassIndex = Annotated[float, msgspec.Meta(ge=0, multiple_of=1)]
 _Detection = tuple[_ClassIndex, float, float, float, float, float, float, float, float, float]
-assert len(_Detection.__args__) == len(DET_FIELDS)
+assert len(get_args(_Detection)) == len(DET_FIELDS)
 
 
 class _Record(msgspec.Struct):
