@@ -469,6 +469,7 @@ def test_failing_load_leaves_db_exactly_as_before(db, tmp_path, kind):
     ("status", "maybe", "status must be 'ok' or 'failed'"),
     ("bytes", "12", "bytes must be a whole number"),
     ("rel_path", "", "bad rel_path"),
+    ("rel_path", 5, "neither a header nor an image record"),  # as outputs.read_staging says
 ])
 def test_bad_records_are_refused_with_a_precise_message(db, tmp_path, field, value, message):
     rng = np.random.default_rng(13)

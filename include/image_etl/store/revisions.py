@@ -8,7 +8,7 @@ keys off for the transaction, as SQLite prescribes for the table rebuilds of bat
 the commit.
 
 A database made before Alembic (``image_etl_schema_version`` says 1) holds revision 0001's
-schema: it is stamped 0001 and that table dropped, rows untouched.
+schema: it is stamped 0001 and that table dropped, rows untouched (LEGACY_REVISIONS).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # application that has its own (Airflow's metadata database has one).
 VERSION_TABLE = "image_etl_alembic_version"
 LEGACY_VERSION_TABLE = "image_etl_schema_version"  # before Alembic: one row per version
-LEGACY_REVISION = "0001"  # the schema legacy version 1 is
+LEGACY_REVISIONS = {1: "0001"}  # a version recorded there → the revision with its schema
 # pg_advisory_xact_lock key of migrations (ASCII "imgetl").
 _PG_LOCK_MIGRATE = 0x696D6765746C
 
@@ -133,11 +133,11 @@ def _adopt_legacy(conn: Connection, config: Config) -> None:
     if LEGACY_VERSION_TABLE not in tables or VERSION_TABLE in tables:
         return
     version = conn.execute(text(f"SELECT max(version) FROM {LEGACY_VERSION_TABLE}")).scalar()
-    if version is not None and version != 1:
+    if version is not None and version not in LEGACY_REVISIONS:
         raise StoreError(f"the results database has schema version {version} ({LEGACY_VERSION_TABLE}), "
                          "newer than this code knows: upgrade image_etl")
-    if version == 1:
-        command.stamp(config, LEGACY_REVISION)
-        log.info("adopted the results database (schema version 1, made before Alembic) as "
-                 "revision %s", LEGACY_REVISION)
+    if version is not None:
+        command.stamp(config, LEGACY_REVISIONS[version])
+        log.info("adopted the results database (schema version %d, made before Alembic) as "
+                 "revision %s", version, LEGACY_REVISIONS[version])
     conn.exec_driver_sql(f"DROP TABLE {LEGACY_VERSION_TABLE}")

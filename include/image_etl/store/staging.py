@@ -118,7 +118,7 @@ _Line = tuple[_Record, array.array] | dict[str, Any]
 def _read_lines(path: Path) -> tuple[dict[str, Any] | None, list[_Line]]:
     """The header and the latest record of each image, as ``outputs.read_staging`` reads them."""
     header: dict[str, Any] | None = None
-    latest: dict[Any, _Line] = {}
+    latest: dict[str, _Line] = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.endswith("\n"):
@@ -130,7 +130,7 @@ def _read_lines(path: Path) -> tuple[dict[str, Any] | None, list[_Line]]:
                 if obj.get("kind") == "header":
                     header = obj
                 else:
-                    latest[obj.get("rel_path")] = obj
+                    latest[obj["rel_path"]] = obj
                 continue
             # 8 bytes a number, not a Python float each: a shard may stage millions of them.
             numbers = array.array("d", itertools.chain.from_iterable(record.detections or ()))
@@ -140,12 +140,15 @@ def _read_lines(path: Path) -> tuple[dict[str, Any] | None, list[_Line]]:
 
 
 def _json_object(line: str, path: Path, number: int) -> dict[str, Any]:
+    """A header or an image record (with a text rel_path), as ``outputs.read_staging`` demands."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"staging file {path} is corrupt at line {number}: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"staging file {path} is corrupt at line {number}: not a JSON object")
+    if not isinstance(obj, dict) or not (obj.get("kind") == "header"
+                                         or isinstance(obj.get("rel_path"), str)):
+        raise ValueError(f"staging file {path} is corrupt at line {number}: neither a header "
+                         "nor an image record")
     return obj
 
 
@@ -158,9 +161,7 @@ def _typed(record: _Record, numbers: array.array) -> tuple[ImageRow, array.array
 
 def _checked(record: dict[str, Any]) -> tuple[ImageRow, array.array]:
     """Any other record, checked value by value (the messages name what is wrong)."""
-    rel_path = record.get("rel_path")
-    if not isinstance(rel_path, str):
-        raise ValueError(f"bad rel_path {rel_path!r}")
+    rel_path: str = record["rel_path"]  # text: _json_object saw to it
     status = record.get("status")
     if status not in ("ok", "failed"):
         raise ValueError(f"{rel_path!r}: status must be 'ok' or 'failed', got {status!r}")
