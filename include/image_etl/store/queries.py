@@ -1,0 +1,56 @@
+"""Read-only questions the stages ask the results database."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Engine, case, func, select
+
+from image_etl.store.schema import detections, images, runs
+
+
+def loaded_rel_paths(engine: Engine, model_sha256: str, drop_date: dt.date) -> set[str]:
+    """rel_paths this model already loaded with status 'ok' for ``drop_date``."""
+    query = select(images.c.rel_path).where(
+        images.c.model_sha256 == model_sha256, images.c.drop_date == drop_date,
+        images.c.status == "ok")
+    with engine.connect() as conn:
+        return set(conn.execute(query).scalars())
+
+
+def drop_summary(engine: Engine, drop_date: dt.date | None = None,
+                 model_sha256: str | None = None) -> dict[str, Any]:
+    """Counts for a drop (all drops / all models when None).
+
+    ``{"images", "ok", "failed", "detections": total, "per_class": {class_name: count}}``.
+    """
+    where = []
+    if drop_date is not None:
+        where.append(images.c.drop_date == drop_date)
+    if model_sha256 is not None:
+        where.append(images.c.model_sha256 == model_sha256)
+    counts = select(
+        func.count(),
+        func.coalesce(func.sum(case((images.c.status == "ok", 1), else_=0)), 0),
+        func.coalesce(func.sum(case((images.c.status == "failed", 1), else_=0)), 0),
+    ).select_from(images).where(*where)
+    per_class = (select(detections.c.class_name, func.count())
+                 .select_from(detections.join(images, images.c.id == detections.c.image_id))
+                 .where(*where).group_by(detections.c.class_name)
+                 .order_by(detections.c.class_name))
+    with engine.connect() as conn:
+        n, ok, failed = conn.execute(counts).one()
+        classes = {name: int(count) for name, count in conn.execute(per_class)}
+    return {"images": int(n), "ok": int(ok), "failed": int(failed),
+            "detections": sum(classes.values()), "per_class": classes}
+
+
+def latest_run(engine: Engine, drop_date: dt.date) -> dict[str, Any] | None:
+    """The most recently loaded run of a drop: its counts and throughput."""
+    query = (select(runs.c.run_key, runs.c.images, runs.c.failed, runs.c.detections,
+                    runs.c.infer_seconds, runs.c.images_per_s, runs.c.loaded_at)
+             .where(runs.c.drop_date == drop_date).order_by(runs.c.loaded_at.desc()).limit(1))
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else dict(row._mapping)
