@@ -122,7 +122,9 @@ def render(rng: np.random.Generator, width: int = FULL_WIDTH, height: int = FULL
         tries += 1
         cls = int(rng.integers(0, len(CLASS_NAMES)))
         bw = rng.uniform(lo, hi) * scale
-        bh = min(hi * scale, max(lo * scale, bw * rng.uniform(0.65, 1.5)))
+        bh = bw * rng.uniform(0.65, 1.5)
+        if defects == "small":  # both sides within 8-48 px
+            bh = min(hi, max(lo, bh))
         if bw >= width * 0.9 or bh >= height * 0.9:
             continue
         x1 = rng.uniform(0, width - bw)
