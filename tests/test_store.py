@@ -227,12 +227,15 @@ def test_sqlite_engine_creates_folder_and_sets_pragmas(tmp_path):
         eng.dispose()
 
 
+_VERSIONS = [(v,) for v in range(1, len(store.MIGRATIONS) + 1)]
+
+
 def test_migrate_twice_gives_same_version_and_tables(engine):
-    assert migrate(engine) == 1
-    assert migrate(engine) == 1
+    assert migrate(engine) == len(store.MIGRATIONS)
+    assert migrate(engine) == len(store.MIGRATIONS)
     tables = set(sa.inspect(engine).get_table_names())
     assert {"image_etl_schema_version", "models", "runs", "images", "detections"} <= tables
-    assert dump(engine)["image_etl_schema_version"] == [(1,)]
+    assert dump(engine)["image_etl_schema_version"] == _VERSIONS
     uniques = sa.inspect(engine).get_unique_constraints("images")
     assert any(u["column_names"] == ["model_sha256", "drop_date", "rel_path"] for u in uniques)
 
@@ -255,8 +258,8 @@ def test_migrate_concurrently_applies_each_step_once(db_url):
             t.start()
         for t in threads:
             t.join(120)
-        assert results == [1, 1, 1]
-        assert dump(engines[0])["image_etl_schema_version"] == [(1,)]
+        assert results == [len(store.MIGRATIONS)] * 3
+        assert dump(engines[0])["image_etl_schema_version"] == _VERSIONS
     finally:
         for e in engines:
             e.dispose()
