@@ -79,13 +79,14 @@ def _moment(value: dt.datetime | None) -> str | None:
 
 
 def _class_order(names_json: str | None, seen: set[str]) -> list[str]:
-    """The model's class names in class-id order, then any others the rows hold."""
+    """Every class name of the model in class-id order (so position = class id, as the page
+    colours them), then any other name the rows hold."""
     try:
         names = json.loads(names_json or "{}")
         ordered = [names[k] for k in sorted(names, key=int)]
     except (ValueError, TypeError, AttributeError):
         ordered = []
-    return [n for n in ordered if n in seen] + sorted(seen - set(ordered))
+    return ordered + sorted(seen - set(ordered))
 
 
 # --- models and nights ------------------------------------------------------------------------
@@ -268,6 +269,8 @@ def run_overview(engine: Engine, run_key: str) -> dict[str, Any] | None:
             .where(_run_rows(run_key)).group_by(i.c.drop_date, i.c.model_sha256)).all()
         per_class = conn.execute(class_counts(conn, _run_rows(run_key), i.c.drop_date,
                                               i.c.model_sha256)).all()
+        names = conn.execute(select(models.c.class_names).where(
+            models.c.sha256.in_(sorted({g[1] for g in groups})))).scalars().all()
     if run is None and not groups:
         return None
     classes: dict[tuple[str, str], dict[str, int]] = {}
@@ -282,5 +285,8 @@ def run_overview(engine: Engine, run_key: str) -> dict[str, Any] | None:
         "loaded_at": _moment(run.loaded_at), "images": run.images, "ok": run.ok,
         "failed": run.failed, "detections": run.detections, "infer_seconds": run.infer_seconds,
         "images_per_s": run.images_per_s}
+    seen = {name for _, _, name, _ in per_class}
+    ordered = [c for text in names for c in _class_order(text, set())]
     return {"run_key": run_key, "run_id": _run_id(run_key), "last_load": last_load,
+            "classes": list(dict.fromkeys(ordered + sorted(seen - set(ordered)))),
             "nights": nights_}

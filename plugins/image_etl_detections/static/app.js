@@ -64,17 +64,19 @@
   const fmt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"));
   const conf = (c) => (c === null || c === undefined ? "–" : Number(c).toFixed(3));
 
+  // A class's colour is its position in the model's class list, i.e. its class id.
   function colorOf(classes, name) {
     const i = classes.indexOf(name);
     return PALETTE[(i < 0 ? classes.length : i) % PALETTE.length];
   }
+  const colorOfId = (classId) => PALETTE[classId % PALETTE.length];
 
   function setCrumbs(...parts) {
     crumbs.replaceChildren(...parts.flatMap((p, i) => (i ? [el("span", {class: "sep", text: "›"}), p] : [p])));
   }
 
   function show(...nodes) {
-    main.replaceChildren(...nodes);
+    main.replaceChildren(...nodes.filter((n) => n !== null && n !== undefined));
     document.body.dataset.ready = "1";  // the e2e test waits for this
   }
 
@@ -273,7 +275,7 @@
     } catch (e) {
       return show(el("p", {class: "muted", text: `This run has loaded nothing into the results database yet (${e.message}).`}));
     }
-    const classes = [...new Set(run.nights.flatMap((n) => Object.keys(n.per_class)))].sort();
+    const classes = run.classes;
     const list = await api("images", {run_id: runId, ...flt, limit: PAGE, offset});
     const head = el("tr", {}, el("th", {text: "Drop date"}), el("th", {class: "num", text: "Images"}),
       el("th", {class: "num", text: "OK"}), el("th", {class: "num", text: "Failed"}),
@@ -301,7 +303,6 @@
   async function imageView() {
     const id = params.get("id");
     const image = await api(`images/${encodeURIComponent(id)}`);
-    const classes = [...new Set(image.detections.map((d) => d.class_name))].sort();
     setCrumbs(link("Nights", {view: "nights", model: image.model}), el("span", {text: image.model_name || image.model.slice(0, 12)}),
               link(image.date, {view: "night", model: image.model, date: image.date}),
               el("span", {text: image.rel_path}));
@@ -312,7 +313,7 @@
     const fit = el("input", {id: "fit", type: "checkbox", checked: true});
     const rows = image.detections.map((d) => el("tr", {class: "clickable", "data-det": d.det_index},
       el("td", {class: "num", text: d.det_index}),
-      el("td", {}, el("span", {class: "swatch", "data-color": colorOf(classes, d.class_name)}), d.class_name),
+      el("td", {}, el("span", {class: "swatch", "data-color": colorOfId(d.class_id)}), d.class_name),
       el("td", {class: "num", text: conf(d.confidence)}),
       el("td", {class: "num muted", text: `${Math.round(d.x1)}, ${Math.round(d.y1)} – ${Math.round(d.x2)}, ${Math.round(d.y2)}`})));
     const table = el("table", {id: "detections-table"},
@@ -346,7 +347,7 @@
       ctx.lineWidth = 2;
       const boxes = visible();
       for (const d of boxes) {
-        ctx.strokeStyle = colorOf(classes, d.class_name);
+        ctx.strokeStyle = colorOfId(d.class_id);
         ctx.strokeRect(d.x1 * scale.x, d.y1 * scale.y, Math.max(1, (d.x2 - d.x1) * scale.x),
                        Math.max(1, (d.y2 - d.y1) * scale.y));
       }
@@ -358,7 +359,7 @@
       }
       strip.dataset.boxes = boxes.length;
       strip.dataset.loaded = "1";
-      strip.style.height = fit.checked ? "calc(100vh - 12rem)" : "";
+      strip.style.height = fit.checked ? "calc(100vh - 15rem)" : "";
     }
 
     async function zoomTo(cx, cy, size) {
@@ -384,7 +385,7 @@
       let shown = 0;
       for (const d of visible()) {
         if (d.x2 < rx || d.y2 < ry || d.x1 > rx + rw || d.y1 > ry + rh) continue;
-        const color = colorOf(classes, d.class_name);
+        const color = colorOfId(d.class_id);
         ctx.strokeStyle = color;
         ctx.strokeRect(d.x1 - rx, d.y1 - ry, d.x2 - d.x1, d.y2 - d.y1);
         const label = `${d.class_name} ${conf(d.confidence)}`;
@@ -400,7 +401,7 @@
       drawStrip();
     }
 
-    const zoomOn = (d) => zoomTo((d.x1 + d.x2) / 2, (d.y1 + d.y2) / 2, Math.max(d.x2 - d.x1, d.y2 - d.y1) * 2.5);
+    const zoomOn = (d) => zoomTo((d.x1 + d.x2) / 2, (d.y1 + d.y2) / 2, Math.max(256, Math.max(d.x2 - d.x1, d.y2 - d.y1) * 1.8));
     strip.addEventListener("click", (e) => {
       const r = strip.getBoundingClientRect();
       const px = (e.clientX - r.left) * (strip.width / r.width), py = (e.clientY - r.top) * (strip.height / r.height);
