@@ -137,6 +137,13 @@ def _version(package: str) -> str | None:
         return None
 
 
+def usable_cpus() -> int:
+    """The cores this process may use (affinity, cgroup quota): the worker's decode threads."""
+    from image_etl.resources import cpu_count
+
+    return cpu_count()
+
+
 def machine_info(device: str) -> dict[str, Any]:
     """What the numbers were measured on (CPU, memory, library versions, the device)."""
     import cv2
@@ -150,6 +157,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpu_logical": os.cpu_count(),
+        "cpu_usable": usable_cpus(),
         "cpu_physical": psutil.cpu_count(logical=False),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "torch": torch.__version__,

@@ -1,7 +1,8 @@
 """A real Airflow 3 deployment for the end-to-end tests, started and stopped as subprocesses.
 
 ``AirflowStack`` runs ``airflow db migrate`` against a fresh PostgreSQL database, creates the
-``gpu`` pool, then starts on loopback, each in its own process group:
+``gpu`` pool (unless told not to, as on a fresh install), then starts on loopback, each in its
+own process group:
 
 * ``airflow api-server`` (REST API, UI, execution API for the workers),
 * ``airflow scheduler`` (CeleryExecutor, broker = the local Redis under a private key prefix),
@@ -89,8 +90,10 @@ class AirflowStack:
     """Start/stop a CeleryExecutor Airflow on loopback. Use as a context manager."""
 
     def __init__(self, *, home: Path, artifacts: Path, metadata_url: str,
-                 extra_env: dict[str, str] | None = None, redis_url: str = "redis://127.0.0.1:6379/0"):
+                 extra_env: dict[str, str] | None = None, redis_url: str = "redis://127.0.0.1:6379/0",
+                 gpu_pool_slots: int | None = 2):
         self.home = home
+        self.gpu_pool_slots = gpu_pool_slots  # None: no pool made, as on a fresh install
         self.artifacts = artifacts
         self.metadata_url = metadata_url
         self.redis_url = redis_url
@@ -196,7 +199,9 @@ class AirflowStack:
     def start(self, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s
         self.airflow("db", "migrate", timeout_s=300)
-        self.airflow("pools", "set", "gpu", "2", "one slot per GPU (two CPU devices here)", timeout_s=120)
+        if self.gpu_pool_slots is not None:
+            self.airflow("pools", "set", "gpu", str(self.gpu_pool_slots),
+                         "one slot per GPU (two CPU devices here)", timeout_s=120)
         self._spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(self.port),
                     "--workers", "1")
         self._spawn("scheduler", "scheduler")

@@ -22,6 +22,37 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["IMAGE_ETL_CACHE_DIR"] = tempfile.mkdtemp(prefix="image_etl_cache_")
 DEMO_MODEL = Path(os.environ.get("IMAGE_ETL_TEST_MODEL", ROOT / "models" / "demo-yolo11n-2cls.pt"))
 DROP_DATE = dt.date(2026, 11, 20)
+PRECISIONS = ("fp16", "fp32")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("image_etl")
+    group.addoption("--parity-device", default=os.environ.get("IMAGE_ETL_PARITY_DEVICE", "cpu"),
+                    help="device of the parity test with model.predict: cpu (default) or cuda:N "
+                         "(env IMAGE_ETL_PARITY_DEVICE)")
+    group.addoption("--parity-precision",
+                    default=os.environ.get("IMAGE_ETL_PARITY_PRECISION", "fp32"),
+                    help="comma list of fp16, fp32 (default fp32; fp16 needs a CUDA device; "
+                         "env IMAGE_ETL_PARITY_PRECISION)")
+
+
+def pytest_generate_tests(metafunc):
+    """``parity_case``: (device, half) for each precision asked for; ids ``parity-cpu-fp32``."""
+    if "parity_case" not in metafunc.fixturenames:
+        return
+    device = metafunc.config.getoption("--parity-device").strip().lower()
+    if device.isdigit():
+        device = f"cuda:{device}"
+    precisions = [p.strip().lower() for p in
+                  metafunc.config.getoption("--parity-precision").split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise pytest.UsageError(f"--parity-precision: {unknown or 'empty'}; use fp16 and/or fp32")
+    if "fp16" in precisions and not device.startswith("cuda"):
+        # load_model runs fp16 on CUDA only: on the CPU "fp16" would quietly be fp32.
+        raise pytest.UsageError(f"--parity-precision fp16 needs a CUDA device, not {device!r}")
+    metafunc.parametrize("parity_case", [(device, p == "fp16") for p in precisions],
+                         ids=[f"parity-{device}-{p}" for p in precisions], scope="module")
 
 
 @pytest.fixture(scope="session")

@@ -3,97 +3,34 @@ a specific reason; the rest of the shard always goes on."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from image_etl import synth
 from image_etl.outputs import OutputLayout, read_staging
 from image_etl.settings import InferSettings
 from image_etl.worker import ImageTask, run_shard
 
-
-def _scene(w=512, h=3000, seed=1) -> np.ndarray:
-    img, _ = synth.render(np.random.default_rng(seed), w, h)
-    return img
-
-
-def _pil(img: np.ndarray) -> Image.Image:
-    return Image.fromarray(img[..., ::-1].copy())
-
-
-def _save(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height, with a tiny body."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) \
-        + chunk(b"IEND", b"")
-
-
-def _exif_rotated() -> bytes:
-    img = _pil(_scene(512, 3000))
-    exif = img.getexif()
-    exif[0x0112] = 6  # rotate 90° clockwise on display
-    return _save(img, "JPEG", exif=exif, quality=90)
-
-
-CASES: dict[str, tuple[bytes, str | None]] = {}
-
-
-def _cases() -> dict[str, tuple[bytes, str | None]]:
-    """name → (file bytes, expected error substring or None for a processed image)."""
-    if CASES:
-        return CASES
-    scene = _scene()
-    good = _save(_pil(scene), "JPEG", quality=90)
-    CASES.update({
-        "truncated.jpg": (good[: len(good) // 3], "corrupt or truncated"),
-        "zero.jpg": (b"", "empty file"),
-        "text.jpg": (b"just some text, not a picture\n" * 10, "not an image"),
-        "png-named.jpg": (_save(_pil(scene), "PNG"), None),
-        "gray.jpg": (_save(_pil(scene).convert("L"), "JPEG"), None),
-        "cmyk.jpg": (_save(_pil(scene).convert("CMYK"), "JPEG"), None),
-        "progressive.jpg": (_save(_pil(scene), "JPEG", progressive=True), None),
-        "sixteen-bit.png": (_save(Image.fromarray(scene[..., 0].astype(np.uint16) * 257), "PNG"), None),
-        "bomb.png": (_bomb_png(100_000, 100_000), "image too large"),
-        "exif-rotated.jpg": (_exif_rotated(), None),
-        "name with spaces 'quotes' \"double\" é漢字.jpg": (good, None),
-        "new\nline.jpg": (good, None),
-    })
-    return CASES
+from .helpers import bad_cases
 
 
 @pytest.fixture(scope="module")
 def bad_drop(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_drop")
-    for name, (data, _) in _cases().items():
+    for name, (data, _) in bad_cases().items():
         (root / name).write_bytes(data)
     return root
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
 def test_every_odd_file_is_processed_or_failed_with_its_reason(bad_drop, cpu_model, tmp_path, fast):
-    tasks = [ImageTask(bad_drop / name, name) for name in sorted(_cases())]
+    tasks = [ImageTask(bad_drop / name, name) for name in sorted(bad_cases())]
     staging = tmp_path / "stage.jsonl"
     report = run_shard(tasks, cpu_model, InferSettings(fast_decode=fast, batch_size=4),
                        OutputLayout(tmp_path / "out"), staging)
     staged = {r["rel_path"]: r for r in read_staging(staging)[1]}
-    assert sorted(staged) == sorted(_cases())
-    for name, (_, expected) in _cases().items():
+    assert sorted(staged) == sorted(bad_cases())
+    for name, (_, expected) in bad_cases().items():
         record = staged[name]
         txt = tmp_path / "out" / "labels" / Path(name).with_suffix(".txt")
         if expected is None:
@@ -102,7 +39,7 @@ def test_every_odd_file_is_processed_or_failed_with_its_reason(bad_drop, cpu_mod
         else:
             assert record["status"] == "failed" and expected in record["error"], (name, record)
             assert not txt.exists(), name
-    assert report.failed == sum(1 for _, e in _cases().values() if e)
+    assert report.failed == sum(1 for _, e in bad_cases().values() if e)
     # Nothing half-written: no temp files anywhere under the outputs.
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
 
@@ -138,7 +75,7 @@ def test_unreadable_file_becomes_a_failed_row(demo_model_path, tmp_path):
 
     images, out = tmp_path / "images", tmp_path / "out"
     images.mkdir()
-    good = _cases()["name with spaces 'quotes' \"double\" é漢字.jpg"][0]
+    good = bad_cases()["name with spaces 'quotes' \"double\" é漢字.jpg"][0]
     (images / "readable.jpg").write_bytes(good)
     (images / "secret.jpg").write_bytes(good)
     (images / "secret.jpg").chmod(0o000)
@@ -168,7 +105,7 @@ def test_cli_exit_status_says_when_too_many_images_failed(demo_model_path, tmp_p
 
     images, out, staging = tmp_path / "images", tmp_path / "out", tmp_path / "staged.jsonl"
     images.mkdir()
-    cases = _cases()
+    cases = bad_cases()
     (images / "good.jpg").write_bytes(cases["name with spaces 'quotes' \"double\" é漢字.jpg"][0])
     (images / "empty.jpg").write_bytes(b"")
     (images / "notes.jpg").write_bytes(b"not a picture at all\n" * 10)
@@ -191,7 +128,8 @@ def test_cli_exit_status_says_when_too_many_images_failed(demo_model_path, tmp_p
 
     bad_fraction = infer("--max-failed-fraction", "1.5")
     assert bad_fraction.returncode == 2
-    assert "max_failed_fraction: must be between 0.0 and 1.0" in bad_fraction.stderr
+    assert "invalid parameter max_failed_fraction: must be between 0 and 1" in bad_fraction.stderr
     bad_device = infer("--device", "gpu7")
     assert bad_device.returncode == 2
-    assert bad_device.stderr.strip().startswith("error: device: unknown device 'gpu7'")
+    assert bad_device.stderr.strip().startswith(
+        "error: invalid parameter device: unknown device 'gpu7'; use 'auto', 'cpu'")

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from image_etl import synth
+from image_etl.settings import DAG_PARAMS, SETTINGS
 
 from .conftest import DEMO_MODEL, DROP_DATE, ROOT
 from .dbrows import result_rows as _rows
+from .helpers import bad_cases, match
 from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)
-from .test_worker import match
 
-PARAM_NAMES = {"date", "drop_dir", "output_dir", "model_path", "devices", "imgsz", "conf", "iou",
-               "batch_size", "fast_decode", "save_annotated", "reprocess", "runtime"}
+PARAM_NAMES = set(DAG_PARAMS)
 
 
 @pytest.fixture()
@@ -44,6 +44,55 @@ def test_dag_shape(dag):
     assert [o.name for o in load.outlets] == ["image_etl_detections"] and load.retries >= 1
     assert dag.get_task("discover").downstream_task_ids == {"partition", "load", "report"}
     assert all(dag.params.get_param(n).schema.get("title") for n in PARAM_NAMES)
+    # Fail-fast: every task fails at once on an error no retry can fix, and has a time limit.
+    from image_etl import errors
+
+    for t in dag.tasks:
+        assert t.execution_timeout is not None, t.task_id
+        for exc in (errors.SettingsError("x", "y"), errors.WeightsChangedError("w"),
+                    errors.MissingStagingError("m"), errors.TooManyFailedError("t")):
+            assert t.retry_policy.evaluate(exc, 1, 3).action.value == "fail", (t.task_id, exc)
+        assert t.retry_policy.evaluate(OSError(28, "disk full"), 1, 3).action.value == "default"
+    assert not any(getattr(t, "multiple_outputs", False) for t in dag.tasks)
+
+
+def test_params_are_the_settings_declaration(dag):
+    """The trigger form is derived from image_etl.settings: same names, defaults, schema."""
+    assert list(dag.params) == list(DAG_PARAMS)
+    for name in DAG_PARAMS:
+        schema = dag.params.get_param(name).schema
+        assert {k: schema[k] for k in ("title", "section")} == {
+            "title": SETTINGS[name].title, "section": SETTINGS[name].section}
+    devices = dag.params.get_param("devices")
+    for good in ("auto", "cpu", "cpu,cpu", "0,1", "cuda:0,cuda:1", " cuda:0 , 1 "):
+        devices.resolve(good)
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for bad in ("gpu7", "", "cpu;rm", "0,,1", "cuda0"):
+        with pytest.raises(ParamValidationError, match="devices|pattern|does not match|short"):
+            devices.resolve(bad)
+
+
+def test_run_date_without_a_logical_date_is_when_it_was_triggered():
+    """REST and CLI triggers default to no logical date; the run's date is then run_after's,
+    in the DAG's timezone."""
+    import importlib.util
+    import types
+
+    import pendulum
+
+    spec = importlib.util.spec_from_file_location("nightly_dag", ROOT / "dags/nightly_detections.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    late = dt.datetime(2026, 11, 19, 23, 30, tzinfo=dt.UTC)  # a plain datetime, as Airflow gives
+    tokyo = types.SimpleNamespace(timezone=pendulum.timezone("Asia/Tokyo"))
+    utc = types.SimpleNamespace(timezone=pendulum.timezone("UTC"))
+    no_logical = {"logical_date": None, "dag_run": types.SimpleNamespace(run_after=late)}
+    assert module._run_date({**no_logical, "dag": utc}) == dt.date(2026, 11, 19)
+    assert module._run_date({**no_logical, "dag": tokyo}) == dt.date(2026, 11, 20)
+    logical = pendulum.datetime(2026, 11, 18, 2)
+    assert module._run_date({"logical_date": logical, "dag": utc,
+                             "dag_run": types.SimpleNamespace(run_after=late)}) == dt.date(2026, 11, 18)
 
 
 def test_dag_file_imports_nothing_heavy(airflow_home):
@@ -116,6 +165,18 @@ def _task_instances(run) -> dict:
     return {ti.task_id: ti for ti in tis}
 
 
+def _xcom_keys(run) -> list[str]:
+    import sqlite3
+
+    from .conftest import AIRFLOW_HOME
+
+    meta = sqlite3.connect(AIRFLOW_HOME / "airflow.db")
+    try:
+        return [k for (k,) in meta.execute("SELECT key FROM xcom WHERE run_id = ?", (run.run_id,))]
+    finally:
+        meta.close()
+
+
 def _test_run(dag, conf: dict, day: dt.date):
     run = _day_run(dag, conf, day)
     assert _state(run) == "success"
@@ -125,9 +186,14 @@ def _test_run(dag, conf: dict, day: dt.date):
 @pytest.mark.slow
 def test_dag_end_to_end_is_idempotent(dag, dag_env, full_drop, capfd):
     db, conf, tmp = dag_env
-    _test_run(dag, conf, DROP_DATE)
+    run = _test_run(dag, conf, DROP_DATE)
+    logs = "".join(capfd.readouterr())
     # load fetches the shards' results in one request, so Airflow logs no failed XCom lookup.
-    assert "XCom not found" not in "".join(capfd.readouterr())
+    assert "XCom not found" not in logs
+    # Each infer task's time limit is sized to its shard (15 min + 5 s per image).
+    assert logs.count("infer time limit: 0:15:50 for 10 image(s)") == 2, logs[-3000:]
+    # One XCom per task instance: no task's dict is split into one row per key.
+    assert _xcom_keys(run) == ["return_value"] * 6
     first = _rows(db)
     images = sorted(p.name for p in (full_drop / DROP_DATE.isoformat()).glob("*.jpg"))
     assert [r[1] for r in first["images"]] == images
@@ -177,13 +243,31 @@ def test_dag_end_to_end_is_idempotent(dag, dag_env, full_drop, capfd):
 
 
 @pytest.mark.slow
+def test_drop_date_offset_for_drops_named_by_capture_day(dag, dag_env, full_drop):
+    """The run of D+1 02:00 with offset -1 processes drop D; an explicit date wins over both."""
+    db, conf, tmp = dag_env
+    day = dt.date(2026, 5, 1)
+    synth.make_drop(tmp / "capture", day, 1, width=512, height=3000, seed=51)
+    conf = {**conf, "drop_dir": str(tmp / "capture" / "{date}"), "drop_date_offset_days": -1}
+    _test_run(dag, conf, day + dt.timedelta(days=1))
+    assert [(r[0], r[1]) for r in _rows(db)["images"]] == [("2026-05-01", "scan_00000.jpg")]
+    # Offset 0 (today's behaviour) on the same tick looks for drop D+1, which is not there.
+    run = _day_run(dag, {**conf, "drop_date_offset_days": 0}, day + dt.timedelta(days=1))
+    assert _state(run) == "failed"
+    assert _state(_task_instances(run)["discover"]) == "failed"
+    explicit = _day_run(dag, {**conf, "date": day.isoformat(), "reprocess": True}, day + dt.timedelta(days=9))
+    assert _state(explicit) == "success"
+
+
+@pytest.mark.slow
 def test_empty_drop_is_a_successful_visibly_empty_run(dag, dag_env, caplog):
     db, conf, tmp = dag_env
     empty = tmp / "empty" / "2026-01-01"
     empty.mkdir(parents=True)
     _test_run(dag, {**conf, "drop_dir": str(tmp / "empty" / "{date}")}, dt.date(2026, 1, 1))
     assert _rows(db) == {"images": [], "detections": []}
-    assert "0 images" in caplog.text
+    assert "this run loaded 0 image(s) (0 ok, 0 failed), 0 detection(s) (nothing new in the drop)" \
+        in caplog.text
 
 
 def test_bad_param_is_refused_before_any_work(dag, dag_env, capfd):
@@ -204,16 +288,14 @@ def test_bad_input_through_the_dag(dag, dag_env, tmp_path):
     import os
     import time
 
-    from .test_bad_input import _cases
-
     db, conf, _ = dag_env
     day = dt.date(2026, 2, 3)
     drop = tmp_path / "bad" / day.isoformat()
     (drop / "folder.jpg").mkdir(parents=True)  # a directory named like an image: walked into
     outside = tmp_path / "outside.jpg"  # a symlink target outside the drop: never read
-    good = _cases()["name with spaces 'quotes' \"double\" é漢字.jpg"][0]
+    good = bad_cases()["name with spaces 'quotes' \"double\" é漢字.jpg"][0]
     outside.write_bytes(good)
-    for name, (data, _) in _cases().items():
+    for name, (data, _) in bad_cases().items():
         (drop / name).write_bytes(data)
     (drop / "folder.jpg" / "inside.jpg").write_bytes(good)
     (drop / "link-outside.jpg").symlink_to(outside)
@@ -228,7 +310,7 @@ def test_bad_input_through_the_dag(dag, dag_env, tmp_path):
     run = _day_run(dag, conf, day)
     assert _state(run) == "success"
     rows = {r[1]: r for r in _rows(db)["images"]}
-    expected = {**{n: e for n, (_, e) in _cases().items()}, "folder.jpg/inside.jpg": None}
+    expected = {**{n: e for n, (_, e) in bad_cases().items()}, "folder.jpg/inside.jpg": None}
     assert sorted(rows) == sorted(expected)  # no link, no hidden file, no unsettled file
     labels = Path(conf["output_dir"].format(date=day.isoformat())) / "labels"
     for name, reason in expected.items():
@@ -349,14 +431,12 @@ def test_db_password_never_leaves_the_connection(dag, dag_env, request, monkeypa
 
 @pytest.mark.slow
 def test_a_mostly_failed_drop_fails_the_run_but_keeps_its_rows(dag, dag_env, tmp_path):
-    from .test_bad_input import _cases
-
     db, conf, _ = dag_env
     day = dt.date(2026, 2, 4)
     drop = tmp_path / "mostly-bad" / day.isoformat()
     drop.mkdir(parents=True)
     for name in ("truncated.jpg", "zero.jpg", "text.jpg", "gray.jpg"):
-        (drop / name).write_bytes(_cases()[name][0])
+        (drop / name).write_bytes(bad_cases()[name][0])
     conf = {**conf, "drop_dir": str(tmp_path / "mostly-bad" / "{date}")}
     run = _day_run(dag, {**conf, "max_failed_fraction": 0.5}, day)
     assert _state(run) == "failed"

@@ -15,15 +15,24 @@ The story, in order (the tests share the stack and build on each other):
    its run loads nothing and its rows stay as they were; D3 already has a completed Airflow run
    (step 1's), which the backfill clears and re-runs with the backfill's conf, so D3 is
    processed now. Afterwards every date has exactly its images, once.
-3. Headless Chromium screenshots the DAG's grid and its trigger form.
+3. Every other way to start a run: over REST without a logical date (as the official client
+   sends it), with ``airflow dags trigger`` without ``--logical-date``, and a backfill whose
+   range is written exactly as the README's example writes it: each covers the dates it names.
+   A bad ``devices`` value is refused at trigger time (400, naming it).
+4. Headless Chromium screenshots the DAG's grid and its trigger form.
+
+The stack is started as a fresh install would be: no ``gpu`` pool. The project's plugin
+creates it (``IMAGE_ETL_GPUS`` slots) when the scheduler starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -51,9 +60,13 @@ _TODAY = dt.datetime.now(dt.UTC).date()
 D1, D2, D3 = (_TODAY - dt.timedelta(days=n) for n in (12, 11, 10))
 COUNTS = {D1: 2, D2: 3, D3: 2}
 SEEDS = {D1: 101, D2: 102, D3: 103}
+# One image each, for the runs of step 3 (kept out of COUNTS: step 2 checks every row it sees).
+D4, D5, D6, D7 = (_TODAY - dt.timedelta(days=n) for n in (9, 8, 7, 6))
+EXTRA = {D4: 1, D5: 1, D6: 1, D7: 1, _TODAY - dt.timedelta(days=1): 1, _TODAY: 1}
+README = ROOT / "README.md"
 RUN_TIMEOUT_S = 300
 BACKFILL_TIMEOUT_S = 360
-LABEL = re.compile(r"^cpu · (\d+) images$")
+LABEL = re.compile(r"^shard (\d+)/(\d+) · cpu · (\d+) images?$")
 EXECUTED = re.compile(r"Executing workload in Celery: .*?log_path='dag_id=(?P<dag>[^/]+)"
                       r"/run_id=(?P<run>[^/]+)/task_id=(?P<task>[^/]+)(?:/map_index=(?P<map_index>\d+))?"
                       r"/attempt=(?P<attempt>\d+)\.log'")
@@ -100,6 +113,8 @@ def e2e(tmp_path_factory):
     drops = base / "drops"
     for day, count in COUNTS.items():
         synth.make_drop(drops, day, count, width=512, height=3000, seed=SEEDS[day])
+    for k, (day, count) in enumerate(EXTRA.items()):
+        synth.make_drop(drops, day, count, width=512, height=3000, seed=200 + k)
     logs = ARTIFACTS / "e2e"
     shutil.rmtree(logs, ignore_errors=True)
 
@@ -120,9 +135,11 @@ def e2e(tmp_path_factory):
                 "IMAGE_ETL_SETTLE_SECONDS": "0",
                 "IMAGE_ETL_BATCH_SIZE": "2",
                 "IMAGE_ETL_LOCK_DIR": str(base / "locks"),
+                # The fleet's "GPUs" (two CPU devices here): the slots the plugin gives the pool.
+                "IMAGE_ETL_GPUS": "2",
             }
             stack = AirflowStack(home=base / "airflow_home", artifacts=logs, metadata_url=metadata_url,
-                                 extra_env=env)
+                                 extra_env=env, gpu_pool_slots=None)
             with stack:
                 with stack.client() as client:
                     yield E2E(stack=stack, client=client, base=base, drops=drops, results_url=results_url)
@@ -171,10 +188,19 @@ def _mapped_infer(e2e: E2E, run_id: str) -> list[dict]:
     return sorted(tis["task_instances"], key=lambda t: t["map_index"])
 
 
-def _discovered(e2e: E2E, run_id: str) -> dict:
-    entry = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/discover/xcomEntries/"
+def _xcom(e2e: E2E, run_id: str, task_id: str) -> dict:
+    entry = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/"
                                   "return_value", params={"deserialize": "true"}))
     return entry["value"]
+
+
+def _discovered(e2e: E2E, run_id: str) -> dict:
+    return _xcom(e2e, run_id, "discover")
+
+
+def _xcom_count(e2e: E2E, run_id: str) -> int:
+    return _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/~/xcomEntries"))[
+        "total_entries"]
 
 
 def _of(rows: dict[str, list[tuple]], day: dt.date) -> dict[str, list[tuple]]:
@@ -188,12 +214,14 @@ def _drop_names(e2e: E2E, day: dt.date) -> list[str]:
 def _assert_labels(tis: list[dict], images: int, shards: int) -> None:
     assert [t["map_index"] for t in tis] == list(range(shards))
     counts = []
-    for t in tis:
+    for k, t in enumerate(tis):
         assert t["state"] == "success", t
         match = LABEL.match(t["rendered_map_index"] or "")
         assert match, f"map_index_template not rendered: {t['rendered_map_index']!r}"
-        counts.append(int(match.group(1)))
+        assert (int(match.group(1)), int(match.group(2))) == (k + 1, shards), match.group(0)
+        counts.append(int(match.group(3)))
     assert sum(counts) == images and min(counts) >= 1, counts
+    assert len({t["rendered_map_index"] for t in tis}) == len(tis)  # every label its own
 
 
 def _executed(stack: AirflowStack, worker: str) -> list[re.Match]:
@@ -208,8 +236,11 @@ def test_triggered_run_with_conf(e2e: E2E):
     assert httpx.get(f"{stack.base_url}/api/v2/dags/{DAG_ID}", timeout=30).status_code == 401
 
     assert _check(client.get("/importErrors"))["total_entries"] == 0
+    # A fresh install: nobody made the gpu pool; the plugin did when the scheduler started.
     pool = _check(client.get("/pools/gpu"))
-    assert pool["slots"] == 2
+    assert pool["slots"] == 2 and "image_etl plugin" in pool["description"], pool
+    assert "pool 'gpu' did not exist: created it with 2 slot(s)" in stack.log_text("scheduler") + \
+        stack.log_text("dag-processor")
     assert _check(client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}))["is_paused"] is False
 
     conf = {"date": D2.isoformat(), "drop_dir": str(e2e.drops / "{date}"),
@@ -287,6 +318,13 @@ def test_backfill_reprocess_completed_keeps_rows_exact(e2e: E2E):
         D2: (D2.isoformat(), 0, COUNTS[D2]),
         D3: (D3.isoformat(), COUNTS[D3], 0)}
 
+    # report: this run's counts beside the drop's. D2's run loaded nothing new.
+    reports = {day: _xcom(e2e, run["dag_run_id"], "report") for day, run in by_day.items()}
+    assert reports[D2]["run"]["images"] == 0 and reports[D2]["drop"]["images"] == COUNTS[D2]
+    assert reports[D1]["run"]["images"] == reports[D1]["drop"]["images"] == COUNTS[D1]
+    # One XCom per task instance (discover, partition, 2 x infer, load, report).
+    assert _xcom_count(e2e, by_day[D1]["dag_run_id"]) == 6
+
     rows = _rows(e2e.results_url)
     for day in (D1, D3):
         assert [(r[1], r[3]) for r in _of(rows, day)["images"]] == [(n, "ok") for n in _drop_names(e2e, day)]
@@ -303,6 +341,93 @@ def test_backfill_reprocess_completed_keeps_rows_exact(e2e: E2E):
     assert {m["task"] for m in _executed(e2e.stack, "worker-gpu")} == {"infer"}
     assert "infer" not in {m["task"] for m in _executed(e2e.stack, "worker-default")}
     e2e.done.add("backfill")
+
+
+def _day_rows(e2e: E2E, day: dt.date) -> list[tuple[str, str]]:
+    return [(r[1], r[3]) for r in _of(_rows(e2e.results_url), day)["images"]]
+
+
+def _new_runs(e2e: E2E, before: set[str], **params: str) -> list[dict]:
+    runs = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns", params=params))["dag_runs"]
+    return [r for r in runs if r["dag_run_id"] not in before]
+
+
+def _run_ids(e2e: E2E) -> set[str]:
+    return {r["dag_run_id"] for r in
+            _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns", params={"limit": 100}))["dag_runs"]}
+
+
+def test_rest_trigger_without_a_logical_date(e2e: E2E):
+    """What the official client sends when no logical date is given: ``"logical_date": null``."""
+    client = e2e.client
+    created = _check(client.post(f"/dags/{DAG_ID}/dagRuns",
+                                 json={"logical_date": None, "conf": {"date": D4.isoformat()}}))
+    assert created["logical_date"] is None
+    _wait_run(e2e, created["dag_run_id"], RUN_TIMEOUT_S)
+    assert _day_rows(e2e, D4) == [(n, "ok") for n in _drop_names(e2e, D4)]
+    assert _mapped_infer(e2e, created["dag_run_id"])[0]["rendered_map_index"] == \
+        "shard 1/1 · cpu · 1 image"
+
+    # No date at all: the day it was triggered (run_after), shifted by the offset.
+    created = _check(client.post(f"/dags/{DAG_ID}/dagRuns",
+                                 json={"logical_date": None, "conf": {"drop_date_offset_days": -1}}))
+    _wait_run(e2e, created["dag_run_id"], RUN_TIMEOUT_S)
+    triggered = dt.datetime.fromisoformat(created["run_after"]).astimezone(dt.UTC).date()
+    expected = triggered - dt.timedelta(days=1)
+    found = _discovered(e2e, created["dag_run_id"])
+    assert (found["date"], found["images"]) == (expected.isoformat(), 1)
+    assert _day_rows(e2e, expected) == [(n, "ok") for n in _drop_names(e2e, expected)]
+
+
+def test_cli_trigger_without_a_logical_date(e2e: E2E):
+    """The README's ``airflow dags trigger`` line: no --logical-date."""
+    before = _run_ids(e2e)
+    e2e.stack.airflow("dags", "trigger", DAG_ID, "--conf", json.dumps({"date": D5.isoformat()}))
+    [run] = _new_runs(e2e, before, run_type="manual")
+    assert run["logical_date"] is None and run["conf"] == {"date": D5.isoformat()}
+    _wait_run(e2e, run["dag_run_id"], RUN_TIMEOUT_S)
+    assert _day_rows(e2e, D5) == [(n, "ok") for n in _drop_names(e2e, D5)]
+
+
+def _readme_backfill_command(first: dt.date, last: dt.date) -> list[str]:
+    """The README's backfill example, exactly as written, with its two dates replaced."""
+    [line] = re.findall(r"^airflow backfill create .*$", README.read_text(), flags=re.M)
+    args = shlex.split(line)[1:]
+    for flag, day in (("--from-date", first), ("--to-date", last)):
+        k = args.index(flag) + 1
+        args[k] = re.sub(r"^\d{4}-\d{2}-\d{2}", day.isoformat(), args[k])
+    return args
+
+
+def test_backfill_written_as_the_readme_shows_covers_every_date(e2e: E2E):
+    client = e2e.client
+    args = _readme_backfill_command(D6, D7)
+    e2e.stack.airflow(*args)
+    [backfill] = [b for b in _check(client.get("/backfills", params={"dag_id": DAG_ID}))["backfills"]
+                  if b["from_date"].startswith(D6.isoformat())]
+
+    def completed():
+        state = _check(client.get(f"/backfills/{backfill['id']}"))
+        return state if state["completed_at"] else None
+
+    wait_for(f"backfill {backfill['id']}", completed, BACKFILL_TIMEOUT_S, poll_s=3)
+    runs = [r for r in _check(client.get(f"/dags/{DAG_ID}/dagRuns",
+                                         params={"run_type": "backfill", "limit": 100}))["dag_runs"]
+            if r["logical_date"] and r["logical_date"][:10] in (D6.isoformat(), D7.isoformat())]
+    assert sorted(r["logical_date"][:10] for r in runs) == [D6.isoformat(), D7.isoformat()], args
+    for run in runs:
+        assert run["state"] == "success", _task_log_tails(e2e, run["dag_run_id"])
+    for day in (D6, D7):
+        assert _day_rows(e2e, day) == [(n, "ok") for n in _drop_names(e2e, day)]
+
+
+def test_bad_devices_are_refused_at_trigger_time(e2e: E2E):
+    before = _run_ids(e2e)
+    response = e2e.client.post(f"/dags/{DAG_ID}/dagRuns",
+                               json={"logical_date": None, "conf": {"devices": "gpu7"}})
+    assert response.status_code == 400, response.text
+    assert "devices" in response.text and "gpu7" in response.text, response.text
+    assert _run_ids(e2e) == before
 
 
 def _png_size(path: Path) -> tuple[int, int]:

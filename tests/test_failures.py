@@ -197,9 +197,9 @@ def test_device_this_fleet_lacks_is_refused_in_discover(spec, drop, tmp_path, mo
     message = str(info.value)
     assert_one_line(message)
     bad = spec.split(",")[-1]
-    assert message.startswith("devices: ") and repr(bad) in message, message
+    assert message.startswith("invalid parameter devices: ") and repr(bad) in message, message
     if bad == "gpu7":
-        assert "unknown device" in message and "'cpu'" in message  # and what would be valid
+        assert "is not valid" in message and "'cpu'" in message  # and what would be valid
     else:
         assert f"does not exist on this host ({n} GPU(s) visible)" in message
     assert not out.exists()
@@ -472,7 +472,7 @@ def test_unreachable_database_names_it_without_the_password_and_the_retry_loads(
     with pytest.raises(StoreError) as info:
         stages.report(discovered, loaded, db_url=bad)
     assert_clear_db_error(info.value, port)
-    assert stages.report(discovered, loaded, db_url=pg_schema_url)["images"] == N_IMAGES
+    assert stages.report(discovered, loaded, db_url=pg_schema_url)["drop"]["images"] == N_IMAGES
 
     sqlite = f"sqlite:///{tmp_path / 'same.db'}"
     stages.load(discovered, results, db_url=sqlite, dag_id=DAG_ID)
@@ -507,4 +507,4 @@ def test_run_where_most_images_fail_is_a_failed_run(drop, tmp_path):
     # The threshold is a param: 3 of 4 is within 0.75.
     tolerant = stages.discover({**params, "max_failed_fraction": 0.75}, run_id=RUN_ID,
                                run_date=DAY, db_url=None)
-    assert stages.report(tolerant, loaded, db_url=db)["failed"] == 3
+    assert stages.report(tolerant, loaded, db_url=db)["drop"]["failed"] == 3

@@ -27,7 +27,8 @@ def test_runtime_resolution():
     assert resolve_runtime("torch", "cpu") == "torch"
     with pytest.raises(ModelLoadError, match="runtime 'openvino' runs on CPU devices only"):
         resolve_runtime("openvino", "cuda")
-    with pytest.raises(SettingsError, match="^runtime: expected one of auto, torch, openvino"):
+    with pytest.raises(SettingsError,
+                       match="^invalid parameter runtime: expected one of auto, torch, openvino"):
         InferSettings(runtime="tensorrt")
     settings = RunSettings.from_params({"model_path": str(ROOT / "models/demo-yolo11n-2cls.pt"),
                                         "drop_dir": "/d/{date}", "output_dir": "/o",

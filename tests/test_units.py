@@ -46,7 +46,7 @@ def test_parse_devices(spec, gpus, expected):
 def test_parse_devices_refuses(spec, gpus, message):
     with pytest.raises(SettingsError, match=message) as info:
         parse_devices(spec, available_gpus=gpus)
-    assert str(info.value).startswith("devices:")
+    assert str(info.value).startswith("invalid parameter devices:")
 
 
 def test_lease_is_exclusive_per_device(tmp_path):
@@ -82,7 +82,7 @@ def test_lease_released_when_holder_dies(tmp_path):
 def test_settings_refuse_bad_values_naming_them(kwargs, name):
     with pytest.raises(SettingsError) as info:
         InferSettings(**kwargs)
-    assert info.value.name == name and str(info.value).startswith(f"{name}:")
+    assert info.value.name == name and str(info.value).startswith(f"invalid parameter {name}:")
 
 
 def test_settings_coerce_form_strings():

@@ -15,40 +15,10 @@ import pytest
 from image_etl import synth
 from image_etl.outputs import OutputLayout, read_staging
 from image_etl.settings import InferSettings
-from image_etl.worker import ImageTask, OutputSink, run_shard
+from image_etl.worker import OutputSink, run_shard
 
 from .conftest import DROP_DATE, ROOT
-
-
-def tasks_for(root: Path) -> list[ImageTask]:
-    return [ImageTask(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*.jpg"))]
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def match(preds: list[tuple[int, tuple]], truth: list[tuple[int, tuple]], thr: float = 0.5) -> int:
-    """Greedy class-aware matching at IoU >= thr; returns the number of matched pairs."""
-    used: set[int] = set()
-    hits = 0
-    for cls, box in preds:
-        best, best_j = thr, None
-        for j, (tcls, tbox) in enumerate(truth):
-            if j not in used and tcls == cls and (v := iou(box, tbox)) >= best:
-                best, best_j = v, j
-        if best_j is not None:
-            used.add(best_j)
-            hits += 1
-    return hits
-
-
-def staged_by_path(staging: Path) -> dict[str, dict]:
-    return {r["rel_path"]: r for r in read_staging(staging)[1]}
+from .helpers import match, staged_by_path, tasks_for
 
 
 def run(tasks, model, out: Path, staging: Path | None = None, **settings):
@@ -70,18 +40,36 @@ def parity_images(tmp_path_factory) -> Path:
     return root
 
 
-def test_exact_mode_equals_model_predict(parity_images, cpu_model, demo_model_path, tmp_path):
+@pytest.fixture(scope="module")
+def parity_model(parity_case, demo_model_path, request):
+    """The demo model on the parity device (``--parity-device``, ``--parity-precision``)."""
+    device, half = parity_case
+    if device == "cpu":
+        return request.getfixturevalue("cpu_model")
+    from image_etl.model import load_model
+
+    model = load_model(demo_model_path, device, half=half)
+    assert model.is_cuda and model.fp16 == half
+    return model
+
+
+def test_exact_mode_equals_model_predict(parity_images, parity_case, parity_model,
+                                         demo_model_path, tmp_path, capsys):
+    """Ours (batches of 4) and ``YOLO(model).predict`` (one image at a time), same device and
+    precision (``--parity-device cuda:0 --parity-precision fp16,fp32`` on a GPU)."""
     from ultralytics import YOLO
 
+    device, half = parity_case
     staging = tmp_path / "stage.jsonl"
-    report = run(tasks_for(parity_images), cpu_model, tmp_path / "out", staging, batch_size=4)
+    report = run(tasks_for(parity_images), parity_model, tmp_path / "out", staging, batch_size=4)
     assert report.ok == len(PARITY_SIZES)
     ours = staged_by_path(staging)
     yolo = YOLO(str(demo_model_path))
-    total = 0
+    total, worst_conf, worst_box = 0, 0.0, 0.0
     for path in sorted(parity_images.glob("*.jpg")):
-        r = yolo.predict(str(path), imgsz=cpu_model.default_imgsz, conf=0.25, iou=0.7,
-                         verbose=False)[0]
+        r = yolo.predict(str(path), imgsz=parity_model.default_imgsz, conf=0.25, iou=0.7,
+                         device=device, quantize=16 if half else 32, verbose=False)[0]
+        assert r.boxes.data.device.type == torch_device_type(device), path.name
         theirs = sorted(zip(r.boxes.cls.int().tolist(), r.boxes.conf.tolist(),
                             r.boxes.xyxy.tolist()), key=lambda t: (t[0], t[2][1], t[2][0]))
         mine = sorted(((int(d[0]), d[1], d[2:6]) for d in ours[path.name]["detections"]),
@@ -89,11 +77,22 @@ def test_exact_mode_equals_model_predict(parity_images, cpu_model, demo_model_pa
         assert len(mine) == len(theirs), path.name
         assert [c for c, _, _ in mine] == [c for c, _, _ in theirs], path.name
         for (_, conf_a, box_a), (_, conf_b, box_b) in zip(mine, theirs):
-            assert abs(conf_a - conf_b) <= 1e-3, path.name
-            assert max(abs(a - b) for a, b in zip(box_a, box_b)) <= 1.0, path.name
+            d_conf = abs(conf_a - conf_b)
+            d_box = max(abs(a - b) for a, b in zip(box_a, box_b))
+            worst_conf, worst_box = max(worst_conf, d_conf), max(worst_box, d_box)
+            assert d_conf <= 1e-3, f"{path.name}: conf {conf_a} vs {conf_b}"
+            assert d_box <= 1.0, f"{path.name}: box {box_a} vs {box_b}"
         assert (ours[path.name]["height"], ours[path.name]["width"]) == r.orig_shape
         total += len(mine)
+    with capsys.disabled():
+        print(f"\nparity on {device} {'fp16' if half else 'fp32'}: {total} detections on "
+              f"{len(PARITY_SIZES)} images, worst |conf| diff {worst_conf:.2e}, worst box diff "
+              f"{worst_box:.3f} px")
     assert total >= 10, "parity on images with real detections"
+
+
+def torch_device_type(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
 
 
 # --- accuracy against ground truth -----------------------------------------------------------

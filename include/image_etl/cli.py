@@ -18,12 +18,39 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from image_etl.settings import RUNTIMES, InferSettings, SettingsError, check_number
+from image_etl.settings import SETTINGS, InferSettings, SettingsError, check, env_defaults
 
 if TYPE_CHECKING:
     from image_etl.worker import ShardReport
 
 log = logging.getLogger("image_etl")
+DEFAULTS = env_defaults()
+
+
+def _flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting that declares one (settings.SETTINGS): its help, its default from
+    the environment. Values stay text here: settings.check validates them, naming them."""
+    for name, spec in SETTINGS.items():
+        if spec.cli is None:
+            continue
+        env = f"; env {spec.env}" if spec.env else ""
+        text = f"{spec.title}. {spec.description}".rstrip(". ") + env
+        if spec.kind is bool:
+            parser.add_argument(spec.cli, dest=_flag_dest(spec.cli), default=DEFAULTS[name],
+                                action=argparse.BooleanOptionalAction, help=text)
+        else:
+            choices = list(spec.enum) or None
+            parser.add_argument(spec.cli, dest=_flag_dest(spec.cli), default=DEFAULTS[name],
+                                choices=choices, help=text)
+
+
+def _setting_values(args: argparse.Namespace) -> dict[str, object]:
+    return {name: getattr(args, _flag_dest(spec.cli)) for name, spec in SETTINGS.items()
+            if spec.cli is not None}
 
 
 def _date(text: str) -> dt.date:
@@ -56,30 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("--seed", type=int, default=0)
     drop.add_argument("--quality", type=int, default=90, help="JPEG quality")
 
-    infer = sub.add_parser("infer", help="run one worker over every image under a folder")
+    infer = sub.add_parser("infer", help="run one worker over every image under a folder",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     infer.add_argument("images_dir", type=Path)
     infer.add_argument("--out", type=Path, help="output root (labels/, annotated/)")
     infer.add_argument("--beside-images", action="store_true",
                        help="write each .txt next to its image instead of under --out")
-    infer.add_argument("--model", type=Path, required=True, help="Ultralytics .pt weights file")
-    infer.add_argument("--device", default="cpu", help="cpu, 0, cuda:0 (one device)")
-    infer.add_argument("--imgsz", type=int, default=None, help="default: the model's own")
-    infer.add_argument("--conf", type=float, default=0.25)
-    infer.add_argument("--iou", type=float, default=0.7)
-    infer.add_argument("--batch", type=int, default=8)
-    infer.add_argument("--decode-workers", type=int, default=None)
-    infer.add_argument("--fast-decode", action="store_true",
-                       help="reduced-scale JPEG decode when the model input is much smaller")
-    infer.add_argument("--save-annotated", action="store_true")
-    infer.add_argument("--runtime", choices=RUNTIMES, default="auto",
-                       help="forward pass: auto (OpenVINO on a CPU device when installed), "
-                            "torch or openvino")
+    infer.add_argument("--model", type=Path, default=DEFAULTS["model_path"],
+                       help="Ultralytics .pt weights file (env IMAGE_ETL_MODEL)")
+    _setting_flags(infer)
     infer.add_argument("--staging", type=Path, default=None,
                        help="JSONL of finished images; makes the run resumable")
     infer.add_argument("--summary", type=Path, default=None, help="write a JSON summary here")
-    infer.add_argument("--max-failed-fraction", type=float, default=0.5,
-                       help="exit with status 3 when more of the images failed than this "
-                            "(judged on every image the staging file holds, with --staging)")
     return parser
 
 
@@ -119,26 +134,21 @@ def _make_drop(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from image_etl.devices import parse_devices
     from image_etl.discover import list_images
     from image_etl.model import load_model
     from image_etl.outputs import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
-    max_failed = check_number("max_failed_fraction", args.max_failed_fraction, float, 0.0, 1.0)
+    values = _setting_values(args)
+    max_failed = check("max_failed_fraction", values.pop("max_failed_fraction"))
     if args.out is None and not args.beside_images:
         raise SettingsError("out", "give an output folder, or --beside-images")
-    settings = InferSettings(imgsz=args.imgsz, conf=args.conf, iou=args.iou,
-                             batch_size=args.batch, fast_decode=args.fast_decode,
-                             save_annotated=args.save_annotated, runtime=args.runtime,
-                             decode_workers=args.decode_workers)
-    devices = parse_devices(args.device, param="device")
-    if len(devices) != 1:
-        raise SettingsError("device", f"infer runs one worker on one device, got {devices}")
+    device = _one_device(str(values.pop("devices")))
+    settings = InferSettings.from_params(values)
     root = args.images_dir.resolve()
     listing = list_images(root)
     tasks = [ImageTask(root / f.rel_path, f.rel_path) for f in listing.images]
-    model = load_model(args.model, devices[0], half=settings.half, imgsz=settings.imgsz,
+    model = load_model(args.model, device, half=settings.half, imgsz=settings.imgsz,
                        runtime=settings.runtime)
     layout = OutputLayout((args.out or root).resolve(), beside_images=args.beside_images)
     report = run_shard(tasks, model, settings, layout, staging_path=args.staging)
@@ -150,6 +160,18 @@ def _infer(args: argparse.Namespace) -> int:
     print(f"{report.processed} images ({report.failed} failed, {report.resumed} resumed), "
           f"{report.detections} detections, {report.images_per_s:.2f} images/s")
     return _judge_failures(report, args.staging, max_failed)
+
+
+def _one_device(spec: str) -> str:
+    """``--device``: one device; ``auto`` is this host's first GPU, else the CPU."""
+    from image_etl.devices import parse_devices
+
+    devices = parse_devices(spec, param="device")
+    if spec.strip().lower() == "auto":
+        return devices[0]
+    if len(devices) != 1:
+        raise SettingsError("device", f"infer runs one worker on one device, got {devices}")
+    return devices[0]
 
 
 def _judge_failures(report: ShardReport, staging: Path | None, max_failed: float) -> int:

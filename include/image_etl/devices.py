@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from image_etl.settings import SettingsError
+from image_etl.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,27 @@ class DeviceError(RuntimeError):
 
 
 def cuda_device_count() -> int:
+    """GPUs torch can use here (imports torch: for the worker, where a model runs anyway)."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency of the worker
         return 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def fleet_gpu_count() -> int:
+    """GPUs a worker of this deployment has, as the planning tasks (discover, partition) see
+    it: ``IMAGE_ETL_GPUS`` when set (a scheduler host often has none), else this host's, counted
+    without torch."""
+    value = os.environ.get("IMAGE_ETL_GPUS")
+    if value:
+        try:
+            return int(value)
+        except ValueError:
+            raise SettingsError("IMAGE_ETL_GPUS", f"expected a number of GPUs, got {value!r}") from None
+    from image_etl.resources import gpu_count
+
+    return gpu_count()
 
 
 def parse_devices(spec: str | list[str] | tuple[str, ...], available_gpus: int | None = None,
@@ -47,7 +63,7 @@ def parse_devices(spec: str | list[str] | tuple[str, ...], available_gpus: int |
     items = [str(i).strip().lower() for i in items if str(i).strip()]
     if not items:
         raise SettingsError(param, "is empty; use 'auto', 'cpu' or GPU indices like '0,1'")
-    gpus = cuda_device_count() if available_gpus is None else available_gpus
+    gpus = fleet_gpu_count() if available_gpus is None else available_gpus
     if items == ["auto"]:
         return [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
     devices: list[str] = []

@@ -7,6 +7,7 @@ pass identical to Ultralytics': same layer fusion, same dtype, same output layou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -15,13 +16,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from image_etl.errors import ModelLoadError, WeightsChangedError
+
 os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub, whatever imports first
 
 log = logging.getLogger(__name__)
 
-
-class ModelLoadError(RuntimeError):
-    """The weights file cannot be used; the message names the file and why."""
+__all__ = ["ModelLoadError", "WeightsChangedError", "LoadedModel", "check_weights_file",
+           "load_model", "weights_sha256"]
 
 
 # torch.save before PyTorch 1.6 wrote a bare pickle that starts with this magic number.
@@ -61,7 +63,17 @@ def check_weights_file(path: str | Path) -> None:
 
 
 def weights_sha256(path: str | Path) -> str:
-    """A model's identity in the results database: the sha256 of its weights file."""
+    """A model's identity in the results database: the sha256 of its weights file.
+
+    Remembered per (file, size, modification time): a stage asks more than once (the
+    ``{model}`` template, the manifest), and weights files run to hundreds of MB.
+    """
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -15,17 +15,20 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 STAGING_VERSION = 1
 # One detection row as staged: class, confidence, pixel box (x1, y1, x2, y2) in the full-size
@@ -233,8 +236,15 @@ class StagingWriter:
         done: dict[str, dict[str, Any]] = {}
         try:
             header, records = read_staging(self.path) if self.path.exists() else (None, [])
-        except ValueError:  # corrupt beyond a torn last line: redo the shard rather than guess
+        except (ValueError, UnicodeDecodeError) as exc:
+            # Corrupt beyond a torn last line: redo the shard rather than guess, and say so.
+            log.warning("staging file %s cannot be read (%s): its images are done again",
+                        self.path, exc)
             header, records = None, []
+        if header is not None and header.get("fingerprint") != self.fingerprint:
+            log.info("staging file %s was made with other weights or settings (fingerprint %s, "
+                     "now %s): its %d image(s) are done again", self.path,
+                     header.get("fingerprint"), self.fingerprint, len(records))
         if header is not None and header.get("fingerprint") == self.fingerprint:
             done = {r["rel_path"]: r for r in records}
             # Rewrite only the complete lines: a line cut by a crash must not stay in the file.
@@ -296,18 +306,12 @@ def read_staging(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"staging file {path} is corrupt at line {number}: {exc}") from None
+            if not isinstance(obj, dict) or not (obj.get("kind") == "header"
+                                                 or isinstance(obj.get("rel_path"), str)):
+                raise ValueError(f"staging file {path} is corrupt at line {number}: neither a "
+                                 "header nor an image record")
             if obj.get("kind") == "header":
                 header = obj
             else:
                 latest[obj["rel_path"]] = obj
     return header, list(latest.values())
-
-
-def iter_staged(paths: list[Path]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """(header, record) over several shards' staging files."""
-    for path in paths:
-        header, records = read_staging(path)
-        if header is None:
-            raise ValueError(f"staging file {path} has no header")
-        for record in records:
-            yield header, record

@@ -1,6 +1,15 @@
-"""One validated, frozen settings object for inference, from DAG params, CLI flags or env.
+"""Every parameter declared once, and the validated, frozen settings built from them.
 
-Validation happens here, before any work starts, and every error names the parameter.
+``SETTINGS`` is the one declaration: name, type, default, bounds, title, description, form
+section, environment variable and CLI flag of each parameter. The DAG's ``Param`` objects
+(``json_schema``), the CLI's flags and help (``cli.py``), the deployment's ``IMAGE_ETL_*``
+defaults (``env_defaults``) and the validation with its ``invalid parameter NAME: ...``
+messages (``check``) are all derived from it. A plain table of dataclasses rather than a
+Pydantic model: the Airflow trigger form wants JSON-schema ``type: ["null", "integer"]`` and a
+``section`` per field, and errors must name the parameter first; Pydantic would need its
+``anyOf`` schemas and its error texts rewritten for both.
+
+Standard library only: the DAG file imports this module at parse time.
 """
 
 from __future__ import annotations
@@ -10,29 +19,199 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from image_etl.errors import SettingsError
 
-class SettingsError(ValueError):
-    """A parameter is invalid; the message starts with the parameter's name."""
+__all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings", "RunSettings",
+           "check", "env_defaults", "absolute_path"]
 
-    def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f"{name}: {problem}")
-        self.name = name
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = PROJECT_ROOT / "models" / "demo-yolo11n-2cls.pt"
+RUNTIMES = ("auto", "torch", "openvino")
+# devices: 'auto', or a list of 'cpu', GPU indices and 'cuda:N' (e.g. 'cpu,cpu', '0,1').
+DEVICES_PATTERN = r"^\s*(auto|(cpu|cuda:\d+|\d+)(\s*,\s*(cpu|cuda:\d+|\d+))*)\s*$"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
-def check_number(name: str, value: Any, kind: type, lo: float, hi: float) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One parameter. ``section`` non-empty: a DAG param shown in that form section.
+    ``env``: the variable a deployment sets its default with. ``cli``: the ``infer`` flag."""
+
+    name: str
+    kind: type  # bool, int, float, str
+    default: Any
+    title: str
+    description: str = ""
+    section: str = ""
+    env: str | None = None
+    cli: str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple_of: int | None = None
+    enum: tuple[str, ...] = ()
+    pattern: str | None = None
+    pattern_hint: str = ""  # what a value refused by ``pattern`` should look like
+    nullable: bool = False
+    format: str | None = None  # JSON-schema format of a string ("date")
+
+    def json_schema(self) -> dict[str, Any]:
+        """The Airflow Param keywords (JSON schema + form title, description, section)."""
+        kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[self.kind]
+        schema: dict[str, Any] = {"type": ["null", kind] if self.nullable else kind}
+        if self.kind is str and not self.nullable and not self.enum:
+            schema["minLength"] = 1
+        for key, value in (("minimum", self.minimum), ("maximum", self.maximum),
+                           ("multipleOf", self.multiple_of), ("pattern", self.pattern),
+                           ("format", self.format)):
+            if value is not None:
+                schema[key] = value
+        if self.enum:
+            schema["enum"] = list(self.enum)
+        schema["title"] = self.title
+        if self.description:
+            schema["description"] = self.description
+        schema["section"] = self.section
+        return schema
+
+
+_S = "What to process"
+_M = "Model"
+_C = "Compute"
+_O = "Outputs"
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    # --- a run: the DAG's params ------------------------------------------------------------
+    Setting("date", str, None, "Drop date", nullable=True, format="date", section=_S,
+            description="YYYY-MM-DD. Empty: the run's date (its logical date, or when it was "
+                        "triggered if it has none) plus the drop date offset."),
+    Setting("drop_date_offset_days", int, 0, "Drop date offset (days)", section=_S,
+            env="IMAGE_ETL_DROP_DATE_OFFSET_DAYS", minimum=-31, maximum=31,
+            description="Added to the run's date when Drop date is empty. 0: the run at D "
+                        "02:00 processes drop D. -1: it processes D-1, for drops named by "
+                        "the day they were captured."),
+    Setting("drop_dir", str, "/data/drops/{date}", "Drop folder", section=_S,
+            env="IMAGE_ETL_DROP_DIR",
+            description="Absolute path; {date} is replaced by the drop date."),
+    Setting("output_dir", str, "/data/outputs/{model}/{date}", "Output folder", section=_S,
+            env="IMAGE_ETL_OUTPUT_DIR",
+            description="Absolute path for labels/, annotated/ and run files; {date} and "
+                        "{model} (weights file name + first 8 hex digits of its sha256) are "
+                        "replaced."),
+    Setting("reprocess", bool, False, "Reprocess", section=_S,
+            description="Also process images already loaded for this model (their rows are "
+                        "replaced, never duplicated)."),
+    Setting("model_path", str, str(DEMO_MODEL), "Model weights", section=_M, env="IMAGE_ETL_MODEL",
+            description="Absolute path to an Ultralytics .pt file (never downloaded)."),
+    Setting("imgsz", int, None, "Image size", section=_M, env="IMAGE_ETL_IMGSZ", cli="--imgsz",
+            nullable=True, minimum=32, maximum=8192, multiple_of=32,
+            description="Model input size; empty = the model's own."),
+    Setting("conf", float, 0.25, "Confidence threshold", section=_M, env="IMAGE_ETL_CONF",
+            cli="--conf", minimum=0, maximum=1),
+    Setting("iou", float, 0.7, "NMS IoU threshold", section=_M, env="IMAGE_ETL_IOU", cli="--iou",
+            minimum=0, maximum=1),
+    Setting("devices", str, "auto", "Devices", section=_C, env="IMAGE_ETL_DEVICES", cli="--device",
+            pattern=DEVICES_PATTERN,
+            pattern_hint="use 'auto', 'cpu', 'cpu,cpu', GPU indices like '0,1' or 'cuda:0,cuda:1'",
+            description="'auto' (every GPU, else one CPU worker), 'cpu', 'cpu,cpu', GPU "
+                        "indices '0,1' or 'cuda:0,cuda:1'. One mapped infer task per device."),
+    Setting("batch_size", int, 8, "Batch size", section=_C, env="IMAGE_ETL_BATCH_SIZE",
+            cli="--batch", minimum=1, maximum=1024,
+            description="Images per forward pass (halved automatically on GPU out-of-memory)."),
+    Setting("fast_decode", bool, False, "Fast decode", section=_C, env="IMAGE_ETL_FAST_DECODE",
+            cli="--fast-decode",
+            description="Reduced-scale JPEG decode when the model input is much smaller than "
+                        "the image (2-8x faster, pixels differ slightly)."),
+    Setting("runtime", str, "auto", "Runtime", section=_C, env="IMAGE_ETL_RUNTIME", cli="--runtime",
+            enum=RUNTIMES,
+            description="Forward pass on CPU devices: 'auto' uses OpenVINO when installed "
+                        "(about half the CPU time of PyTorch, same detections to float "
+                        "rounding); GPUs always run PyTorch."),
+    Setting("timeout_per_image_s", float, 5.0, "Time limit per image (s)", section=_C,
+            env="IMAGE_ETL_TIMEOUT_PER_IMAGE_S", minimum=0.01, maximum=3600,
+            description="infer's execution_timeout is 15 minutes (model load) plus this for "
+                        "each image of its shard: a stuck task is killed and frees its GPU."),
+    Setting("save_annotated", bool, False, "Save annotated images", section=_O,
+            env="IMAGE_ETL_SAVE_ANNOTATED", cli="--save-annotated",
+            description="Also write each image with its boxes drawn."),
+    Setting("settle_seconds", float, 60.0, "Settle time (s)", section=_O,
+            env="IMAGE_ETL_SETTLE_SECONDS", minimum=0, maximum=86400,
+            description="Files modified more recently are still being written: left for the "
+                        "next run."),
+    Setting("max_failed_fraction", float, 0.5, "Max failed fraction", section=_O,
+            env="IMAGE_ETL_MAX_FAILED_FRACTION", cli="--max-failed-fraction", minimum=0, maximum=1,
+            description="Fail the run when more than this fraction of the drop's images could "
+                        "not be read (their rows are loaded all the same)."),
+    # --- the engine only (CLI flags, tests, benchmarks) --------------------------------------
+    Setting("max_det", int, 300, "Max detections per image", cli="--max-det", minimum=1,
+            maximum=100_000),
+    Setting("half", bool, None, "fp16", nullable=True,
+            description="fp16 forward pass; empty: on CUDA devices only."),
+    Setting("decode_workers", int, None, "Decode threads", cli="--decode-workers", nullable=True,
+            minimum=1, maximum=256, description="Default: one per CPU core this process may use."),
+    Setting("decoded_queue_size", int, None, "Decoded images in flight", nullable=True,
+            minimum=1, maximum=100_000),
+    Setting("write_queue_size", int, 64, "Results waiting for the writers", minimum=1,
+            maximum=100_000),
+    Setting("max_image_pixels", int, 400_000_000, "Largest image (pixels)", minimum=1,
+            maximum=10**12),
+    Setting("progress_every_s", float, 15.0, "Progress log interval (s)", minimum=0.1,
+            maximum=86_400),
+)}
+
+DAG_PARAMS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if s.section)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+def check(name: str, value: Any) -> Any:
+    """``value`` (from a form, conf, env or flag: strings are converted) as ``name`` wants it,
+    or SettingsError naming ``name``."""
+    spec = SETTINGS[name]
+    if value is None or (value == "" and spec.nullable):
+        if spec.nullable:
+            return None
+        raise SettingsError(name, f"expected {_expected(spec)}, got {value!r}")
+    if spec.kind is bool:
+        return _flag(name, value)
+    if spec.kind in (int, float):
+        number = check_number(name, value, spec.kind, spec.minimum, spec.maximum)
+        if spec.multiple_of and number % spec.multiple_of:
+            raise SettingsError(name, f"must be a multiple of {spec.multiple_of}, got {number}")
+        return number
+    if not isinstance(value, str):
+        raise SettingsError(name, f"expected text, got {value!r}")
+    if spec.enum and value not in spec.enum:
+        raise SettingsError(name, f"expected one of {', '.join(spec.enum)}, got {value!r}")
+    if spec.pattern and not re.fullmatch(spec.pattern, value):
+        raise SettingsError(name, f"{value!r} is not valid: {spec.pattern_hint}")
+    if not spec.nullable and not value.strip():
+        raise SettingsError(name, "must not be empty")
+    return value
+
+
+def _expected(spec: Setting) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number",
+            str: "text"}[spec.kind]
+
+
+def check_number(name: str, value: Any, kind: type, lo: float | None, hi: float | None) -> Any:
     if isinstance(value, bool) or value is None:
         raise SettingsError(name, f"expected a {kind.__name__}, got {value!r}")
     try:
-        number = kind(value)
+        number = kind(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise SettingsError(name, f"expected a {kind.__name__}, got {value!r}") from None
     if kind is int and isinstance(value, float) and value != number:
         raise SettingsError(name, f"expected a whole number, got {value!r}")
-    if not lo <= number <= hi:
+    if number != number:  # NaN
+        raise SettingsError(name, f"expected a number, got {value!r}")
+    if (lo is not None and number < lo) or (hi is not None and number > hi):
         raise SettingsError(name, f"must be between {lo} and {hi}, got {value!r}")
     return number
 
@@ -40,84 +219,10 @@ def check_number(name: str, value: Any, kind: type, lo: float, hi: float) -> Any
 def _flag(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false",
-                                                            "no", "off"}:
-        return value.strip().lower() in {"1", "true", "yes", "on"}
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
     raise SettingsError(name, f"expected true or false, got {value!r}")
-
-
-RUNTIMES = ("auto", "torch", "openvino")
-
-
-@dataclasses.dataclass(frozen=True)
-class InferSettings:
-    """What one worker needs to turn images into detections.
-
-    ``imgsz`` None means the model's own training size. ``decode_workers`` None means one per
-    CPU core. Queue sizes bound memory: each decoded item is a letterboxed model input (plus
-    the full image only when annotated images are on).
-    """
-
-    imgsz: int | None = None
-    conf: float = 0.25
-    iou: float = 0.7
-    batch_size: int = 8
-    max_det: int = 300
-    fast_decode: bool = False
-    save_annotated: bool = False
-    runtime: str = "auto"  # auto: OpenVINO on a CPU device when installed, else PyTorch
-    half: bool | None = None
-    decode_workers: int | None = None
-    decoded_queue_size: int | None = None
-    write_queue_size: int = 64
-    max_image_pixels: int = 400_000_000
-    progress_every_s: float = 15.0
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        if self.imgsz is not None:
-            size = check_number("imgsz", self.imgsz, int, 32, 8192)
-            if size % 32:
-                raise SettingsError("imgsz", f"must be a multiple of 32, got {size}")
-            set_(self, "imgsz", size)
-        set_(self, "conf", check_number("conf", self.conf, float, 0.0, 1.0))
-        set_(self, "iou", check_number("iou", self.iou, float, 0.0, 1.0))
-        set_(self, "batch_size", check_number("batch_size", self.batch_size, int, 1, 1024))
-        set_(self, "max_det", check_number("max_det", self.max_det, int, 1, 100_000))
-        set_(self, "fast_decode", _flag("fast_decode", self.fast_decode))
-        set_(self, "save_annotated", _flag("save_annotated", self.save_annotated))
-        if self.runtime not in RUNTIMES:
-            raise SettingsError("runtime", f"expected one of {', '.join(RUNTIMES)}, got "
-                                f"{self.runtime!r}")
-        if self.half is not None:
-            set_(self, "half", _flag("half", self.half))
-        if self.decode_workers is not None:
-            set_(self, "decode_workers",
-                 check_number("decode_workers", self.decode_workers, int, 1, 256))
-        if self.decoded_queue_size is not None:
-            set_(self, "decoded_queue_size",
-                 check_number("decoded_queue_size", self.decoded_queue_size, int, 1, 100_000))
-        set_(self, "write_queue_size",
-             check_number("write_queue_size", self.write_queue_size, int, 1, 100_000))
-        set_(self, "max_image_pixels",
-             check_number("max_image_pixels", self.max_image_pixels, int, 1, 10**12))
-        set_(self, "progress_every_s",
-             check_number("progress_every_s", self.progress_every_s, float, 0.1, 86_400))
-
-    def result_fingerprint(self, model_sha256: str, imgsz: int, runtime: str = "torch") -> str:
-        """Hash of everything that changes detections: staged work is reusable only if equal.
-
-        ``runtime`` is the one actually used (never "auto"): PyTorch and OpenVINO agree only to
-        float rounding, and a retry must not mix the two in one shard.
-        """
-        key = {"model": model_sha256, "imgsz": imgsz, "conf": self.conf, "iou": self.iou,
-               "max_det": self.max_det, "fast_decode": self.fast_decode}
-        if runtime != "torch":  # keeps the fingerprints of existing staged work valid
-            key["runtime"] = runtime
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def absolute_path(name: str, value: Any, allowed_roots: tuple[Path, ...] = ()) -> Path:
@@ -136,37 +241,104 @@ def absolute_path(name: str, value: Any, allowed_roots: tuple[Path, ...] = ()) -
     return resolved
 
 
-# --- a whole run: what the DAG's params (or the CLI) ask for ------------------------------
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL = PROJECT_ROOT / "models" / "demo-yolo11n-2cls.pt"
-
+# --- defaults a deployment sets once (IMAGE_ETL_*) -------------------------------------------
 
 def env_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Param defaults a deployment sets once through the environment (IMAGE_ETL_*)."""
+    """Every parameter's default, from its ``IMAGE_ETL_*`` variable where set (checked: a bad
+    value fails the DAG file's import naming the variable), plus the schedule and the roots."""
     env = os.environ if env is None else env
-    return {
-        "drop_dir": env.get("IMAGE_ETL_DROP_DIR", "/data/drops/{date}"),
-        "output_dir": env.get("IMAGE_ETL_OUTPUT_DIR", "/data/outputs/{model}/{date}"),
-        "model_path": env.get("IMAGE_ETL_MODEL", str(DEMO_MODEL)),
-        "devices": env.get("IMAGE_ETL_DEVICES", "auto"),
-        "imgsz": int(env["IMAGE_ETL_IMGSZ"]) if env.get("IMAGE_ETL_IMGSZ") else None,
-        "conf": float(env.get("IMAGE_ETL_CONF", 0.25)),
-        "iou": float(env.get("IMAGE_ETL_IOU", 0.7)),
-        "batch_size": int(env.get("IMAGE_ETL_BATCH_SIZE", 8)),
-        "fast_decode": env.get("IMAGE_ETL_FAST_DECODE", "false").lower() in {"1", "true", "yes"},
-        "save_annotated": env.get("IMAGE_ETL_SAVE_ANNOTATED", "false").lower() in {"1", "true", "yes"},
-        "runtime": env.get("IMAGE_ETL_RUNTIME", "auto"),
-        "settle_seconds": float(env.get("IMAGE_ETL_SETTLE_SECONDS", 60)),
-        "max_failed_fraction": float(env.get("IMAGE_ETL_MAX_FAILED_FRACTION", 0.5)),
-        "schedule": env.get("IMAGE_ETL_SCHEDULE", "0 2 * * *"),
-        "allowed_roots": tuple(Path(p) for p in env.get("IMAGE_ETL_ALLOWED_ROOTS", "").split(":") if p),
-    }
+    defaults: dict[str, Any] = {}
+    for name, spec in SETTINGS.items():
+        raw = env.get(spec.env) if spec.env else None
+        if raw is None:
+            defaults[name] = spec.default
+            continue
+        try:
+            defaults[name] = check(name, raw)
+        except SettingsError as exc:
+            raise SettingsError(name, f"{exc.problem} (from {spec.env})") from None
+    defaults["schedule"] = env.get("IMAGE_ETL_SCHEDULE", "0 2 * * *")
+    defaults["allowed_roots"] = tuple(Path(p) for p in env.get("IMAGE_ETL_ALLOWED_ROOTS", "").split(":")
+                                      if p)
+    return defaults
 
 
-def _fill(template: str, drop_date: dt.date, model: Path) -> str:
+# --- what one worker needs ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class InferSettings:
+    """What one worker needs to turn images into detections (defaults: ``SETTINGS``).
+
+    ``imgsz`` None means the model's own training size. ``decode_workers`` None means one per
+    CPU core this process may use. Queue sizes bound memory: each decoded item is a
+    letterboxed model input (plus the full image only when annotated images are on).
+    """
+
+    imgsz: int | None = SETTINGS["imgsz"].default
+    conf: float = SETTINGS["conf"].default
+    iou: float = SETTINGS["iou"].default
+    batch_size: int = SETTINGS["batch_size"].default
+    max_det: int = SETTINGS["max_det"].default
+    fast_decode: bool = SETTINGS["fast_decode"].default
+    save_annotated: bool = SETTINGS["save_annotated"].default
+    runtime: str = SETTINGS["runtime"].default
+    half: bool | None = SETTINGS["half"].default
+    decode_workers: int | None = SETTINGS["decode_workers"].default
+    decoded_queue_size: int | None = SETTINGS["decoded_queue_size"].default
+    write_queue_size: int = SETTINGS["write_queue_size"].default
+    max_image_pixels: int = SETTINGS["max_image_pixels"].default
+    progress_every_s: float = SETTINGS["progress_every_s"].default
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, check(field.name, getattr(self, field.name)))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> InferSettings:
+        """The worker's part of a run's params (unknown names are not looked at here)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    def result_fingerprint(self, model_sha256: str, imgsz: int, runtime: str = "torch") -> str:
+        """Hash of everything that changes detections: staged work is reusable only if equal.
+
+        ``runtime`` is the one actually used (never "auto"): PyTorch and OpenVINO agree only to
+        float rounding, and a retry must not mix the two in one shard.
+        """
+        key = {"model": model_sha256, "imgsz": imgsz, "conf": self.conf, "iou": self.iou,
+               "max_det": self.max_det, "fast_decode": self.fast_decode}
+        if runtime != "torch":  # keeps the fingerprints of existing staged work valid
+            key["runtime"] = runtime
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- a whole run: what the DAG's params (or the CLI) ask for ------------------------------------
+
+def model_folder_name(model_path: Path, sha256: str) -> str:
+    """``{model}`` in templates: the weights' file name and a short hash of their content, so
+    two different ``best.pt`` files never share an output folder."""
+    return f"{model_path.stem}-{sha256[:8]}"
+
+
+def _fill(template: str, drop_date: dt.date, model: Callable[[], str]) -> str:
     # Plain replacement, not str.format: a path may legitimately contain other braces.
-    return template.replace("{date}", drop_date.isoformat()).replace("{model}", model.stem)
+    text = template.replace("{date}", drop_date.isoformat())
+    return text.replace("{model}", model()) if "{model}" in text else text
+
+
+def drop_date_for(params: Mapping[str, Any], run_date: dt.date) -> dt.date:
+    """The drop date: the ``date`` param if given, else the run's date plus the offset."""
+    raw = check("date", params.get("date"))
+    if raw is not None:
+        try:
+            return dt.date.fromisoformat(raw.strip())
+        except ValueError:
+            raise SettingsError("date", f"expected YYYY-MM-DD or empty, got {raw!r}") from None
+    offset = check("drop_date_offset_days", params.get("drop_date_offset_days", 0))
+    return run_date + dt.timedelta(days=offset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,61 +350,63 @@ class RunSettings:
     devices: str
     infer: InferSettings
     reprocess: bool = False
-    settle_seconds: float = 60.0
-    max_failed_fraction: float = 0.5
+    settle_seconds: float = SETTINGS["settle_seconds"].default
+    max_failed_fraction: float = SETTINGS["max_failed_fraction"].default
+    timeout_per_image_s: float = SETTINGS["timeout_per_image_s"].default
+    drop_date_offset_days: int = 0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], run_date: dt.date,
-                    allowed_roots: tuple[Path, ...] = ()) -> RunSettings:
-        """Validate DAG params / CLI options; raise SettingsError naming the first bad one."""
-        known = {"date", "drop_dir", "output_dir", "model_path", "devices", "imgsz", "conf", "iou",
-                 "batch_size", "fast_decode", "save_annotated", "runtime", "reprocess",
-                 "settle_seconds", "max_failed_fraction"}
-        unknown = sorted(set(params) - known)
+                    allowed_roots: tuple[Path, ...] = (), *, model_sha256: str | None = None,
+                    check_files: bool = True) -> RunSettings:
+        """Validate DAG params / CLI options; raise SettingsError naming the first bad one.
+
+        ``check_files`` False: the params were resolved by an earlier stage (``to_dict``); the
+        model file is not looked at (load and report need none). ``model_sha256`` saves
+        hashing the weights again for ``{model}``.
+        """
+        unknown = sorted(set(params) - set(DAG_PARAMS))
         if unknown:
-            raise SettingsError(unknown[0], f"unknown parameter (known: {', '.join(sorted(known))})")
-        raw_date = params.get("date")
-        if raw_date in (None, ""):
-            drop_date = run_date
-        else:
-            try:
-                drop_date = dt.date.fromisoformat(str(raw_date).strip())
-            except ValueError:
-                raise SettingsError("date", f"expected YYYY-MM-DD or empty, got {raw_date!r}") from None
-        model_path = absolute_path("model_path", params.get("model_path"), allowed_roots)
-        if not model_path.is_file():
+            raise SettingsError(unknown[0], f"unknown parameter (known: {', '.join(sorted(DAG_PARAMS))})")
+        given = dict(params)
+        if isinstance(given.get("devices"), (list, tuple)):
+            given["devices"] = ",".join(str(d) for d in given["devices"])
+        values = {name: check(name, given.get(name, SETTINGS[name].default))
+                  for name in DAG_PARAMS if name != "date"}
+        drop_date = drop_date_for(params, run_date)
+        model_path = absolute_path("model_path", values["model_path"], allowed_roots)
+        if check_files and not model_path.is_file():
             raise SettingsError("model_path", f"no such file: {model_path}")
         if model_path.suffix != ".pt":
             raise SettingsError("model_path", f"expected an Ultralytics .pt file, got {model_path.name}")
-        drop_dir = absolute_path("drop_dir", _fill(str(params.get("drop_dir") or ""), drop_date,
-                                                   model_path), allowed_roots)
-        output_dir = absolute_path("output_dir", _fill(str(params.get("output_dir") or ""),
-                                                       drop_date, model_path), allowed_roots)
-        devices = params.get("devices") or "auto"
-        if isinstance(devices, (list, tuple)):
-            devices = ",".join(str(d) for d in devices)
-        if not isinstance(devices, str):
-            raise SettingsError("devices", f"expected text like 'auto', 'cpu' or '0,1', got {devices!r}")
-        infer = InferSettings(imgsz=params.get("imgsz") or None, conf=params.get("conf", 0.25),
-                              iou=params.get("iou", 0.7), batch_size=params.get("batch_size", 8),
-                              fast_decode=params.get("fast_decode", False),
-                              save_annotated=params.get("save_annotated", False),
-                              runtime=params.get("runtime") or "auto")
-        return cls(drop_date=drop_date, drop_dir=drop_dir, output_dir=output_dir,
-                   model_path=model_path, devices=devices, infer=infer,
-                   reprocess=_flag("reprocess", params.get("reprocess", False)),
-                   settle_seconds=check_number("settle_seconds",
-                                               params.get("settle_seconds", 60.0), float, 0, 86_400),
-                   max_failed_fraction=check_number("max_failed_fraction",
-                                                    params.get("max_failed_fraction", 0.5),
-                                                    float, 0, 1))
+
+        def model_name() -> str:
+            from image_etl.model import weights_sha256  # only when a template asks for it
+
+            return model_folder_name(model_path, model_sha256 or weights_sha256(model_path))
+
+        paths = {name: absolute_path(name, _fill(values[name], drop_date, model_name),
+                                     allowed_roots) for name in ("drop_dir", "output_dir")}
+        return cls(drop_date=drop_date, model_path=model_path, devices=values["devices"],
+                   infer=InferSettings.from_params(values), **paths,
+                   **{name: values[name] for name in ("reprocess", "settle_seconds",
+                                                      "max_failed_fraction", "timeout_per_image_s",
+                                                      "drop_date_offset_days")})
+
+    @classmethod
+    def resolved(cls, params: Mapping[str, Any]) -> RunSettings:
+        """Settings an earlier stage resolved (``to_dict``): checked again, files not touched."""
+        return cls.from_params(params, dt.date.fromisoformat(params["date"]), check_files=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"date": self.drop_date.isoformat(), "drop_dir": str(self.drop_dir),
-                "output_dir": str(self.output_dir), "model_path": str(self.model_path),
-                "devices": self.devices, **{k: v for k, v in self.infer.to_dict().items()
-                                            if k in {"imgsz", "conf", "iou", "batch_size",
-                                                     "fast_decode", "save_annotated",
-                                                     "runtime"}},
-                "reprocess": self.reprocess, "settle_seconds": self.settle_seconds,
-                "max_failed_fraction": self.max_failed_fraction}
+        """The run's params, resolved: the drop date, no templates (XCom- and JSON-sized)."""
+        infer = self.infer.to_dict()
+        values = {"date": self.drop_date.isoformat(), "drop_dir": str(self.drop_dir),
+                  "output_dir": str(self.output_dir), "model_path": str(self.model_path),
+                  "devices": self.devices, "reprocess": self.reprocess,
+                  "settle_seconds": self.settle_seconds,
+                  "max_failed_fraction": self.max_failed_fraction,
+                  "timeout_per_image_s": self.timeout_per_image_s,
+                  "drop_date_offset_days": self.drop_date_offset_days,
+                  **{k: v for k, v in infer.items() if k in DAG_PARAMS}}
+        return {name: values[name] for name in DAG_PARAMS}

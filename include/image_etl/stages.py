@@ -2,11 +2,12 @@
 
     discover(params) → manifest file       partition(discovered) → shard files, one per device
     infer(shard)     → staged rows + txt    load(results)         → rows in the results DB
+    report(...)      → this run's and the drop's counts; old run folders pruned
 
-The Airflow DAG calls these one per task; ``python -m image_etl run`` calls them in a row.
-Everything bulky (manifests, shard lists, staged rows) lives in files under the run folder
-``<output_dir>/_runs/<run id>/``; XCom carries paths and counts only. Every stage can be
-re-run: it rewrites its own files, and the load replaces rows instead of adding them.
+The Airflow DAG calls these one per task. Everything bulky (manifests, shard lists, staged
+rows) lives in files under the run folder ``<output_dir>/_runs/<run id>/``; XCom carries paths
+and counts only. Every stage can be re-run: it rewrites its own files, and the load replaces
+rows instead of adding them.
 """
 
 from __future__ import annotations
@@ -16,19 +17,30 @@ import json
 import logging
 import os
 import re
+import shutil
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from image_etl.errors import (
+    MissingStagingError,
+    SettingsError,
+    TooManyFailedError,
+    WeightsChangedError,
+)
 from image_etl.outputs import atomic_write
-from image_etl.settings import RunSettings, SettingsError
+from image_etl.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
+__all__ = ["discover", "partition", "infer", "load", "report", "shard_label", "infer_time_limit_s",
+           "prune_run_dirs", "TooManyFailedError"]
 
-class TooManyFailedError(RuntimeError):
-    """More of the drop's images failed than ``max_failed_fraction`` allows (not transient)."""
+MODEL_LOAD_BUDGET_S = 900.0  # infer's time limit before its first image (lease wait, load)
+KEEP_RUNS_PER_DATE = int(os.environ.get("IMAGE_ETL_KEEP_RUNS_PER_DATE", "3"))
+KEEP_RUNS_GRACE_S = 24 * 3600.0  # a run folder touched this recently may still be needed
 
 
 def safe_name(text: str) -> str:
@@ -44,6 +56,13 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, ensure_ascii=False, indent=1))
 
 
+def _settings(stage_input: Mapping[str, Any]) -> RunSettings:
+    """The run's settings as discover resolved them (no template, no file looked at)."""
+    return RunSettings.resolved(stage_input["settings"])
+
+
+# --- discover --------------------------------------------------------------------------------------
+
 def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
              db_url: str | None, allowed_roots: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Validate the params, list the drop, skip what is loaded already, write the manifest."""
@@ -52,7 +71,7 @@ def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
     from image_etl.model import check_weights_file, weights_sha256
 
     settings = RunSettings.from_params(params, run_date, allowed_roots)
-    parse_devices(settings.devices, available_gpus=_fleet_gpus())  # refuse bad devices now
+    parse_devices(settings.devices)  # refuse bad devices now (GPUs counted without torch)
     if not settings.drop_dir.is_dir():
         raise SettingsError("drop_dir", f"no such folder: {settings.drop_dir}")
     # Corrupt, truncated or placeholder weights fail here, once, not in every infer task.
@@ -72,43 +91,38 @@ def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
     todo = [f for f in listing.images if f.rel_path not in already]
     run_dir = run_dir_for(settings, run_id)
     manifest = run_dir / "manifest.json"
-    _write_json(manifest, {"drop_dir": str(settings.drop_dir), "model_sha256": sha,
+    _write_json(manifest, {"run_id": run_id, "date": settings.drop_date.isoformat(),
+                           "drop_dir": str(settings.drop_dir), "model_sha256": sha,
                            "images": [[f.rel_path, f.bytes] for f in todo]})
     result = {"run_id": run_id, "date": settings.drop_date.isoformat(),
               "settings": settings.to_dict(), "model_sha256": sha, "run_dir": str(run_dir),
               "manifest": str(manifest), "images": len(todo), "bytes": sum(f.bytes for f in todo),
               "already_loaded": len(listing.images) - len(todo),
               "unsettled": len(listing.unsettled), "skipped_links": len(listing.skipped_links)}
-    log.info("discovered %d image(s) to process in %s (%d already loaded for this model, %d "
-             "still being written)", len(todo), settings.drop_dir, result["already_loaded"],
-             result["unsettled"])
+    log.info("drop %s: %d image(s) to process in %s (%d already loaded for this model, %d still "
+             "being written)", result["date"], len(todo), settings.drop_dir,
+             result["already_loaded"], result["unsettled"])
     return result
 
 
-def _fleet_gpus() -> int:
-    """GPUs the workers have: IMAGE_ETL_GPUS when set (scheduler hosts often have none)."""
-    from image_etl.devices import cuda_device_count
-
-    value = os.environ.get("IMAGE_ETL_GPUS")
-    return int(value) if value else cuda_device_count()
-
+# --- partition ------------------------------------------------------------------------------------
 
 def partition(discovered: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Byte-balanced shards, one per device (never more than images); one file each."""
     from image_etl.devices import shard_devices
     from image_etl.partition import balance
 
-    settings = RunSettings.from_params(discovered["settings"], dt.date.fromisoformat(discovered["date"]))
+    settings = _settings(discovered)
     manifest = json.loads(Path(discovered["manifest"]).read_text())
     images = manifest["images"]
-    devices = shard_devices(settings.devices, available_gpus=_fleet_gpus())
+    devices = shard_devices(settings.devices)
     run_dir = Path(discovered["run_dir"])
     groups = balance(images, [size for _, size in images], len(devices))
     shards = []
     for k, (device, group) in enumerate(zip(devices, groups)):
         shard_file = run_dir / f"shard-{k:03d}.json"
         _write_json(shard_file, {"drop_dir": manifest["drop_dir"], "images": group})
-        shards.append({"index": k, "device": device, "images": len(group),
+        shards.append({"index": k, "shards": len(groups), "device": device, "images": len(group),
                        "bytes": sum(size for _, size in group), "shard_file": str(shard_file),
                        "run_dir": str(run_dir), "date": discovered["date"],
                        "settings": discovered["settings"],
@@ -118,14 +132,30 @@ def partition(discovered: Mapping[str, Any]) -> list[dict[str, Any]]:
     return shards
 
 
+def shard_label(shard: Mapping[str, Any], device: str | None = None) -> str:
+    """What the UI shows for a mapped infer task: ``shard 1/2 · cuda:0 · 3 images``."""
+    n = shard["images"]
+    return (f"shard {shard['index'] + 1}/{shard.get('shards', '?')} · {device or shard['device']} · "
+            f"{n} image{'' if n == 1 else 's'}")
+
+
+def infer_time_limit_s(shard: Mapping[str, Any]) -> float:
+    """infer's execution_timeout: a model-load budget plus ``timeout_per_image_s`` per image."""
+    settings = _settings(shard)
+    return MODEL_LOAD_BUDGET_S + settings.timeout_per_image_s * shard["images"]
+
+
+# --- infer ------------------------------------------------------------------------------------------
+
 def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
     """One shard on one (leased) device. Resumes what an earlier attempt finished."""
     from image_etl.devices import check_local_device, lease
-    from image_etl.model import ModelLoadError, load_model
+    from image_etl.model import load_model
     from image_etl.outputs import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
-    settings = RunSettings.from_params(shard["settings"], dt.date.fromisoformat(shard["date"]))
+    started = time.time()
+    settings = _settings(shard)
     data = json.loads(Path(shard["shard_file"]).read_text())
     drop_dir = Path(data["drop_dir"])
     tasks = [ImageTask(drop_dir / rel, rel) for rel, _ in data["images"]]
@@ -139,28 +169,39 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
         if expected and model.sha256 != expected:
             # Rows are keyed by the weights' sha256: results of other weights under this run
             # would be loaded under one model and reported (and skipped next time) under another.
-            raise ModelLoadError(f"model weights {settings.model_path} changed since discover "
-                                 f"(sha256 {expected[:12]}… then, {model.sha256[:12]}… now): "
-                                 "re-run the whole DAG run, from discover")
+            raise WeightsChangedError(
+                f"model weights {settings.model_path} changed since discover (sha256 "
+                f"{expected[:12]}… then, {model.sha256[:12]}… now): re-run the whole DAG run, "
+                "from discover")
         report = run_shard(tasks, model, settings.infer, OutputLayout(settings.output_dir),
                            staging_path=staging)
     summary = report.to_dict()
     _write_json(run_dir / f"shard-{shard['index']:03d}.report.json", summary)
-    return {"index": shard["index"], "device": report.device, "staging": str(staging),
-            "images": report.images, "processed": report.processed, "resumed": report.resumed,
-            "ok": report.ok, "failed": report.failed, "detections": report.detections,
-            "seconds": round(report.wall_s, 3), "images_per_s": round(report.images_per_s, 3)}
+    return {"index": shard["index"], "device": report.device, "host": socket.gethostname(),
+            "staging": str(staging), "images": report.images, "processed": report.processed,
+            "resumed": report.resumed, "ok": report.ok, "failed": report.failed,
+            "detections": report.detections, "seconds": round(report.wall_s, 3),
+            "images_per_s": round(report.images_per_s, 3), "started_at": started,
+            "ended_at": time.time()}
 
+
+# --- load -----------------------------------------------------------------------------------------
 
 def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | None], *,
          db_url: str, dag_id: str) -> dict[str, Any]:
-    """Every shard's staged rows into the results DB, in one transaction, replacing old rows."""
+    """Every shard's staged rows into the results DB, in one transaction, replacing old rows.
+
+    Fails, naming each file and the host that wrote it, when a shard's staging file is not
+    here: loading the rest would commit a partial night that ``report`` could not tell from
+    a whole one.
+    """
     from image_etl import store
     from image_etl.outputs import read_staging_header
 
-    settings = RunSettings.from_params(discovered["settings"], dt.date.fromisoformat(discovered["date"]))
+    settings = _settings(discovered)
     results = [r for r in results if r]
-    staging = [Path(r["staging"]) for r in results if Path(r["staging"]).exists()]
+    _check_staging_present(results)
+    staging = [Path(r["staging"]) for r in results]
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
     names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
@@ -169,8 +210,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
         store.migrate(engine)
         run = store.RunInfo(run_key=f"{dag_id}/{discovered['run_id']}", dag_id=dag_id,
                             run_id=discovered["run_id"], drop_date=settings.drop_date,
-                            settings=discovered["settings"],
-                            infer_seconds=max((r["seconds"] for r in results), default=0.0))
+                            settings=discovered["settings"], infer_seconds=_infer_span_s(results))
         t0 = time.perf_counter()
         if staging:
             report = store.load_staged(engine, staging, run, names=names)
@@ -188,25 +228,96 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     return loaded
 
 
+def _check_staging_present(results: list[Mapping[str, Any]]) -> None:
+    missing = [r for r in results if not Path(r["staging"]).is_file()]
+    if missing:
+        detail = "; ".join(f"shard {r['index']}: {r['staging']} (written on host "
+                           f"{r.get('host', 'unknown')})" for r in missing)
+        raise MissingStagingError(
+            f"{len(missing)} of {len(results)} shard staging file(s) missing on host "
+            f"{socket.gethostname()}: {detail}. Every worker must write the output folder on "
+            "storage that the load task's host reads too (see docs/deploy.md)")
+
+
+def _infer_span_s(results: list[Mapping[str, Any]]) -> float:
+    """The wall time the shards really ran: from the first one's start to the last one's end
+    (shards of one run may run one after the other, or side by side)."""
+    ran = [r for r in results if r.get("started_at") is not None]
+    if not ran:
+        return max((r["seconds"] for r in results), default=0.0)
+    return max(r["ended_at"] for r in ran) - min(r["started_at"] for r in ran)
+
+
+# --- report ---------------------------------------------------------------------------------------
+
 def report(discovered: Mapping[str, Any], loaded: Mapping[str, Any], *, db_url: str) -> dict[str, Any]:
-    """What the run did, read back from the DB; fails the run if too many images failed."""
+    """This run's counts beside the drop's, read back from the DB; fails the run if too many
+    of the drop's images failed. Then old run folders of this output folder are pruned."""
     from image_etl import store
 
-    settings = RunSettings.from_params(discovered["settings"], dt.date.fromisoformat(discovered["date"]))
+    settings = _settings(discovered)
     engine = store.engine_from_url(db_url)
     try:
-        summary = store.drop_summary(engine, settings.drop_date, discovered["model_sha256"])
+        drop = store.drop_summary(engine, settings.drop_date, discovered["model_sha256"])
     finally:
         engine.dispose()
-    log.info("drop %s, model %s…: %s", settings.drop_date, discovered["model_sha256"][:12],
-             json.dumps(summary, ensure_ascii=False))
-    if loaded["images"] == 0:
-        log.info("0 images to process in this run (drop %s)", settings.drop_date)
+    this_run = {k: loaded[k] for k in ("images", "ok", "failed", "detections") if k in loaded}
+    log.info("this run loaded %d image(s) (%d ok, %d failed), %d detection(s)%s",
+             this_run.get("images", 0), this_run.get("ok", 0), this_run.get("failed", 0),
+             this_run.get("detections", 0),
+             " (nothing new in the drop)" if not this_run.get("images") else "")
+    log.info("drop %s, model %s…, all runs: %s", settings.drop_date, discovered["model_sha256"][:12],
+             json.dumps(drop, ensure_ascii=False))
+    prune_run_dirs(Path(discovered["run_dir"]))
     # Judged on the whole drop, not on this run alone: a re-run retries only the failed images
     # (plus late arrivals) and must not turn a healthy drop red because of them.
-    if summary["images"] and summary["failed"] / summary["images"] > settings.max_failed_fraction:
-        raise TooManyFailedError(f"{summary['failed']} of {summary['images']} images of drop "
-                           f"{settings.drop_date} failed, more than max_failed_fraction="
-                           f"{settings.max_failed_fraction}; their reasons are in the images "
-                           f"table (status='failed')")
-    return summary
+    if drop["images"] and drop["failed"] / drop["images"] > settings.max_failed_fraction:
+        raise TooManyFailedError(f"{drop['failed']} of {drop['images']} images of drop "
+                                 f"{settings.drop_date} failed, more than max_failed_fraction="
+                                 f"{settings.max_failed_fraction}; their reasons are in the "
+                                 "images table (status='failed')")
+    return {"date": settings.drop_date.isoformat(), "run": this_run, "drop": drop}
+
+
+def prune_run_dirs(current: Path, keep_per_date: int = KEEP_RUNS_PER_DATE,
+                   grace_s: float = KEEP_RUNS_GRACE_S, now: float | None = None) -> list[Path]:
+    """Delete the run folders beside ``current`` beyond the ``keep_per_date`` newest of their
+    drop date; return them.
+
+    Never deleted: ``current``, and any folder touched in the last ``grace_s`` (a run still
+    going, or one whose failed task may still be retried). The load has the rows; what goes
+    is each old run's manifest, shard lists, staging files and reports.
+    """
+    now = time.time() if now is None else now
+    by_date: dict[str | None, list[tuple[float, Path]]] = {}
+    for folder in current.parent.iterdir():
+        manifest = folder / "manifest.json"
+        if folder == current or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            touched = max(p.stat().st_mtime for p in (folder, *folder.iterdir()))
+            date = json.loads(manifest.read_text()).get("date") if manifest.is_file() else None
+        except (OSError, ValueError) as exc:
+            log.warning("run folder %s left alone: %s", folder, exc)
+            continue
+        by_date.setdefault(date, []).append((touched, folder))
+    current_date = _manifest_date(current)
+    pruned = []
+    for date, folders in by_date.items():
+        keep = keep_per_date - (date == current_date)  # the current run counts for its date
+        for touched, folder in sorted(folders, reverse=True)[max(keep, 0):]:
+            if now - touched < grace_s:
+                continue
+            shutil.rmtree(folder)
+            pruned.append(folder)
+    if pruned:
+        log.info("pruned %d old run folder(s) under %s (kept the %d newest per drop date): %s",
+                 len(pruned), current.parent, keep_per_date, ", ".join(p.name for p in pruned))
+    return pruned
+
+
+def _manifest_date(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text()).get("date")
+    except (OSError, ValueError):
+        return None

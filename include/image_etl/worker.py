@@ -1,34 +1,34 @@
-"""run_shard(): one device's streaming pipeline (the original ``inference_on_gpu``, done right).
+"""run_shard(): one device's streaming pipeline, in small steps joined by bounded hand-offs.
 
-    files ─► K decode threads ─► reorder buffer (bounded) ─► main thread: batch → device →
-             read, decode,         keeps manifest order      forward → NMS on device → scale
-             letterbox                                        → ONE .cpu() per batch
-                                                     ─► bounded queue ─► writer thread:
-                                                         txt (tmp + rename), staged row,
-                                                         optional annotated image
+    tasks ─► decode (ordered_map: K threads, a bounded window, manifest order)
+          ─► model inputs of each image (``ImagePlan``: one per image; slices later)
+          ─► fixed batches (``FixedBatcher``: groups of consecutive images, one input shape)
+          ─► forward step (main thread): stack → device → forward → NMS → scale → one .cpu()
+          ─► per image: its inputs' detections put together (``ImageCollector``)
+          ─► Writers (bounded, one or several threads): txt (tmp + rename), staging line,
+             optional annotated image
 
-Every hand-off blocks when full (nothing is dropped, memory stays flat) and waits in short
-slices so that a failure anywhere stops the other stages promptly; threads are joined and the
-first error is raised to the caller. A bad image is not an error: it is written as ``failed``
-with its reason and the rest go on.
+Every hand-off blocks when full (nothing is dropped, memory stays flat). The stop protocol is
+``pipeline.py``'s: any stage's exception is raised in the main thread, which leaves the ``with``
+blocks, and they cancel what has not started and join every thread. A bad image is not an
+exception: it is written as ``failed`` with its reason and the rest go on.
 
-Batches are fixed groups of ``batch_size`` consecutive images of the shard (a bad image leaves
-its place in its group empty), and a resumed attempt re-runs each group it has work in whole,
-inferring but not rewriting the images an earlier attempt finished. So every image meets the
-model in the same batch, with the same torch thread count, whatever attempt writes it: a re-run
-or a retry after a crash writes byte-identical files and rows. (On a CPU both the batch size
-and the thread count change the last bits of the results, and sometimes the txt text.)
+Batches are made within fixed groups of ``batch_size`` consecutive images of the shard (a bad
+image leaves its place in its group empty), and a resumed attempt re-runs each group it has
+work in whole, inferring but not rewriting the images an earlier attempt finished. So every
+image meets the model in the same batch, with the same torch thread count, whatever attempt
+writes it: a re-run or a retry after a crash writes byte-identical files and rows. (On a CPU
+both the batch size and the thread count change the last bits of the results, and sometimes
+the txt text.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,11 @@ from image_etl.outputs import (
     image_record,
     remove_stale_temps,
 )
+from image_etl.pipeline import Writers, ordered_map
+from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
 
 log = logging.getLogger(__name__)
-_SLICE_S = 0.1  # how often a blocked stage looks whether another one failed
-_END = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +83,19 @@ class ShardReport:
     def images_per_s(self) -> float:
         return self.processed / self.wall_s if self.wall_s > 0 else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        wall = self.wall_s or float("nan")
-        return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 3),
-                "busy": {"decode": round(self.decode_s / wall / max(self.decode_threads, 1), 3),
-                         "infer": round(self.infer_s / wall, 3),
-                         "write": round(self.write_s / wall / max(self.writers, 1), 3)}}
+    def busy(self, elapsed: float | None = None) -> dict[str, float]:
+        """Each stage's busy fraction of ``elapsed`` (default: the shard's wall time)."""
+        wall = (elapsed if elapsed is not None else self.wall_s) or float("nan")
+        return {"decode": self.decode_s / wall / max(self.decode_threads, 1),
+                "infer": self.infer_s / wall,
+                "write": self.write_s / wall / max(self.writers, 1)}
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 3),
+                "busy": {k: round(v, 3) for k, v in self.busy().items()}}
+
+
+# --- the sink: what happens to a finished image --------------------------------------------------
 
 class ResultSink:
     """Receives each finished image on a writer thread. Subclass to add outputs.
@@ -152,18 +158,37 @@ class OutputSink(ResultSink):
             self.staging.close()
 
 
-def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage], conf: float, iou: float,
-                 max_det: int = 300) -> list[np.ndarray]:
-    """Letterboxed inputs → per-image detections (rows as ``outputs.DET_FIELDS``).
+# --- the forward step ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelInput:
+    """One letterboxed input of the model and where its boxes belong in the full image.
+
+    ``source_shape`` is the (h, w) of the pixels that were letterboxed; ``scale`` maps those
+    pixels to full-size ones (fast mode decodes smaller); ``offset`` is where they start in
+    the full-size image.
+    """
+
+    image: DecodedImage
+    input: np.ndarray
+    source_shape: tuple[int, int]
+    scale: tuple[float, float] = (1.0, 1.0)  # (x, y) factors to full-size pixels
+    offset: tuple[float, float] = (0.0, 0.0)  # (x, y) in full-size pixels
+
+
+def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage | ModelInput], conf: float,
+                 iou: float, max_det: int = 300) -> list[np.ndarray]:
+    """Letterboxed inputs → per-input detections (rows as ``outputs.DET_FIELDS``).
 
     Ultralytics' predictor steps (uint8 to the device, reorder, BGR→RGB, scale; NMS on the
-    device; scale_boxes to the decoded image), then fast-mode boxes back to full size, and a
-    single device → host copy for the whole batch.
+    device; scale_boxes to the letterboxed pixels' own size), then each input's boxes to the
+    full-size image, and a single device → host copy for the whole batch.
     """
     import torch
-    from ultralytics.utils import nms, ops
+    from ultralytics.utils import nms
 
-    stacked = np.stack([b.input for b in batch])
+    inputs = [as_model_input(b) for b in batch]
+    stacked = np.stack([b.input for b in inputs])
     shape = stacked.shape[1:3]  # letterboxed (h, w) of the batch
     with torch.inference_mode():
         if model.runtime == "openvino":  # layout, BGR → RGB and scaling run inside the graph
@@ -178,166 +203,202 @@ def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage], conf: float,
             preds = model.backend(im)
         dets = nms.non_max_suppression(preds, conf, iou, None, False, max_det=max_det, nc=0,
                                        end2end=model.end2end)
-        rows = []
-        for j, (d, item) in enumerate(zip(dets, batch, strict=True)):
-            d = d[:, :6].float()
-            ops.scale_boxes(shape, d[:, :4], item.decoded_shape)
-            h, w = item.orig_shape
-            if item.decoded_shape != item.orig_shape:  # fast mode: back to full size
-                dh, dw = item.decoded_shape
-                d[:, [0, 2]] *= w / dw
-                d[:, [1, 3]] *= h / dh
-                d[:, [0, 2]] = d[:, [0, 2]].clamp(0, w)
-                d[:, [1, 3]] = d[:, [1, 3]].clamp(0, h)
-            xywhn = ops.xyxy2xywh(d[:, :4])
-            xywhn[:, [0, 2]] /= w
-            xywhn[:, [1, 3]] /= h
-            index = torch.full((len(d), 1), j, dtype=d.dtype, device=d.device)
-            rows.append(torch.cat([index, d[:, 5:6], d[:, 4:5], d[:, :4], xywhn], 1))
+        rows = [_to_full_image(j, d, shape, unit) for j, (d, unit) in enumerate(zip(dets, inputs))]
         table = torch.cat(rows).cpu().numpy()  # the batch's one device → host copy
-    return [table[table[:, 0] == j, 1:] for j in range(len(batch))]
+    return [table[table[:, 0] == j, 1:] for j in range(len(inputs))]
 
 
-class _Stop(Exception):
-    """Another stage failed; this one unwinds quietly."""
+def as_model_input(item: DecodedImage | ModelInput) -> ModelInput:
+    """A whole decoded image as its one model input."""
+    if isinstance(item, ModelInput):
+        return item
+    assert item.input is not None
+    h, w = item.orig_shape
+    dh, dw = item.decoded_shape
+    return ModelInput(item, item.input, item.decoded_shape, (w / dw, h / dh))
 
 
-class _Pipeline:
-    def __init__(self, tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
+def _to_full_image(j: int, d: Any, shape: tuple[int, int], unit: ModelInput) -> Any:
+    """One input's NMS output → rows [j, cls, conf, x1, y1, x2, y2, xc, yc, w, h] (normalised
+    centre box), in full-size pixels, on the device."""
+    import torch
+    from ultralytics.utils import ops
+
+    d = d[:, :6].float()
+    ops.scale_boxes(shape, d[:, :4], unit.source_shape)
+    h, w = unit.image.orig_shape
+    (sx, sy), (ox, oy) = unit.scale, unit.offset
+    if (sx, sy, ox, oy) != (1.0, 1.0, 0.0, 0.0):
+        d[:, [0, 2]] = (d[:, [0, 2]] * sx + ox).clamp(0, w)
+        d[:, [1, 3]] = (d[:, [1, 3]] * sy + oy).clamp(0, h)
+    xywhn = ops.xyxy2xywh(d[:, :4])
+    xywhn[:, [0, 2]] /= w
+    xywhn[:, [1, 3]] /= h
+    index = torch.full((len(d), 1), j, dtype=d.dtype, device=d.device)
+    return torch.cat([index, d[:, 5:6], d[:, 4:5], d[:, :4], xywhn], 1)
+
+
+# --- the steps between decode and the writers --------------------------------------------------
+
+class ImagePlan:
+    """Which model inputs an image becomes, and how their detections become the image's.
+    Whole-image mode: one input, its detections as they are."""
+
+    def inputs(self, item: DecodedImage) -> list[ModelInput]:
+        return [as_model_input(item)]
+
+    def combine(self, item: DecodedImage, parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0]
+
+
+class FixedBatcher:
+    """Model inputs → batches of one shape, never across a group of consecutive images.
+
+    Inputs are bucketed by shape within the current group; a bucket goes out when it holds
+    ``batch_size`` inputs (read at each add: an out-of-memory error lowers it), the rest when
+    the group ends.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._group: int | None = None
+        self._buckets: dict[tuple[int, ...], list[ModelInput]] = {}
+
+    def add(self, group: int, inputs: list[ModelInput]) -> Iterator[list[ModelInput]]:
+        if group != self._group:
+            yield from self.flush()
+            self._group = group
+        for unit in inputs:
+            bucket = self._buckets.setdefault(unit.input.shape, [])
+            bucket.append(unit)
+            if len(bucket) >= self.batch_size:
+                del self._buckets[unit.input.shape]
+                yield bucket
+
+    def flush(self) -> Iterator[list[ModelInput]]:
+        buckets, self._buckets = self._buckets, {}
+        yield from buckets.values()
+
+
+class ImageCollector:
+    """Gathers each image's inputs' detections; hands the image on when its last one is in."""
+
+    def __init__(self, plan: ImagePlan) -> None:
+        self.plan = plan
+        self._parts: dict[int, list[np.ndarray]] = {}
+        self._expected: dict[int, int] = {}
+
+    def expect(self, item: DecodedImage, count: int) -> None:
+        self._expected[item.index] = count
+        self._parts[item.index] = []
+
+    def add(self, unit: ModelInput, dets: np.ndarray) -> np.ndarray | None:
+        """The image's detections once all its inputs are in, else None."""
+        index = unit.image.index
+        parts = self._parts[index]
+        parts.append(dets)
+        if len(parts) < self._expected[index]:
+            return None
+        del self._parts[index], self._expected[index]
+        return self.plan.combine(unit.image, parts)
+
+
+# --- the shard's pipeline ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Picked:
+    """An image this attempt runs: its task, its fixed batch group, and whether an earlier
+    attempt finished it (then it is inferred for its batch mates' sake, not written)."""
+
+    index: int
+    task: ImageTask
+    group: int
+    replay: bool
+
+
+def pick(tasks: Sequence[ImageTask], batch_size: int, done: Collection[str]) -> list[_Picked]:
+    """The groups with unfinished work, whole (see the module docstring)."""
+    todo_groups = {i // batch_size for i, t in enumerate(tasks) if t.rel_path not in done}
+    picked = [i for i in range(len(tasks)) if i // batch_size in todo_groups]
+    return [_Picked(k, tasks[i], i // batch_size, tasks[i].rel_path in done)
+            for k, i in enumerate(picked)]
+
+
+class _Shard:
+    """One attempt at a shard: decode → inputs → batches → forward → collect → write."""
+
+    def __init__(self, picked: list[_Picked], model: LoadedModel, settings: InferSettings,
                  sink: ResultSink, report: ShardReport, imgsz: int,
-                 done: Collection[str] = ()) -> None:
-        # Batch groups (see the module docstring): the groups with unfinished work, whole; a
-        # finished image in them is inferred again (its batch must not change) but not written.
-        size = settings.batch_size
-        todo_groups = {i // size for i, t in enumerate(tasks) if t.rel_path not in done}
-        picked = [i for i in range(len(tasks)) if i // size in todo_groups]
-        self.tasks = [tasks[i] for i in picked]
-        self.group = [i // size for i in picked]
-        self.replay = [tasks[i].rel_path in done for i in picked]
+                 plan: ImagePlan | None = None) -> None:
+        self.picked = picked
         self.model = model
         self.settings = settings
         self.sink = sink
         self.report = report
-        self.batch_size = settings.batch_size
-        threads = settings.decode_workers or max(1, os.cpu_count() or 1)
-        self.configured_threads = threads  # not capped by this attempt's task count (_share_cpu)
-        self.threads = max(1, min(threads, len(self.tasks)))
-        report.decode_threads = self.threads
+        self.plan = plan or ImagePlan()
+        configured = settings.decode_workers or cpu_count()
+        self.configured_threads = configured  # not capped by this attempt's images (_share_cpu)
+        self.threads = max(1, min(configured, len(picked)))
         # Annotated images are full-size frames drawn and JPEG-encoded on the writer side:
         # as costly as a decode, so they get as many threads, and shorter queues (each queued
         # item then holds the whole decoded image).
         self.writers = self.threads if settings.save_annotated else 1
-        report.writers = self.writers
-        capacity = settings.decoded_queue_size or (
-            self.batch_size + self.threads if settings.save_annotated
-            else max(2 * self.batch_size, 2 * self.threads))
-        write_capacity = (min(settings.write_queue_size, 2 * self.writers)
-                          if settings.save_annotated else settings.write_queue_size)
+        batch = settings.batch_size
+        self.window = settings.decoded_queue_size or (
+            batch + self.threads if settings.save_annotated else max(2 * batch, 2 * self.threads))
+        self.write_capacity = (min(settings.write_queue_size, 2 * self.writers)
+                               if settings.save_annotated else settings.write_queue_size)
+        report.decode_threads, report.writers = self.threads, self.writers
+        self.batcher = FixedBatcher(batch)
+        self.collector = ImageCollector(self.plan)
         self.decoder = Decoder(imgsz, model.stride, fast=settings.fast_decode,
                                keep_image=settings.save_annotated,
                                max_pixels=settings.max_image_pixels)
-        self.permits = threading.Semaphore(capacity)  # decoded, not yet consumed
-        self.ready: dict[int, DecodedImage] = {}
-        self.ready_cond = threading.Condition()
-        self.next_index = 0
-        self.index_lock = threading.Lock()
-        self.write_q: queue.Queue[Any] = queue.Queue(maxsize=write_capacity)
-        self.count_lock = threading.Lock()
-        self.stop_decode = threading.Event()  # decoders stop taking work
-        self.stop_all = threading.Event()  # writer failed: everyone stops at once
-        self.errors: list[BaseException] = []
-        self.written = 0
-        self.decode_s = 0.0
+        self._count_lock = threading.Lock()
 
-    # -- helpers --------------------------------------------------------------------------
-    def _fail(self, exc: BaseException, everyone: bool) -> None:
-        self.errors.append(exc)
-        self.stop_decode.set()
-        if everyone:
-            self.stop_all.set()
-        with self.ready_cond:
-            self.ready_cond.notify_all()
-
-    def _check(self) -> None:
-        if self.stop_all.is_set() or (self.errors and self.stop_decode.is_set()):
-            raise _Stop
-
-    def _put_result(self, item: Any) -> None:
-        """Blocking put that gives up only when the writer itself has failed."""
-        while True:
-            if self.stop_all.is_set():
-                raise _Stop
-            try:
-                self.write_q.put(item, timeout=_SLICE_S)
-                return
-            except queue.Full:
-                continue
-
-    # -- decode threads -------------------------------------------------------------------
-    def decode_loop(self) -> None:
+    def run(self) -> None:
+        self._share_cpu()
+        report = self.report
+        start = time.perf_counter()
+        progress = _Progress(sum(not p.replay for p in self.picked), report,
+                             self.settings.progress_every_s)
         try:
-            while not self.stop_decode.is_set():
-                if not self.permits.acquire(timeout=_SLICE_S):
-                    continue
-                with self.index_lock:
-                    i = self.next_index
-                    self.next_index += 1
-                if i >= len(self.tasks):
-                    self.permits.release()
-                    return
-                task = self.tasks[i]
-                item = self.decoder(i, task.path, task.rel_path)
-                with self.ready_cond:
-                    self.decode_s += item.seconds
-                    self.ready[i] = item
-                    self.ready_cond.notify_all()
-        except BaseException as exc:  # a bug, not a bad image: stop the shard
-            self._fail(exc, everyone=False)
+            with Writers(self._write, count=self.writers, capacity=self.write_capacity) as out, \
+                    ordered_map(self._decode, self.picked, threads=self.threads,
+                                window=self.window, name="decode", abort=out.check) as decoded:
+                for item in decoded:
+                    report.decode_s += item.seconds
+                    if item.error is not None:
+                        self._finished(item, None, out)
+                        continue
+                    inputs = self.plan.inputs(item)
+                    self.collector.expect(item, len(inputs))
+                    for batch in self.batcher.add(self.picked[item.index].group, inputs):
+                        self._infer(batch, out)
+                    progress.maybe_log(time.perf_counter() - start)
+                for batch in self.batcher.flush():
+                    self._infer(batch, out)
+        finally:
+            report.wall_s = time.perf_counter() - start
+            report.batch_size = self.batcher.batch_size
+        progress.log_final()
 
-    def _take(self, i: int) -> DecodedImage:
-        with self.ready_cond:
-            while i not in self.ready:
-                if self.errors:
-                    raise _Stop
-                self.ready_cond.wait(_SLICE_S)
-            item = self.ready.pop(i)
-        self.permits.release()
-        return item
+    def _decode(self, p: _Picked) -> DecodedImage:
+        return self.decoder(p.index, p.task.path, p.task.rel_path)
 
-    # -- writer thread --------------------------------------------------------------------
-    def write_loop(self) -> None:
-        try:
-            while True:
-                try:
-                    entry = self.write_q.get(timeout=_SLICE_S)
-                except queue.Empty:
-                    if self.stop_all.is_set():
-                        return
-                    continue
-                if entry is _END:
-                    return
-                item, dets = entry
-                t0 = time.perf_counter()
-                self.sink.write(item, dets)
-                with self.count_lock:
-                    self.report.write_s += time.perf_counter() - t0
-                    self._count(item, dets)
-        except BaseException as exc:
-            self._fail(exc, everyone=True)
+    def _infer(self, batch: list[ModelInput], out: Writers) -> None:
+        for unit, dets in zip(batch, self.infer_batch(batch), strict=True):
+            image_dets = self.collector.add(unit, dets)
+            if image_dets is not None:
+                unit.image.input = None  # free the model input before the image waits
+                self._finished(unit.image, image_dets, out)
 
-    def _count(self, item: DecodedImage, dets: np.ndarray | None) -> None:
-        r = self.report
-        r.processed += 1
-        if item.error is None:
-            r.ok += 1
-            r.detections += 0 if dets is None else len(dets)
-        else:
-            r.failed += 1
-            r.failures.append({"rel_path": item.rel_path, "error": item.error})
-            log.warning("failed: %s: %s", item.rel_path, item.error)
+    def _finished(self, item: DecodedImage, dets: np.ndarray | None, out: Writers) -> None:
+        if not self.picked[item.index].replay:  # done by an earlier attempt: only its mates
+            out.put((item, dets))
 
-    # -- main thread: batching and inference ----------------------------------------------
-    def infer_batch(self, batch: list[DecodedImage]) -> list[np.ndarray]:
+    def infer_batch(self, batch: list[ModelInput]) -> list[np.ndarray]:
+        """The forward step, halving the batch on a GPU out-of-memory error until it fits."""
         import torch
 
         t0 = time.perf_counter()
@@ -347,28 +408,35 @@ class _Pipeline:
             if len(batch) == 1:
                 raise
             torch.cuda.empty_cache()
-            half = len(batch) // 2
-            self.batch_size = max(1, min(self.batch_size, half))
+            self.batcher.batch_size = max(1, min(self.batcher.batch_size, len(batch) // 2))
             log.warning("GPU out of memory on a batch of %d: batch size is now %d",
-                        len(batch), self.batch_size)
+                        len(batch), self.batcher.batch_size)
             self.report.infer_s += time.perf_counter() - t0
-            out: list[np.ndarray] = []
+            out = []
             while len(out) < len(batch):  # the size may shrink again inside
-                out += self.infer_batch(batch[len(out):len(out) + self.batch_size])
+                out += self.infer_batch(batch[len(out):len(out) + self.batcher.batch_size])
             return out
         self.report.infer_s += time.perf_counter() - t0
         return out
 
-    def _forward(self, batch: list[DecodedImage]) -> list[np.ndarray]:
+    def _forward(self, batch: list[ModelInput]) -> list[np.ndarray]:
         st = self.settings
         return detect_batch(self.model, batch, st.conf, st.iou, st.max_det)
+
+    def _write(self, job: tuple[DecodedImage, np.ndarray | None]) -> None:
+        item, dets = job
+        t0 = time.perf_counter()
+        self.sink.write(item, dets)
+        with self._count_lock:
+            self.report.write_s += time.perf_counter() - t0
+            _count(self.report, item, dets)
 
     def _share_cpu(self) -> None:
         """On a CPU device the model competes with the decode threads for the same cores:
         give it the cores the decoders leave (at least one) instead of oversubscribing."""
         if self.model.is_cuda:
             return
-        cores = os.cpu_count() or 1
+        cores = cpu_count()
         if self.model.runtime == "openvino":
             # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
             # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
@@ -383,98 +451,46 @@ class _Pipeline:
         log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
                   self.model.runtime, threads, self.threads)
 
-    def run(self) -> None:
-        self._share_cpu()
-        report = self.report
-        decoders = [threading.Thread(target=self.decode_loop, name=f"decode-{i}")
-                    for i in range(self.threads)]
-        writers = [threading.Thread(target=self.write_loop, name=f"writer-{i}")
-                   for i in range(self.writers)]
-        for t in [*decoders, *writers]:
-            t.start()
-        start = time.perf_counter()
-        progress = _Progress(len(self.tasks) - sum(self.replay), report.resumed,
-                             self.settings.progress_every_s, lambda: self.written_total())
-        try:
-            batch: list[DecodedImage] = []
-            for i in range(len(self.tasks)):
-                item = self._take(i)
-                self._check()
-                if item.error is not None:
-                    if not self.replay[i]:
-                        self._put_result((item, None))
-                    continue
-                assert item.input is not None
-                if batch and (len(batch) >= self.batch_size
-                              or self.group[i] != self.group[batch[0].index]
-                              or item.input.shape != batch[0].input.shape):
-                    self._emit(batch)
-                    batch = []
-                batch.append(item)
-                progress.maybe_log(report, time.perf_counter() - start)
-            if batch:
-                self._emit(batch)
-            self._end_writers()
-        except _Stop:
-            pass
-        except BaseException as exc:
-            self.errors.insert(0, exc)
-            self.stop_decode.set()
-            # Let the writers finish what is queued (it is valid work a retry can skip).
-            try:
-                self._end_writers()
-            except _Stop:
-                pass
-        finally:
-            self.stop_decode.set()
-            for t in [*decoders, *writers]:
-                t.join()
-            report.wall_s = time.perf_counter() - start
-            report.decode_s = self.decode_s
-            report.batch_size = self.batch_size
-        if self.errors:
-            raise self.errors[0]
-        progress.log_final(report)
 
-    def _end_writers(self) -> None:
-        for _ in range(self.writers):
-            self._put_result(_END)
-
-    def written_total(self) -> int:
-        return self.report.processed
-
-    def _emit(self, batch: list[DecodedImage]) -> None:
-        for item, dets in zip(batch, self.infer_batch(batch), strict=True):
-            item.input = None  # free the model input before it waits in the write queue
-            if not self.replay[item.index]:  # done by an earlier attempt: only its batch mates
-                self._put_result((item, dets))
+def _count(report: ShardReport, item: DecodedImage, dets: np.ndarray | None) -> None:
+    report.processed += 1
+    if item.error is None:
+        report.ok += 1
+        report.detections += 0 if dets is None else len(dets)
+    else:
+        report.failed += 1
+        report.failures.append({"rel_path": item.rel_path, "error": item.error})
+        log.warning("failed: %s: %s", item.rel_path, item.error)
 
 
 class _Progress:
-    def __init__(self, total: int, resumed: int, every_s: float, done: Callable[[], int]) -> None:
-        self.total, self.resumed, self.every_s, self.done = total, resumed, every_s, done
+    """The task log's progress line: images done, img/s, ETA and each stage's busy share."""
+
+    def __init__(self, total: int, report: ShardReport, every_s: float) -> None:
+        self.total, self.report, self.every_s = total, report, every_s
         self.last = 0.0
 
-    def maybe_log(self, report: ShardReport, elapsed: float) -> None:
+    def maybe_log(self, elapsed: float) -> None:
         if elapsed - self.last < self.every_s:
             return
         self.last = elapsed
-        done = self.done()
+        r = self.report
+        done = r.processed
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("inf")
+        busy = r.busy(elapsed)
         log.info("progress %d/%d images (%d resumed) %.2f img/s, ETA %s | busy: decode %.0f%% "
-                 "infer %.0f%% write %.0f%%", done + self.resumed, self.total + self.resumed,
-                 self.resumed, rate, _eta(eta), 100 * report.decode_s / elapsed /
-                 max(report.decode_threads, 1), 100 * report.infer_s / elapsed,
-                 100 * report.write_s / elapsed)
+                 "infer %.0f%% write %.0f%%", done + r.resumed, self.total + r.resumed,
+                 r.resumed, rate, _eta(eta), 100 * busy["decode"], 100 * busy["infer"],
+                 100 * busy["write"])
 
-    def log_final(self, report: ShardReport) -> None:
-        busy = report.to_dict()["busy"]
+    def log_final(self) -> None:
+        r = self.report
+        busy = r.busy()
         log.info("shard done on %s: %d images (%d ok, %d failed, %d resumed), %d detections, "
                  "%.1fs, %.2f img/s | busy: decode %.0f%% infer %.0f%% write %.0f%%",
-                 report.device, report.processed, report.ok, report.failed, report.resumed,
-                 report.detections, report.wall_s, report.images_per_s, 100 * busy["decode"],
-                 100 * busy["infer"], 100 * busy["write"])
+                 r.device, r.processed, r.ok, r.failed, r.resumed, r.detections, r.wall_s,
+                 r.images_per_s, 100 * busy["decode"], 100 * busy["infer"], 100 * busy["write"])
 
 
 def _eta(seconds: float) -> str:
@@ -525,8 +541,8 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
         sink = OutputSink(layout, model.names, settings.save_annotated, staging)
     report = ShardReport(device=str(model.device), images=len(tasks),
                          staging_path=str(staging_path) if staging_path else None)
-    done = sink.open()
     try:
+        done = sink.open()
         _remove_stale_temps(tasks, layout, settings.save_annotated)
         todo = [t for t in tasks if t.rel_path not in done]
         report.resumed = len(tasks) - len(todo)
@@ -534,7 +550,8 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
             log.info("resuming: %d of %d images already done by an earlier attempt",
                      report.resumed, len(tasks))
         if todo:
-            _Pipeline(tasks, model, settings, sink, report, imgsz, done=done.keys()).run()
+            _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink, report,
+                   imgsz).run()
     finally:
         sink.close()
     return report

@@ -1,0 +1,39 @@
+"""The engine's errors that no retry can fix, in a module light enough for a DAG file.
+
+The DAG's retry policy fails a task at once on these (by their dotted names): a bad parameter,
+weights that cannot be used or changed under a run, a staging file that is not where the load
+looks, a drop with too many unreadable images. Everything else (a database that is down, a
+full disk, a GPU busy with another job) may pass and is retried. Standard library only: the
+DAG file imports this at parse time.
+"""
+
+from __future__ import annotations
+
+
+class SettingsError(ValueError):
+    """A parameter is invalid. The message is ``invalid parameter NAME: problem``."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"invalid parameter {name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+class ModelLoadError(RuntimeError):
+    """The weights file cannot be used; the message names the file and why."""
+
+
+class WeightsChangedError(ModelLoadError):
+    """The weights file changed between discover and infer: the run's rows would mix models."""
+
+
+class MissingStagingError(RuntimeError):
+    """A shard's staging file is not where the load looks (no shared storage between hosts?)."""
+
+
+class TooManyFailedError(RuntimeError):
+    """More of the drop's images failed than ``max_failed_fraction`` allows."""
+
+
+NOT_RETRYABLE: tuple[type[BaseException], ...] = (SettingsError, ModelLoadError,
+                                                  MissingStagingError, TooManyFailedError)

@@ -1,0 +1,263 @@
+"""The stop protocol: a fault in any stage reaches the caller, promptly, with every thread joined
+and no partial output left behind.
+
+Faults are bugs, not bad images (those become failed rows, tests/test_bad_input.py): an
+exception from the decoder library on the first or a later image, from the forward pass, from
+NMS, from the txt writer's rename, from the staging file's append, from the sink's ``open``,
+and KeyboardInterrupt / SystemExit in the main thread. Every run happens under an alarm, so a
+hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from image_etl import pipeline
+from image_etl.outputs import OutputLayout, StagingWriter
+from image_etl.settings import InferSettings
+from image_etl.worker import run_shard
+
+from .conftest import DROP_DATE
+from .helpers import tasks_for
+
+HANG_S = 60  # far beyond any of these runs: reaching it means the pipeline hung
+STAGE_THREADS = ("decode", "writer")
+
+
+class Injected(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def alarm(seconds: int = HANG_S) -> Iterator[None]:
+    def hung(signum, frame):
+        raise TimeoutError(f"run_shard did not return within {seconds}s: the pipeline hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class Fault:
+    """Wraps ``fn``: the ``at``-th call (1-based) raises ``error`` and records when."""
+
+    def __init__(self, fn: Callable, at: int, error: BaseException) -> None:
+        self.fn, self.at, self.error = fn, at, error
+        self.calls = 0
+        self.fired_at: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            self.calls += 1
+            fire = self.calls == self.at
+        if fire:
+            self.fired_at = time.perf_counter()
+            raise self.error
+        return self.fn(*args, **kwargs)
+
+
+def stage_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(STAGE_THREADS)]
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*") if p.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="module")
+def reference(small_drop, cpu_model, tmp_path_factory) -> dict[str, bytes]:
+    """The txt files of a clean run, with the settings every fault run uses."""
+    out = tmp_path_factory.mktemp("reference")
+    run_shard(tasks_for(small_drop / DROP_DATE.isoformat()), cpu_model, SETTINGS, OutputLayout(out))
+    return {p.name: p.read_bytes() for p in (out / "labels").glob("*.txt")}
+
+
+SETTINGS = InferSettings(batch_size=2, decode_workers=2, write_queue_size=2)
+TIMINGS: dict[str, float] = {}  # fault → seconds from the fault to the caller's exception
+
+
+def run_with_fault(name: str, fault: Fault, small_drop: Path, model, tmp_path: Path,
+                   reference: dict[str, bytes], error_type: type[BaseException],
+                   settings: InferSettings = SETTINGS) -> BaseException:
+    tasks = tasks_for(small_drop / DROP_DATE.isoformat()) * 2  # 16 images, 8 batches
+    out = tmp_path / "out"
+    staging = tmp_path / "staging.jsonl"
+    with alarm(), pytest.raises(error_type) as info:
+        run_shard(tasks, model, settings, OutputLayout(out), staging_path=staging)
+    raised_at = time.perf_counter()
+    assert fault.fired_at is not None, f"{name}: the fault never fired"
+    # The fault itself, or (output errors) the one-line error naming the file, caused by it.
+    assert fault.error in (info.value, info.value.__cause__), \
+        f"{name}: the caller got {info.value!r}, not the fault"
+    TIMINGS[name] = raised_at - fault.fired_at
+    print(f"\n{name}: raised {TIMINGS[name]:.3f}s after the fault")
+    assert stage_threads() == [], f"{name}: threads left running"
+    assert leftovers(out) == [], f"{name}: temp files left"
+    # Whatever txt exists is a whole one: the clean run's bytes.
+    for txt in (out / "labels").glob("*.txt") if (out / "labels").exists() else []:
+        assert txt.read_bytes() == reference[txt.name], f"{name}: {txt.name} differs"
+    return info.value
+
+
+@pytest.mark.parametrize("at", [1, 6], ids=["first-image", "sixth-image"])
+def test_decoder_error(at, small_drop, cpu_model, tmp_path, monkeypatch, reference):
+    import simplejpeg
+
+    fault = Fault(simplejpeg.decode_jpeg, at, Injected(f"decoder bug on call {at}"))
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", fault)
+    run_with_fault(f"decoder, image {at}", fault, small_drop, cpu_model, tmp_path, reference,
+                   Injected)
+
+
+def test_forward_pass_error(small_drop, cpu_model, tmp_path, reference):
+    fault = Fault(cpu_model.backend, 3, Injected("forward pass bug"))
+    model = dataclasses.replace(cpu_model, backend=fault)
+    run_with_fault("forward pass", fault, small_drop, model, tmp_path, reference, Injected)
+
+
+def test_nms_error(small_drop, cpu_model, tmp_path, monkeypatch, reference):
+    from ultralytics.utils import nms
+
+    fault = Fault(nms.non_max_suppression, 2, Injected("NMS bug"))
+    monkeypatch.setattr(nms, "non_max_suppression", fault)
+    run_with_fault("NMS", fault, small_drop, cpu_model, tmp_path, reference, Injected)
+
+
+def test_txt_writer_error(small_drop, cpu_model, tmp_path, monkeypatch, reference):
+    """The rename of the 4th txt fails: its temp file must not stay."""
+    import os
+
+    from image_etl import outputs
+
+    real = os.replace
+    txt_renames = Fault(real, 4, OSError(28, "No space left on device (injected)"))
+
+    def replace(src, dst):
+        return (txt_renames if str(dst).endswith(".txt") else real)(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    error = run_with_fault("txt writer", txt_renames, small_drop, cpu_model, tmp_path, reference,
+                           OSError)
+    assert "No space left" in str(error)
+
+
+@pytest.mark.parametrize("annotated", [False, True], ids=["one-writer", "annotating-writers"])
+def test_staging_writer_error(annotated, small_drop, cpu_model, tmp_path, monkeypatch, reference):
+    fault = Fault(StagingWriter.append, 3, OSError(5, "Input/output error (injected)"))
+    monkeypatch.setattr(StagingWriter, "append", lambda self, rec: fault(self, rec))
+    settings = dataclasses.replace(SETTINGS, save_annotated=annotated)
+    run_with_fault(f"staging writer ({'annotating' if annotated else 'one writer'})", fault,
+                   small_drop, cpu_model, tmp_path, reference, OSError, settings)
+
+
+def test_sink_open_error(small_drop, cpu_model, tmp_path, monkeypatch, reference):
+    fault = Fault(StagingWriter.resume, 1, PermissionError(13, "Permission denied (injected)"))
+    monkeypatch.setattr(StagingWriter, "resume", lambda self: fault(self))
+    run_with_fault("sink open", fault, small_drop, cpu_model, tmp_path, reference, PermissionError)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit], ids=lambda e: e.__name__)
+def test_interrupt_in_the_main_thread_stops_the_workers(error, small_drop, cpu_model, tmp_path,
+                                                        reference):
+    fault = Fault(cpu_model.backend, 2, error())
+    model = dataclasses.replace(cpu_model, backend=fault)
+    run_with_fault(error.__name__, fault, small_drop, model, tmp_path, reference, error)
+
+
+def test_retry_after_a_fault_completes_with_the_clean_outputs(small_drop, cpu_model, tmp_path,
+                                                              monkeypatch, reference):
+    import simplejpeg
+
+    fault = Fault(simplejpeg.decode_jpeg, 5, Injected("decoder bug"))
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", fault)
+    tasks = tasks_for(small_drop / DROP_DATE.isoformat())
+    out, staging = tmp_path / "out", tmp_path / "staging.jsonl"
+    with alarm(), pytest.raises(Injected):
+        run_shard(tasks, cpu_model, SETTINGS, OutputLayout(out), staging_path=staging)
+    monkeypatch.undo()
+    with alarm():
+        report = run_shard(tasks, cpu_model, SETTINGS, OutputLayout(out), staging_path=staging)
+    assert report.resumed + report.processed == len(tasks) and report.failed == 0
+    assert {p.name: p.read_bytes() for p in (out / "labels").glob("*.txt")} == reference
+
+
+# --- the two stages on their own ------------------------------------------------------------
+
+def test_ordered_map_keeps_order_bounds_the_window_and_raises_at_the_item():
+    started: list[int] = []
+    consumed: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.001 * (7 - i % 7))  # later items often finish first
+        if i == 40:
+            raise Injected("item 40")
+        return i * i
+
+    with alarm(), pytest.raises(Injected, match="item 40"):
+        with pipeline.ordered_map(work, range(100), threads=4, window=5, name="decode") as results:
+            for value in results:
+                consumed.append(value)
+                assert max(started) < len(consumed) + 5  # never more than the window ahead
+    assert consumed == [i * i for i in range(40)]
+    assert max(started) < 46 and stage_threads() == []
+
+
+def test_writers_bound_the_queue_and_raise_a_job_error_in_put():
+    gate = threading.Event()
+    done: list[int] = []
+
+    def job(i: int) -> None:
+        gate.wait(5)
+        if i == 3:
+            raise Injected("job 3")
+        done.append(i)
+
+    with alarm(), pytest.raises(Injected, match="job 3"):
+        with pipeline.Writers(job, count=1, capacity=2) as writers:
+            writers.put(0)
+            writers.put(1)
+            blocked = threading.Timer(0.3, gate.set)  # put(2) must wait for a free slot
+            blocked.start()
+            t0 = time.perf_counter()
+            writers.put(2)
+            assert time.perf_counter() - t0 >= 0.25
+            blocked.join()
+            for i in range(3, 50):
+                writers.put(i)
+    assert done == [0, 1, 2] and stage_threads() == []
+
+
+def test_an_abort_check_ends_a_wait_on_a_slow_stage():
+    """The main thread waits for a slow decode; the writer has failed meanwhile: it stops now."""
+    release = threading.Event()
+
+    def slow(i: int) -> int:
+        release.wait(10)
+        return i
+
+    def writer_failed() -> None:
+        release.set()  # the decode under way finishes (decodes are bounded); nothing waits on it
+        raise Injected("the writer failed")
+
+    t0 = time.perf_counter()
+    with alarm(), pytest.raises(Injected, match="writer failed"):
+        with pipeline.ordered_map(slow, range(3), threads=1, window=2, name="decode",
+                                  abort=writer_failed) as results:
+            next(results)
+    assert time.perf_counter() - t0 < 5 and stage_threads() == []
