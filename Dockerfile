@@ -22,7 +22,12 @@ COPY --chown=airflow:0 include/ /opt/airflow/include/
 COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/
 COPY --chown=airflow:0 models/ /opt/airflow/models/
 
-# Never download weights or fonts at run time; find the engine without an install step.
+# The engine is found the one way it is everywhere (make, tests, Airflow's processes): the
+# package installed in editable mode, here pointing at /opt/airflow/include, which
+# docker-compose.yaml mounts over for development.
+COPY --chown=airflow:0 pyproject.toml /opt/airflow/
+RUN pip install --no-cache-dir --no-deps -e /opt/airflow
+
+# Never download weights or fonts at run time.
 ENV YOLO_OFFLINE=1 \
-    PYTHONPATH=/opt/airflow/include \
     IMAGE_ETL_MODEL=/opt/airflow/models/demo-yolo11n-2cls.pt

@@ -18,7 +18,6 @@ ROOT = BENCH_DIR.parent
 DATA_DIR = BENCH_DIR / "data"
 RESULTS_DIR = BENCH_DIR / "results"
 DEMO_MODEL = ROOT / "models" / "demo-yolo11n-2cls.pt"
-INTERIM_MODEL = Path("/tmp/interim.pt")  # a partially trained copy, until the demo model exists
 DROP_DATE = dt.date(2026, 1, 1)
 # The post's images are 2-6 MB; synth's default quality 90 lands just above 6 MB at
 # 2048 x 12000, quality 85 in the middle of the range (~4.5 MB).
@@ -27,7 +26,7 @@ JPEG_RANGE_MB = (2.0, 6.0)
 
 
 def default_model() -> Path:
-    return DEMO_MODEL if DEMO_MODEL.is_file() else INTERIM_MODEL
+    return DEMO_MODEL
 
 
 def peak_rss_mb() -> float:

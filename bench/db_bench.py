@@ -8,7 +8,7 @@ at COMMIT, with the same idempotent replace: loading the same images again repla
 
 - ``copy``: ``image_etl.store.load_staged``: images COPYed into a temp table and upserted
   set-based (ids kept), their old detections deleted, the new detections COPYed straight into
-  ``detections`` from the staging files' number text.
+  ``detections`` in COPY's binary format (the doubles the staging lines hold).
 - ``executemany``: what one would write with SQLAlchemy Core alone, in one transaction:
   delete the old detections and images of those (model, date, rel_path)s, then
   ``conn.execute(insert(images).returning(id), rows)`` and ``conn.execute(insert(detections),

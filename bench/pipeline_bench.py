@@ -54,6 +54,8 @@ class Variant:
     save: bool = False  # annotated images
     runtime: str = "auto"  # ours / limit-model: auto = OpenVINO on a CPU device, else PyTorch
     turbojpeg: bool = True  # limit-decode: False decodes every file with cv2.imdecode
+    sliced: bool = False  # ours / limit-model: sliced inference (--slice-size, --slice-overlap)
+    sahi_batch: int = 1  # sahi: get_sliced_prediction's batch_size
     help: str = ""
 
 
@@ -86,9 +88,25 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             help="forward + NMS on a pre-decoded batch, no I/O, no decode (runtime auto)"),
     Variant("limit-model-torch", "limit-model", runtime="torch",
             help="the same with runtime torch"),
+    # Sliced inference (on --sliced-count images: each takes seconds)
+    Variant("sahi", "sahi", help="SAHI get_sliced_prediction(path) per image, batch_size 1 "
+                                 "(PyTorch, as SAHI runs it)"),
+    Variant("sahi-b8", "sahi", sahi_batch=8, help="the same with batch_size 8"),
+    Variant("ours-sliced", "ours", sliced=True, help="run_shard, sliced (runtime auto)"),
+    Variant("ours-sliced-torch", "ours", sliced=True, runtime="torch",
+            help="run_shard, sliced, runtime torch (SAHI's runtime)"),
+    Variant("limit-model-sliced", "limit-model", sliced=True,
+            help="the forward on a batch of pre-cut slices, no decode (runtime auto)"),
+    Variant("limit-model-sliced-torch", "limit-model", sliced=True, runtime="torch",
+            help="the same with runtime torch"),
 )}
 DEFAULT_VARIANTS = [name for name in VARIANTS if name != "seed-queue+save"]
 BASELINE = "seed-queue"
+SLICED_BASELINE = "sahi"
+
+
+def is_sliced(name: str) -> bool:
+    return VARIANTS[name].sliced or VARIANTS[name].kind == "sahi"
 
 
 # ================================================================================================
@@ -101,6 +119,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args._out)
     if variant.kind == "seed":
         result = _child_seed(variant, tasks, out, args)
+    elif variant.kind == "sahi":
+        result = _child_sahi(variant, tasks, args)
     elif variant.kind == "ours":
         result = _child_ours(variant, tasks, out, args)
     elif variant.kind == "limit-decode":
@@ -136,12 +156,54 @@ def _child_seed(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
 
 
 def _infer_settings(args: argparse.Namespace, fast: bool = False, save: bool = False,
-                    runtime: str = "auto") -> Any:
+                    runtime: str = "auto", sliced: bool = False) -> Any:
     from image_etl.settings import InferSettings
 
+    slicing = {"slice_size": args.slice_size, "slice_overlap": args.slice_overlap} if sliced else {}
     return InferSettings(imgsz=args.imgsz, conf=args.conf, iou=args.iou, batch_size=args.batch,
                          fast_decode=fast, save_annotated=save, runtime=runtime,
-                         progress_every_s=86_400)
+                         progress_every_s=86_400, **slicing)
+
+
+def _inputs_per_image(args: argparse.Namespace, height: int, width: int) -> int:
+    """Model inputs of one image in sliced mode: the slices and the full-image pass."""
+    from image_etl.slicing import slice_grid
+
+    n = len(slice_grid(height, width, (args.slice_size, args.slice_size), args.slice_overlap))
+    return n + (n > 1)
+
+
+def _child_sahi(variant: Variant, tasks: list[tuple[Path, str]], args: argparse.Namespace
+                ) -> dict[str, Any]:
+    """SAHI as its users run it: the image path in (SAHI reads and decodes it), the slice
+    boxes and merge of its defaults (greedy NMM, IoS 0.5, the full-image pass)."""
+    import cv2
+    from sahi import AutoDetectionModel
+    from sahi.predict import get_sliced_prediction
+
+    model = AutoDetectionModel.from_pretrained(model_type="ultralytics", model_path=str(args.model),
+                                               confidence_threshold=args.conf, device=args.device,
+                                               image_size=args.imgsz)
+
+    def predict(path: Path) -> int:
+        result = get_sliced_prediction(str(path), model, slice_height=args.slice_size,
+                                       slice_width=args.slice_size,
+                                       overlap_height_ratio=args.slice_overlap,
+                                       overlap_width_ratio=args.slice_overlap,
+                                       batch_size=variant.sahi_batch, verbose=0)
+        return len(result.object_prediction_list)
+
+    predict(tasks[0][0])  # warm-up
+    rss_before = _rss_now_mb()
+    start, t0 = time.time(), time.perf_counter()
+    detections = sum(predict(path) for path, _ in tasks)
+    wall = time.perf_counter() - t0
+    h, w = cv2.imread(str(tasks[0][0]), cv2.IMREAD_REDUCED_GRAYSCALE_8).shape[:2]
+    return {"window_unix": [start, time.time()], "images": len(tasks), "wall_s": wall,
+            "images_per_s": len(tasks) / wall, "detections": detections,
+            "inputs_per_image": _inputs_per_image(args, h * 8, w * 8),
+            "busy": {"decode": 0.0, "infer": 1.0, "write": 0.0}, "stages_s": {},
+            "rss_before_mb": round(rss_before, 1), "runtime": "torch"}
 
 
 def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
@@ -151,10 +213,12 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
     from image_etl.worker import ImageTask, run_shard
 
     model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime)
-    settings = _infer_settings(args, variant.fast, variant.save, variant.runtime)
+    settings = _infer_settings(args, variant.fast, variant.save, variant.runtime, variant.sliced)
     shard = [ImageTask(path, rel) for path, rel in tasks]
-    # Warm-up on one batch (the timed pass's batch shape), outputs thrown away.
-    run_shard(shard[:args.batch], model, settings, OutputLayout(out / "warmup"))
+    # Warm-up on one batch (the timed pass's batch shape; one image holds many slices),
+    # outputs thrown away.
+    run_shard(shard[:1 if variant.sliced else args.batch], model, settings,
+              OutputLayout(out / "warmup"))
     shutil.rmtree(out, ignore_errors=True)
     rss_before = _rss_now_mb()
     run_dir = out / "run"
@@ -175,7 +239,16 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
                          "infer_s": report.infer_s, "write_s": report.write_s,
                          "decode_threads": report.decode_threads,
                          "batch_size": report.batch_size},
+            **({"inputs_per_image": _inputs_per_image(args, *_image_hw(shard[0].path))}
+               if variant.sliced else {}),
             "rss_before_mb": round(rss_before, 1), "runtime": model.runtime}
+
+
+def _image_hw(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.height, im.width
 
 
 def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
@@ -221,12 +294,24 @@ def _child_model_limit(variant: Variant, tasks: list[tuple[Path, str]],
     from image_etl.worker import detect_batch
 
     model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime)
-    settings = _infer_settings(args)
-    decoder = Decoder(args.imgsz, model.stride)
-    picked = [tasks[i % len(tasks)] for i in range(args.batch)]
-    batch = [decoder(i, path, rel) for i, (path, rel) in enumerate(picked)]
-    if any(item.error for item in batch):
-        raise RuntimeError(f"decode errors: {[item.error for item in batch if item.error]}")
+    settings = _infer_settings(args, sliced=variant.sliced)
+    if variant.sliced:  # a batch of the first image's slices, cut as the worker cuts them
+        from image_etl.worker import SlicedPlan
+
+        decoder = Decoder(args.imgsz, model.stride, keep_image=True)
+        item = decoder(0, *tasks[0])
+        plan = SlicedPlan(settings, (args.imgsz, args.imgsz), model.stride)
+        units = plan.inputs(item)
+        batch = [units[i % (len(units) - 1)] for i in range(args.batch)]
+        per_image = len(units)
+    else:
+        decoder = Decoder(args.imgsz, model.stride)
+        picked = [tasks[i % len(tasks)] for i in range(args.batch)]
+        batch = [decoder(i, path, rel) for i, (path, rel) in enumerate(picked)]
+        per_image = 1
+    errors = [b.error for b in batch if getattr(b, "error", None)]
+    if errors:
+        raise RuntimeError(f"decode errors: {errors}")
     # The engine's own batch step (stack → device → forward → NMS → scale → one .cpu()).
     def infer() -> list:
         return detect_batch(model, batch, settings.conf, settings.iou, settings.max_det)
@@ -241,15 +326,14 @@ def _child_model_limit(variant: Variant, tasks: list[tuple[Path, str]],
         wall = time.perf_counter() - t0
         if wall >= args.model_seconds and iterations >= 3:
             break
-    images = iterations * len(batch)
+    images = iterations * len(batch) / per_image
     return {"window_unix": [start, time.time()], "images": images, "wall_s": wall,
-            "images_per_s": images / wall,
+            "images_per_s": images / wall, "inputs_per_image": per_image,
             "detections": sum(len(d) for d in dets),
             "busy": {"decode": 0.0, "infer": 1.0, "write": 0.0},
             "stages_s": {"iterations": iterations, "batch": len(batch),
                          "per_batch_ms": 1e3 * wall / iterations,
-                         "input_shape": list(batch[0].input.shape) if batch[0].input is not None
-                         else None},
+                         "input_shape": list(batch[0].input.shape)},
             "rss_before_mb": round(rss_before, 1), "runtime": model.runtime}
 
 
@@ -263,7 +347,8 @@ def _child_command(args: argparse.Namespace, variant: str, count: int, drop: Pat
             "--_result", str(result), "--_drop", str(drop), "--_out", str(out),
             "--count", str(count), "--model", str(args.model), "--device", args.device,
             "--imgsz", str(args.imgsz), "--conf", str(args.conf), "--iou", str(args.iou),
-            "--batch", str(args.batch), "--model-seconds", str(args.model_seconds)]
+            "--batch", str(args.batch), "--model-seconds", str(args.model_seconds),
+            "--slice-size", str(args.slice_size), "--slice-overlap", str(args.slice_overlap)]
 
 
 def run_variant(args: argparse.Namespace, variant: str, count: int, drop: Path) -> dict[str, Any]:
@@ -318,10 +403,20 @@ def summarise(runs: list[dict[str, Any]], variants: list[str], device: str = "cp
             "detections": ok[0].get("detections"),
             "dropped": sum(r.get("dropped", 0) for r in ok),
             "runtime": ok[0].get("runtime"),
+            "inputs_per_image": ok[0].get("inputs_per_image"),
         }
     base = summary.get(BASELINE, {}).get("images_per_s")
+    sahi = summary.get(SLICED_BASELINE, {}).get("images_per_s")
     for name, s in summary.items():
         variant = VARIANTS[name]
+        if is_sliced(name):
+            s["slices_per_s"] = s["images_per_s"] * (s["inputs_per_image"] or 1)
+            s["ratio_vs_sahi"] = s["images_per_s"] / sahi if sahi else None
+            limit = summary.get("limit-model-sliced-torch" if variant.runtime == "torch"
+                                else "limit-model-sliced", {}).get("images_per_s")
+            if variant.kind == "ours" and limit:
+                s["pct_of_sliced_limit"] = 100 * s["images_per_s"] / limit
+            continue
         s["ratio_vs_baseline"] = s["images_per_s"] / base if base else None
         limit_name = "limit-decode-fast" if variant.fast else "limit-decode"
         limit = summary.get(limit_name, {}).get("images_per_s")
@@ -357,7 +452,7 @@ def _ratio(summary: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
     return None
 
 
-def targets(summary: dict[str, dict[str, Any]], memory: dict[str, Any] | None
+def targets(summary: dict[str, dict[str, Any]], memory: list[dict[str, Any]]
             ) -> list[dict[str, Any]]:
     """The issue's targets, each PASS / MISS / n/a (variant not run)."""
     out: list[dict[str, Any]] = []
@@ -379,17 +474,38 @@ def targets(summary: dict[str, dict[str, Any]], memory: dict[str, Any] | None
         _ratio(summary, "ours-exact+save", "seed-original+save"), 3.0, "x")
     add("ours-fast+save >= 3x seed-original+save (informational)",
         _ratio(summary, "ours-fast+save", "seed-original+save"), 3.0, "x")
-    growth = memory.get("growth_pct") if memory else None
-    counts = memory["runs"] if memory else []
-    label = (f"{memory['variant']} peak RSS at {counts[-1]['count']} images within 15% of "
-             f"{counts[0]['count']}" if memory and len(counts) >= 2
-             else "ours-exact peak RSS at 200 images within 15% of 50")
-    add(label, growth, 15.0, "%", higher=False)
+    best_sahi = max((summary[n]["images_per_s"] for n in summary if VARIANTS[n].kind == "sahi"),
+                    default=None)
+    ours_sliced = summary.get("ours-sliced", {}).get("images_per_s")
+    add("ours-sliced >= 3x sahi (its faster batch size)",
+        ours_sliced / best_sahi if ours_sliced and best_sahi else None, 3.0, "x")
+    add("ours-sliced >= 90% of limit-model-sliced",
+        summary.get("ours-sliced", {}).get("pct_of_sliced_limit"), 90.0, "%")
+    for check in memory:
+        counts = check["runs"]
+        add(f"{check['variant']} peak RSS at {counts[-1]['count']} images within 15% of "
+            f"{counts[0]['count']}", check.get("growth_pct"), 15.0, "%", higher=False)
     return out
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def sliced_table(summary: dict[str, dict[str, Any]], variants: list[str]) -> str:
+    head = (f"{'variant':<26} {'img/s':>7} {'min-max':>13} {'slices/s':>9} {'x sahi':>8} "
+            f"{'% limit':>8} {'peak RSS MB':>11}")
+    lines = [head, "-" * len(head)]
+    for name in variants:
+        s = summary.get(name)
+        if s is None:
+            lines.append(f"{name:<26} {'(failed)':>7}")
+            continue
+        lines.append(f"{name:<26} {s['images_per_s']:>7.3f} {s['min']:>6.3f}-{s['max']:<6.3f} "
+                     f"{s['slices_per_s']:>9.1f} {_fmt(s.get('ratio_vs_sahi'), '.2f', 'x'):>8} "
+                     f"{_fmt(s.get('pct_of_sliced_limit'), '.0f', '%'):>8} "
+                     f"{s['peak_rss_mb']:>11.0f}")
+    return "\n".join(lines)
 
 
 def table(summary: dict[str, dict[str, Any]], variants: list[str]) -> str:
@@ -446,13 +562,14 @@ def chart(path: Path, summary: dict[str, dict[str, Any]], variants: list[str],
     plt.close(fig)
 
 
-def memory_check(args: argparse.Namespace, drop: Path, available: int) -> dict[str, Any]:
+def memory_check(args: argparse.Namespace, variant: str, drop: Path, available: int
+                 ) -> dict[str, Any]:
     counts = args.memory_counts
     runs = []
     for count in counts:
         note = f" (the drop's {available} files repeated)" if count > available else ""
-        print(f"  memory check: {args.memory_variant} on {count} images{note} ...", flush=True)
-        r = run_variant(args, args.memory_variant, count, drop)
+        print(f"  memory check: {variant} on {count} images{note} ...", flush=True)
+        r = run_variant(args, variant, count, drop)
         if "error" in r:
             print(f"    failed: {r['error']}")
         else:
@@ -460,7 +577,7 @@ def memory_check(args: argparse.Namespace, drop: Path, available: int) -> dict[s
                   f"{r['rss_before_mb']:.0f} MB), {r['images_per_s']:.2f} img/s")
         runs.append({"count": count, **r})
     ok = [r for r in runs if "error" not in r]
-    result: dict[str, Any] = {"variant": args.memory_variant, "drop_images": available,
+    result: dict[str, Any] = {"variant": variant, "drop_images": available,
                               "repeated": any(c > available for c in counts), "runs": runs}
     if len(ok) == len(runs) and len(ok) >= 2:
         first, last = ok[0]["peak_rss_mb"], ok[-1]["peak_rss_mb"]
@@ -480,7 +597,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma list from: {', '.join(VARIANTS)}")
     p.add_argument("--model", type=Path, default=None,
-                   help="Ultralytics .pt (default: models/demo-yolo11n-2cls.pt, else /tmp/interim.pt)")
+                   help="Ultralytics .pt (default: models/demo-yolo11n-2cls.pt)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--imgsz", type=int, default=None, help="default: the model's training size")
     p.add_argument("--conf", type=float, default=0.25)
@@ -492,8 +609,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="peak RSS of --memory-variant at --memory-counts images; auto: with full-size "
                         "runs (--count >= 48), not with quick ones; only: nothing else")
     p.add_argument("--memory-counts", default="50,200", help="image counts of the memory check")
-    p.add_argument("--memory-variant", default="ours-exact", choices=sorted(VARIANTS),
-                   help="the variant the memory check runs (default ours-exact)")
+    p.add_argument("--memory-variants", default="ours-exact,ours-sliced",
+                   help="the variants the memory check runs, comma-separated")
+    p.add_argument("--sliced-count", type=int, default=8,
+                   help="images per run of the sliced variants (each takes seconds)")
+    p.add_argument("--slice-size", type=int, default=640, help="sliced variants: slice size")
+    p.add_argument("--slice-overlap", type=float, default=0.2, help="sliced variants: overlap")
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON + PNG go")
     p.add_argument("--child-timeout", type=int, default=3600, help="seconds per child run")
     # internal: the child process side
@@ -507,7 +628,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.model is None:
         args.model = default_model()
     args.model = args.model.resolve()
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    args.memory_variants = [v for v in args.memory_variants.split(",") if v]
+    unknown = [v for v in args.variants.split(",") + args.memory_variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if args.count < 1 or args.reps < 1:
@@ -572,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep, order in enumerate(orders, 1):
         for name in order:
             k += 1
-            r = run_variant(args, name, args.count, drop)
+            r = run_variant(args, name, args.sliced_count if is_sliced(name) else args.count, drop)
             r["rep"] = rep
             runs.append(r)
             if "error" in r:
@@ -581,9 +703,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{k}/{total}] rep {rep} {name:<20} {r['images_per_s']:7.2f} img/s  "
                       f"wall {r['wall_s']:6.1f}s  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
 
-    memory = None
-    if run_memory:
-        memory = memory_check(args, drop, len(list(drop.glob("*.jpg"))))
+    memory = [memory_check(args, v, drop, len(list(drop.glob("*.jpg"))))
+              for v in args.memory_variants] if run_memory else []
 
     summary = summarise(runs, variants, args.device)
     goals = targets(summary, memory)
@@ -591,17 +712,25 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
 
     print()
-    if variants:
+    whole = [v for v in variants if not is_sliced(v)]
+    sliced = [v for v in variants if is_sliced(v)]
+    if whole:
         print(f"{args.count} images, {args.reps} repetition(s), device {args.device}, medians:")
-        print(table(summary, variants))
+        print(table(summary, whole))
         print("  % dec.limit: vs limit-decode (exact) or, for (f) fast variants, vs "
               "limit-decode-fast; busy: fraction of the wall time each stage was working")
-    if memory:
-        print(f"memory check ({memory['variant']}):", ", ".join(
-            f"{r['count']} images {r['peak_rss_mb']:.0f} MB" for r in memory["runs"] if "error" not in r)
-            + (f"; growth {memory['growth_pct']:+.1f}%" if "growth_pct" in memory else "")
-            + (f" (the drop's {memory['drop_images']} files repeated to reach "
-               f"{max(args.memory_counts)})" if memory["repeated"] else ""))
+    if sliced:
+        print(f"\nsliced: {args.sliced_count} images, {args.slice_size} px slices, overlap "
+              f"{args.slice_overlap}, {args.reps} repetition(s), medians:")
+        print(sliced_table(summary, sliced))
+        print("  slices/s: model inputs per second (the slices and the full-image pass); "
+              "% limit: vs limit-model-sliced of the same runtime")
+    for check in memory:
+        print(f"memory check ({check['variant']}):", ", ".join(
+            f"{r['count']} images {r['peak_rss_mb']:.0f} MB" for r in check["runs"] if "error" not in r)
+            + (f"; growth {check['growth_pct']:+.1f}%" if "growth_pct" in check else "")
+            + (f" (the drop's {check['drop_images']} files repeated to reach "
+               f"{max(args.memory_counts)})" if check["repeated"] else ""))
     print("targets:")
     for g in goals:
         value = "-" if g["value"] is None else f"{g['value']:.2f}{g['unit']}"
@@ -619,21 +748,23 @@ def main(argv: list[str] | None = None) -> int:
         "command": [sys.executable, *sys.argv], "machine": machine, "other_cpu_load": others,
         "settings": {"model": str(args.model), "imgsz": args.imgsz, "conf": args.conf,
                      "iou": args.iou, "batch": args.batch, "device": args.device,
-                     "count": args.count, "reps": args.reps, "model_seconds": args.model_seconds},
+                     "count": args.count, "reps": args.reps, "model_seconds": args.model_seconds,
+                     "sliced_count": args.sliced_count, "slice_size": args.slice_size,
+                     "slice_overlap": args.slice_overlap},
         "drop": {"dir": str(drop), **stats}, "variants": {n: VARIANTS[n].help for n in variants},
         "orders": orders, "runs": runs, "summary": summary, "memory_check": memory,
         "targets": goals,
     }
     json_path.write_text(json.dumps(report, indent=2))
     if summary:
-        chart(png_path, summary, variants,
+        chart(png_path, summary, [v for v in variants if not is_sliced(v)],
               f"{args.count} x {width}x{height} JPEG, {args.model.name}, imgsz {args.imgsz}, "
               f"{args.device} | {machine['cpu']} x{machine['cpu_logical']}"
               + (f" | {machine['gpu']}" if "gpu" in machine else ""))
         print(f"wrote {json_path} and {png_path}")
     else:
         print(f"wrote {json_path}")
-    failed = [r for r in runs if "error" in r] + [r for r in (memory or {}).get("runs", [])
+    failed = [r for r in runs if "error" in r] + [r for c in memory for r in c["runs"]
                                                   if "error" in r]
     return 1 if failed else 0
 

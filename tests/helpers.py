@@ -18,26 +18,12 @@ def tasks_for(root: Path) -> list[ImageTask]:
 
 
 def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return synth.box_iou(a, b)
 
 
 def match(preds: list[tuple[int, tuple]], truth: list[tuple[int, tuple]], thr: float = 0.5) -> int:
     """Greedy class-aware matching at IoU >= thr; returns the number of matched pairs."""
-    used: set[int] = set()
-    hits = 0
-    for cls, box in preds:
-        best, best_j = thr, None
-        for j, (tcls, tbox) in enumerate(truth):
-            if j not in used and tcls == cls and (v := iou(box, tbox)) >= best:
-                best, best_j = v, j
-        if best_j is not None:
-            used.add(best_j)
-            hits += 1
-    return hits
+    return synth.count_matches(preds, [synth.Box(c, *b) for c, b in truth], thr)
 
 
 def staged_by_path(staging: Path) -> dict[str, dict]:

@@ -1,5 +1,6 @@
 """The Detections page's queries (``image_etl.browse``) and what they read from the store
-(schema v2: each image's folders, the night totals), on a SQLite file and a real PostgreSQL.
+(revision 0002: each image's folders, the night totals kept by every load), on a SQLite file
+and a real PostgreSQL. The revision's upgrade and downgrade: tests/test_store_revisions.py.
 
 Expected values are recomputed here with plain SQL over ``images`` / ``detections``, never
 taken from the code under test.
@@ -8,13 +9,12 @@ taken from the code under test.
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from image_etl import browse, store
+from image_etl import browse
 from image_etl.outputs import StagingWriter, image_record
 from image_etl.store import RunInfo, engine_from_url, load_staged, migrate
 
@@ -136,58 +136,7 @@ def truth_counts(engine, where: str, class_name: str | None = None, min_conf: fl
     return dict(rows)
 
 
-# --- the store: schema v2 -------------------------------------------------------------------------
-
-def test_migration_2_backfills_folders_and_totals(db_url):
-    """A database written by schema v1: its images get their run's folders (only where the
-    run row still describes their night) and every night its totals."""
-    engine = engine_from_url(db_url)
-    try:
-        with store.write_transaction(engine) as conn:
-            store.schema_version.create(conn)
-            store.MIGRATIONS[0](conn)
-            conn.execute(store.schema_version.insert().values(version=1))
-            now = dt.datetime(2026, 11, 21, tzinfo=dt.UTC)
-            conn.execute(sa.text("INSERT INTO models VALUES (:s, 'm.pt', '/m.pt', :n, :t)"),
-                         {"s": SHA, "n": json.dumps({str(k): v for k, v in NAMES.items()}), "t": now})
-            for key, day, settings in [
-                    ("a", D1, {"drop_dir": "/drops/d1", "output_dir": "/out/d1"}),
-                    ("b", D3, {"drop_dir": "/drops/d3"}),  # re-run for D3: D2's rows came from elsewhere
-                    ("c", D3, "not json")]:
-                conn.execute(sa.text(
-                    "INSERT INTO runs (run_key, dag_id, run_id, drop_date, model_sha256, settings, "
-                    "loaded_at, images, ok, failed, detections, infer_seconds) VALUES "
-                    "(:k, 'd', :k, :day, :s, :settings, :t, 0, 0, 0, 0, 0)"),
-                    {"k": key, "day": day, "s": SHA, "t": now,
-                     "settings": settings if isinstance(settings, str) else json.dumps(settings)})
-            for image_id, day, run_key, status in [(1, D1, "a", "ok"), (2, D1, "a", "failed"),
-                                                   (3, D2, "b", "ok"), (4, D3, "b", "ok"),
-                                                   (5, D3, "c", "ok")]:
-                conn.execute(sa.text(
-                    "INSERT INTO images (id, model_sha256, drop_date, rel_path, run_key, status, "
-                    "processed_at) VALUES (:i, :s, :day, :p, :k, :st, :t)"),
-                    {"i": image_id, "s": SHA, "day": day, "p": f"img{image_id}.jpg", "k": run_key,
-                     "st": status, "t": now})
-            for image_id, k, name in [(1, 0, "spot"), (1, 1, "spot"), (1, 2, "patch"),
-                                      (3, 0, "patch"), (4, 0, "scratch")]:
-                conn.execute(sa.text(
-                    "INSERT INTO detections VALUES (:i, :k, 0, :n, 0.5, 1, 2, 3, 4, .1, .1, .1, .1)"),
-                    {"i": image_id, "k": k, "n": name})
-        assert migrate(engine) == len(store.MIGRATIONS) >= 2
-
-        folders = sql(engine, "SELECT id, drop_dir, output_dir FROM images ORDER BY id")
-        assert folders == [(1, "/drops/d1", "/out/d1"), (2, "/drops/d1", "/out/d1"),
-                           (3, None, None), (4, "/drops/d3", None), (5, None, None)]
-        assert browse.nights(engine, SHA)["nights"] == [
-            {**t, "updated_at": n["updated_at"]}
-            for t, n in zip(truth_nights(engine, SHA), browse.nights(engine, SHA)["nights"])]
-        assert [n["per_class"] for n in browse.nights(engine, SHA)["nights"]] == [
-            {"spot": 2, "patch": 1}, {"patch": 1}, {"scratch": 1}]
-        indexes = {ix["name"] for ix in sa.inspect(engine).get_indexes("images")}
-        assert "ix_images_run_key" in indexes
-    finally:
-        engine.dispose()
-
+# --- the store: each image's folders, the night totals ------------------------------------------
 
 def test_every_load_keeps_the_night_totals(db, tmp_path):
     rng = np.random.default_rng(1)

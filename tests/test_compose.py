@@ -242,5 +242,9 @@ def test_dockerfile_extends_the_official_image_and_installs_requirements():
     for line in re.findall(r"^COPY\s+(.*)$", text, flags=re.M):
         args = [a for a in line.split() if not a.startswith("--")]
         sources.update(args[:-1])
-    assert {"requirements.txt", "dags/", "include/"} <= sources, sources
+    assert {"requirements.txt", "dags/", "include/", "pyproject.toml"} <= sources, sources
     assert "_PIP_ADDITIONAL_REQUIREMENTS" not in text
+    # One way to find the engine: the installed package, not a PYTHONPATH or a sys.path edit.
+    assert re.search(r"pip install .*--no-deps -e /opt/airflow\b", run), run
+    assert "PYTHONPATH" not in text
+    assert "sys.path" not in (ROOT / "dags" / "nightly_detections.py").read_text()

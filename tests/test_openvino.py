@@ -109,3 +109,20 @@ def test_unusable_cache_dir_is_one_clear_error(demo_model_path, tmp_path, monkey
     monkeypatch.setenv("IMAGE_ETL_CACHE_DIR", str(blocker))
     with pytest.raises(ModelLoadError, match="cannot prepare the OpenVINO copy .*IMAGE_ETL_CACHE_DIR"):
         load_model(demo_model_path, "cpu", runtime="openvino")
+
+
+def test_an_image_gets_the_same_result_in_any_batch(ov_model, small_drop):
+    """OpenVINO runs each image of a batch as its own request: its detections do not depend on
+    the batch it came in (a resumed shard may batch it with other images)."""
+    from image_etl.decode import Decoder
+    from image_etl.worker import detect_batch
+
+    paths = sorted((small_drop / DROP_DATE.isoformat()).glob("*.jpg"))[:4]
+    decoder = Decoder(ov_model.default_imgsz, ov_model.stride)
+    items = [decoder(i, p, p.name) for i, p in enumerate(paths)]
+    together = detect_batch(ov_model, items, 0.25, 0.7)
+    alone = [detect_batch(ov_model, [item], 0.25, 0.7)[0] for item in items]
+    reversed_ = detect_batch(ov_model, items[::-1], 0.25, 0.7)[::-1]
+    assert sum(len(d) for d in alone) > 0
+    for a, b, c in zip(together, alone, reversed_):
+        assert a.tobytes() == b.tobytes() == c.tobytes()

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from image_etl import store
-from image_etl.outputs import StagingWriter, image_record, read_staging
+from image_etl.outputs import StagingWriter, format_txt, image_record, read_staging
 from image_etl.store import (
     LoadReport,
     RunInfo,
@@ -31,6 +31,7 @@ from image_etl.store import (
     loaded_rel_paths,
     migrate,
     redact_url,
+    staging,
     upsert_model,
 )
 
@@ -44,7 +45,8 @@ SHA_B = "b2" * 32
 NAMES = {0: "person", 1: "car", 2: 'traffic "light", 신호등'}
 D1 = dt.date(2026, 11, 20)
 D2 = dt.date(2026, 11, 21)
-TIME_COLS = ("loaded_at", "processed_at", "first_seen")
+TIME_COLS = ("loaded_at", "processed_at", "first_seen", "updated_at")
+VERSION_TABLE = sa.table("image_etl_alembic_version", sa.column("version_num"))
 
 AWKWARD = [
     "with space.jpg",
@@ -86,7 +88,7 @@ def engine(db_url):
 
 @pytest.fixture
 def db(engine):
-    assert migrate(engine) == len(store.MIGRATIONS)
+    assert migrate(engine) == store.head_revision()
     return engine
 
 
@@ -136,8 +138,7 @@ def dump(engine, skip: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
     """Every row of every table (minus ``skip`` columns), in a stable order."""
     out = {}
     with engine.connect() as conn:
-        for table in (store.models, store.runs, store.images, store.detections,
-                      store.schema_version):
+        for table in (*store.metadata.sorted_tables, VERSION_TABLE):
             cols = [c for c in table.c if c.name not in skip]
             out[table.name] = sorted((tuple(r) for r in conn.execute(sa.select(*cols))), key=repr)
     return out
@@ -227,15 +228,13 @@ def test_sqlite_engine_creates_folder_and_sets_pragmas(tmp_path):
         eng.dispose()
 
 
-_VERSIONS = [(v,) for v in range(1, len(store.MIGRATIONS) + 1)]
-
-
 def test_migrate_twice_gives_same_version_and_tables(engine):
-    assert migrate(engine) == len(store.MIGRATIONS)
-    assert migrate(engine) == len(store.MIGRATIONS)
+    head = store.head_revision()
+    assert migrate(engine) == head
+    assert migrate(engine) == head
     tables = set(sa.inspect(engine).get_table_names())
-    assert {"image_etl_schema_version", "models", "runs", "images", "detections"} <= tables
-    assert dump(engine)["image_etl_schema_version"] == _VERSIONS
+    assert tables == {VERSION_TABLE.name, *store.metadata.tables}
+    assert dump(engine)[VERSION_TABLE.name] == [(head,)]
     uniques = sa.inspect(engine).get_unique_constraints("images")
     assert any(u["column_names"] == ["model_sha256", "drop_date", "rel_path"] for u in uniques)
 
@@ -258,8 +257,9 @@ def test_migrate_concurrently_applies_each_step_once(db_url):
             t.start()
         for t in threads:
             t.join(120)
-        assert results == [len(store.MIGRATIONS)] * 3
-        assert dump(engines[0])["image_etl_schema_version"] == _VERSIONS
+        head = store.head_revision()
+        assert results == [head] * 3
+        assert dump(engines[0])[VERSION_TABLE.name] == [(head,)]
     finally:
         for e in engines:
             e.dispose()
@@ -267,7 +267,7 @@ def test_migrate_concurrently_applies_each_step_once(db_url):
 
 def test_migrate_refuses_a_newer_schema(db):
     with db.begin() as conn:
-        conn.execute(store.schema_version.insert().values(version=99))
+        conn.execute(sa.update(VERSION_TABLE).values(version_num="9999"))
     with pytest.raises(StoreError, match="newer"):
         migrate(db)
 
@@ -471,6 +471,7 @@ def test_failing_load_leaves_db_exactly_as_before(db, tmp_path, kind):
     ("status", "maybe", "status must be 'ok' or 'failed'"),
     ("bytes", "12", "bytes must be a whole number"),
     ("rel_path", "", "bad rel_path"),
+    ("rel_path", 5, "neither a header nor an image record"),  # as outputs.read_staging says
 ])
 def test_bad_records_are_refused_with_a_precise_message(db, tmp_path, field, value, message):
     rng = np.random.default_rng(13)
@@ -505,9 +506,8 @@ def test_torn_last_line_is_ignored_but_header_is_required(db, tmp_path):
 
 
 # --- staging files not written by StagingWriter ---------------------------------------------------
-# On PostgreSQL a worker's lines take a fast way (only the part before the detections is parsed
-# in Python, the numbers go to COPY as written); anything else must load exactly as json.loads
-# reads it, or fail as it would.
+# A worker's lines are checked as msgspec decodes them into the worker's record shape; anything
+# else must load exactly as json.loads reads it, or fail as it would.
 
 def write_staging(path: Path, lines: list[str], sha: str = SHA_A, newline: str = "\n") -> Path:
     """A staging file from raw record lines (after the usual header line)."""
@@ -578,8 +578,7 @@ def test_staging_lines_in_other_json_spellings_load_as_json_reads_them(db, tmp_p
 
 @pytest.mark.parametrize("token", [".5", "5.", "+5", "05", "-05", "1.e5", "-.5", "00", "0x1p3",
                                    "inf", "1e5e5", "1.2.3", "--1", "1e+", ""])
-def test_numbers_that_are_not_json_fail_the_load(db, tmp_path, monkeypatch, token):
-    monkeypatch.setattr(store, "_CHECK_BYTES", 100)  # the bad line is checked in a later piece
+def test_numbers_that_are_not_json_fail_the_load(db, tmp_path, token):
     good = det_line("fine.jpg", f"[[{ROW}]]")
     bad = det_line("bad.jpg", f"[[1.0, 0.5, {token}, 20.5, 30.0, 40.0, 0.03, 0.06, 0.03, 0.04]]")
     path = write_staging(tmp_path / "tokens.jsonl", [good, bad, good.replace("fine", "fine2")])
@@ -589,28 +588,13 @@ def test_numbers_that_are_not_json_fail_the_load(db, tmp_path, monkeypatch, toke
     assert count(db, store.images) == 0 and count(db, store.models) == 0
 
 
-@pytest.mark.parametrize(("text", "plain"), [
-    (b"[[1.0, 0.5, 1e-05, 2.5e+20, -3.25, 0, 10, 0.0, -0.0, 1E5, 7e0, 1.5E-7]]", True),
-    (b"[[0.30000000000000004, 5e-324, 123456789012345678901234567890], []]", False),  # e-324
-    (b"[[1e100]]", False), (b"[[1e-400]]", False), (b"[[0.000000000000000000001]]", False),
-    (b"[[.5]]", False), (b"[[5.]]", False), (b"[[5.e3]]", False), (b"[[-.5]]", False),
-    (b"[[+5]]", False), (b"[[1e+5]]", True), (b"[[1+5]]", False),
-    (b"[[05]]", False), (b"[[-05]]", False), (b"[[0.05]]", True), (b"[[1e-05]]", True),
-    (b"[[-0]]", False), (b"[[-0.0]]", True), (b"[[0]]", True), (b"[[10, 100]]", True),
-    (b"[[NaN]]", False), (b"[[Infinity]]", False), (b'[["1"]]', False), (b"[[1\t2]]", False),
-    (b"[[e5]]", False), (b"[[1e]]", False),
-])
-def test_plain_json_numbers(text, plain):
-    assert store._plain_json_numbers([text]) is plain
-    assert store._plain_json_numbers([b"[[1.5, 2]]"] * 3 + [text] + [b"[]"]) is plain
-
-
 @pytest.mark.parametrize(("dets", "message"), [
     (f"[[{ROW[:-6]}], [{ROW}, 9.0]]", "detection 0: expected 10 numbers"),  # 9 + 11: 20 in all
     (f"[[{ROW}], [{ROW[:-6]}]]", "detection 1: expected 10 numbers"),
     (f"[[{ROW}], []]", "detection 1: expected 10 numbers"),
     (f"[[{ROW}], [[{ROW}]]]", "detection 1: expected 10 numbers"),
     ("[[-1.0" + ROW[3:] + "]]", "cls must be a class index"),
+    ("[[3e9" + ROW[3:] + "]]", "cls must be a class index"),  # beyond the INTEGER column
     ("[[1e400" + ROW[3:] + "]]", "cls must be finite"),
     (f"[[{ROW}], [{ROW.replace('0.5', '0.5, ', 1)[:-6]}]]", "corrupt at line 2"),  # ", , "
 ])
@@ -626,6 +610,62 @@ def test_detections_that_are_not_ten_numbers_are_refused_with_a_precise_message(
     assert dump(db) == before
 
 
+# Number spellings a JSON writer may use, some of them hard to round correctly.
+SPELLINGS = ["0", "-0", "-0.0", "1E5", "1e+05", "7e0", "0.05", "1e-05", "9007199254740993",
+             "123456789012345678901234567890", "2.2250738585072011e-308", "2.2250738585072014e-308",
+             "4.9406564584124654e-324", "2.4703282292062328e-324", "2.4703282292062327e-324",
+             "1e-400", "1.7976931348623157e+308", "0.1000000000000000055511151231257827021181583404541015625",
+             "1.00000000000000011102230246251565404236316680908203125",
+             "1.00000000000000011102230246251565404236316680908203125001"]
+
+
+def test_the_staging_reader_reads_every_number_as_json_loads_does(tmp_path, monkeypatch):
+    """msgspec decodes the worker's lines; its doubles must be json.loads's, bit for bit."""
+    monkeypatch.setattr(staging, "_checked", lambda record: pytest.fail("not decoded by msgspec"))
+    rng = np.random.default_rng(5)
+    doubles = (rng.standard_normal(4000) * 10.0 ** rng.integers(-300, 300, 4000)).tolist()
+    float32s = rng.uniform(0, 12000, 2000).astype(np.float32).tolist()
+    tokens = [*SPELLINGS, *map(repr, doubles), *map(repr, float32s), *(f"{v:.17g}" for v in doubles),
+              *(f"{v:.6g}" for v in doubles), *(f"{v:.30e}" for v in doubles[:500])]
+    tokens += ["0"] * (-len(tokens) % 9)
+    rows = [f"[{k % 3}, {', '.join(tokens[i:i + 9])}]" for k, i in enumerate(range(0, len(tokens), 9))]
+    lines = [det_line(f"n/{k}.jpg", "[" + ", ".join(rows[k:k + 50]) + "]")
+             for k in range(0, len(rows), 50)]
+    path = write_staging(tmp_path / "numbers.jsonl", lines)
+
+    staged = staging.read_staged(path, SHA_A)
+    expected = np.array([float(json.loads(t)) for t in tokens])
+    assert staged.detections.shape == (len(rows), 10)
+    assert (staged.detections[:, 1:].ravel().view(np.uint64) == expected.view(np.uint64)).all()
+
+
+def test_every_staged_number_is_loaded_bit_for_bit(db, tmp_path):
+    """Every loaded confidence and box value is the double the staging file holds; the txt
+    lines made of the loaded rows are the ones made of the staged rows. (SQLite keeps a whole
+    REAL as an integer, so there -0.0 comes back as 0.0.)"""
+    rng = np.random.default_rng(77)
+    records = [ok(f"f32/{k}.jpg", make_dets(rng, 7).astype(np.float32)) for k in range(40)]
+    odd = [[1, 0.1, -0.0, 5e-324, 1e-310, 1.7976931348623157e308, 1 / 3, 0.30000000000000004,
+            2.0**53 + 2, 2.2250738585072014e-308],
+           [0, 5e-324, -1.7976931348623157e308, 123456.78901234567, 0.0, -1e-320, 0.5, 0.25,
+            np.nextafter(0.5, 1.0), 1e-300],
+           [2, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+    records.append(ok("odd.jpg", np.array(odd)))
+    path = stage(tmp_path / "numbers.jsonl", records)
+    load_staged(db, [path], run_info(), NAMES)
+
+    stored = stored_dets(db)
+    sqlite = db.dialect.name == "sqlite"
+    for record in read_staging(path)[1]:  # the staged values, as json.loads reads the file
+        got = stored[record["rel_path"]]
+        assert [d[1] for d in got] == [int(row[0]) for row in record["detections"]]
+        want = [[(v + 0.0 if sqlite else v).hex() for v in map(float, row[1:])]
+                for row in record["detections"]]
+        assert [[v.hex() for v in d[3:]] for d in got] == want, record["rel_path"]
+        loaded = np.array([[d[1], *d[3:]] for d in got])
+        assert format_txt(loaded) == format_txt(np.array(record["detections"]))
+
+
 def test_class_names_and_unknown_classes_round_trip(db, tmp_path):
     names = {0: "tab\there", 1: "back\\slash\\N", 2: "new\nline\r\n", 3: "\\N", 4: ""}
     dets = ", ".join(f"[{c}.0, 0.5, 1.0, 2.0, 3.0, 4.0, 0.1, 0.2, 0.3, 0.4]" for c in range(7))
@@ -635,13 +675,11 @@ def test_class_names_and_unknown_classes_round_trip(db, tmp_path):
     assert [(d[1], d[2]) for d in stored] == [*names.items(), (5, "5"), (6, "6")]
 
 
-@pytest.mark.postgres
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_worker_files_take_the_fast_way_on_postgresql(db, tmp_path, monkeypatch):
-    def exact(path, *args):
-        raise AssertionError(f"{path} was read the exact way")
+def test_worker_files_are_checked_as_msgspec_decodes_them(db, tmp_path, monkeypatch):
+    def checked(record):
+        raise AssertionError(f"{record.get('rel_path')!r} was checked value by value")
 
-    monkeypatch.setattr(store, "_staged_exact", exact)
+    monkeypatch.setattr(staging, "_checked", checked)
     files, records = two_shards(tmp_path)
     rng = np.random.default_rng(33)
     awkward = [ok(name, make_dets(rng, 2)) for name in AWKWARD] + [failed("x\ty.jpg", "a\\N\tb")]

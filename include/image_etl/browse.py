@@ -20,10 +20,11 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, func, select
+from sqlalchemy import Connection, Engine, and_, func, select
 
 from image_etl.store import (
     class_counts,
+    count_if,
     detections,
     drop_class_totals,
     drop_totals,
@@ -263,9 +264,8 @@ def run_overview(engine: Engine, run_key: str) -> dict[str, Any] | None:
                                   r.c.infer_seconds, r.c.images_per_s)
                            .where(r.c.run_key == run_key)).first()
         groups = conn.execute(
-            select(i.c.drop_date, i.c.model_sha256, func.count(),
-                   func.coalesce(func.sum(case((i.c.status == "ok", 1), else_=0)), 0),
-                   func.coalesce(func.sum(case((i.c.status == "failed", 1), else_=0)), 0))
+            select(i.c.drop_date, i.c.model_sha256, func.count(), count_if(i.c.status == "ok"),
+                   count_if(i.c.status == "failed"))
             .where(_run_rows(run_key)).group_by(i.c.drop_date, i.c.model_sha256)).all()
         per_class = conn.execute(class_counts(conn, _run_rows(run_key), i.c.drop_date,
                                               i.c.model_sha256)).all()

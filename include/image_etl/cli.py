@@ -2,6 +2,7 @@
 
     make-drop DIR --date YYYY-MM-DD --count N     synthetic drop + ground truth
     infer IMAGES_DIR --out OUT --model PATH       one worker over a folder of images
+    db upgrade|current|history [--db-url URL]    the results database's schema
 
 Exit status: 0 done; 1 the run could not go on (model, device, output; one line says why);
 2 a bad argument, refused before any work; 3 done, but more images failed than
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("--size", type=_size, default=(2048, 12000), help="WIDTHxHEIGHT")
     drop.add_argument("--seed", type=int, default=0)
     drop.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    drop.add_argument("--defects", choices=("large", "small"), default="large",
+                      help="large: 260-560 px (the demo); small: 8-48 px, for sliced inference")
 
     infer = sub.add_parser("infer", help="run one worker over every image under a folder",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -95,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--staging", type=Path, default=None,
                        help="JSONL of finished images; makes the run resumable")
     infer.add_argument("--summary", type=Path, default=None, help="write a JSON summary here")
+    db = sub.add_parser("db", help="the results database's schema (Alembic): upgrade it, "
+                                   "show its revision, list the revisions")
+    db.add_argument("action", choices=("upgrade", "current", "history"))
+    db.add_argument("--db-url", default=None,
+                    help="default: $IMAGE_ETL_DB_URL, else the SQLite file under $AIRFLOW_HOME")
+    db.add_argument("--revision", default="head", help="upgrade to this revision (default head)")
     return parser
 
 
@@ -109,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "make-drop":
             return _make_drop(args)
+        if args.command == "db":
+            return _db(args)
         return _infer(args)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -126,10 +137,36 @@ def _make_drop(args: argparse.Namespace) -> int:
 
     width, height = args.size
     paths = synth.make_drop(args.dir, args.date, args.count, width=width, height=height,
-                            seed=args.seed, quality=args.quality)
+                            seed=args.seed, quality=args.quality, defects=args.defects)
     size = sum(p.stat().st_size for p in paths)
     print(f"wrote {len(paths)} images ({size / 1e6:.0f} MB) under {args.dir / args.date.isoformat()}"
           f", ground truth under {args.dir / synth.GROUND_TRUTH_DIR / args.date.isoformat()}")
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    """``db upgrade|current|history``: for operators who migrate before they deploy."""
+    import os
+
+    from image_etl import store
+
+    if args.action == "history":
+        print("\n".join(store.history()))
+        return 0
+    url = args.db_url or os.environ.get("IMAGE_ETL_DB_URL") or store.default_url()
+    try:
+        engine = store.engine_from_url(url)
+        try:
+            upgrade = args.action == "upgrade"
+            revision = store.migrate(engine, args.revision) if upgrade else store.current_revision(engine)
+        finally:
+            engine.dispose()
+    except store.StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    shown = revision or "none: not under Alembic yet (db upgrade creates or adopts the schema)"
+    head = " (head)" if revision == store.head_revision() else ""
+    print(f"{store.redact_url(url)}: revision {shown}{head}")
     return 0
 
 

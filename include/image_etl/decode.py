@@ -9,8 +9,8 @@ rotation go through libjpeg-turbo's TurboJPEG API (``simplejpeg``) with the same
 and the same smooth chroma upsampling as ``cv2.imdecode``: the same pixels, bit for bit
 (tested), in about 55 % of the time on the benchmark drop. Each decode thread keeps its
 full-size buffer, so a 70 MB image is not mapped and faulted in afresh every time. Everything
-else (other formats, CMYK, EXIF rotations, a JPEG TurboJPEG refuses) goes to ``cv2.imdecode``
-as before, so odd files behave exactly as they did.
+else (other formats, CMYK, EXIF rotations, a JPEG TurboJPEG refuses) goes to ``cv2.imdecode``,
+Ultralytics' own decoder, which then decides what the file looks like.
 
 Fast mode asks libjpeg for a 1/2, 1/4 or 1/8 scale decode (DCT-domain scaling: most of the
 inverse DCT and colour conversion is skipped) when the model input is that much smaller than
@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -60,13 +61,15 @@ class DecodedImage:
     decoder: str = ""  # "turbojpeg" or "opencv": which one made the pixels
 
 
-def reduction_factor(orig_hw: tuple[int, int], imgsz: int) -> int:
+def reduction_factor(orig_hw: tuple[int, int], imgsz: int | tuple[int, int]) -> int:
     """Largest libjpeg scale (1, 2, 4, 8) whose output still covers the letterboxed size.
 
-    The letterbox scales the long side to ``imgsz``; decoding at 1/k never drops below that,
-    so the resize that follows is still a downscale and the tensor shape is unchanged.
+    The letterbox scales the image by min(target h / h, target w / w); decoding at 1/k never
+    drops below that, so the resize that follows is still a downscale and the tensor shape is
+    unchanged.
     """
-    ratio = max(orig_hw) / imgsz
+    th, tw = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    ratio = max(orig_hw[0] / th, orig_hw[1] / tw)
     for k in (8, 4, 2):
         if ratio >= k:
             return k
@@ -77,17 +80,20 @@ class Decoder:
     """Callable that turns a file into a ``DecodedImage`` (thread-safe: the only state it
     keeps is each decode thread's own reusable buffer)."""
 
-    def __init__(self, imgsz: int, stride: int, fast: bool = False, keep_image: bool = False,
-                 max_pixels: int = 400_000_000, turbojpeg: bool = True) -> None:
+    def __init__(self, imgsz: int | tuple[int, int], stride: int, fast: bool = False,
+                 keep_image: bool = False, max_pixels: int = 400_000_000, turbojpeg: bool = True,
+                 make_input: bool = True) -> None:
         from ultralytics.data.augment import LetterBox
 
         self.imgsz = imgsz
         self.fast = fast
         self.keep_image = keep_image
+        self.make_input = make_input  # False: only the decoded image (sliced, no full pass)
         self.max_pixels = max_pixels
         self.turbojpeg = turbojpeg  # False: cv2.imdecode for every file (the bench compares)
         # Same construction as Ultralytics' predictor for one image: rect (auto) padding.
-        self.letterbox = LetterBox((imgsz, imgsz), auto=True, stride=stride)
+        self.letterbox = LetterBox((imgsz, imgsz) if isinstance(imgsz, int) else imgsz, auto=True,
+                                   stride=stride)
         self._local = threading.local()  # per decode thread: its reusable full-size buffer
 
     def __call__(self, index: int, path: Path, rel_path: str) -> DecodedImage:
@@ -144,16 +150,15 @@ class Decoder:
         if img is None:
             item.error = f"cannot decode {fmt} data (corrupt or truncated)"
             return
-        if img.ndim == 2:
-            img = img[..., None]
         if factor == 1 and img.shape[:2] != (h, w):
             item.orig_shape = img.shape[:2]  # EXIF orientation swapped the axes
         elif factor > 1 and (img.shape[0] > img.shape[1]) != (h > w):
             item.orig_shape = (w, h)
         item.decoded_shape = img.shape[:2]
-        item.input = self.letterbox(image=img)
-        if buffer is not None and np.may_share_memory(item.input, buffer):
-            item.input = item.input.copy()  # no resize, no padding: it is the buffer itself
+        if self.make_input:
+            item.input = cast(np.ndarray, self.letterbox(image=img))
+            if buffer is not None and np.may_share_memory(item.input, buffer):
+                item.input = item.input.copy()  # no resize, no padding: it is the buffer itself
         if self.keep_image:
             item.image = img
 
@@ -176,7 +181,7 @@ class Decoder:
             img = simplejpeg.decode_jpeg(data, "BGR", min_height=out_h if factor > 1 else 0,
                                          min_width=out_w if factor > 1 else 0, buffer=buffer)
         except ValueError:
-            return None, None  # corrupt, truncated or unusual: cv2 decides, as it always did
+            return None, None  # corrupt, truncated or unusual: cv2.imdecode decides
         if img.shape[:2] != (out_h, out_w):
             return None, None
         return img, buffer

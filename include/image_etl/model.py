@@ -132,7 +132,7 @@ def read_model_info(path: str | Path) -> tuple[dict[int, str], int]:
 
 
 def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
-               warmup: bool = True, imgsz: int | None = None,
+               warmup: bool = True, imgsz: int | str | None = None,
                runtime: str = "torch") -> LoadedModel:
     """Load ``path`` on ``device`` (fp16 on CUDA unless ``half`` is False).
 
@@ -188,8 +188,10 @@ def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
                                  f"{openvino_backend.cache_root()} (IMAGE_ETL_CACHE_DIR): {why}; "
                                  "runtime 'torch' needs no copy") from exc
     if warmup and model.is_cuda:
-        size = imgsz or model.default_imgsz
-        backend.warmup(imgsz=(1, 3, size, size))
+        from image_etl.settings import size_hw
+
+        h, w = size_hw(imgsz or model.default_imgsz) or (model.default_imgsz,) * 2
+        backend.warmup(imgsz=(1, 3, -(-h // stride) * stride, -(-w // stride) * stride))
     log.info("loaded %s (sha256 %s…, %d classes) on %s%s with %s", path.name, sha[:12],
              len(names), device, " fp16" if fp16 else "", model.runtime)
     return model

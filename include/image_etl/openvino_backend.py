@@ -80,8 +80,13 @@ class OpenVINOBackend:
     change, BGR → RGB and the scaling to [0, 1] are compiled into the graph, which saves the
     inference thread several passes over every batch.
 
-    Compiled lazily with the thread count set by :meth:`set_threads`. Inference releases the
-    GIL, so decoding goes on meanwhile.
+    Compiled lazily with the thread count set by :meth:`set_threads`, as that many parallel
+    streams of one thread (OpenVINO's THROUGHPUT mode): each image of a batch is its own
+    request, run side by side. Measured on 2 cores on batches of 640 x 640 slices: 2 streams
+    did 20.6 slices/s where one 2-thread request did 11.1 (or 10.2 as batches of 2), since a
+    convolution split over threads waits on its slowest part. Each image's result is then the
+    same whatever the batch it came in. Inference releases the GIL, so decoding goes on
+    meanwhile.
     """
 
     def __init__(self, xml: Path) -> None:
@@ -90,14 +95,14 @@ class OpenVINOBackend:
         self.xml = xml
         self._core = openvino.Core()
         self._model = self._core.read_model(str(xml))
-        self._threads = 0
-        self._request: Any = None
+        self._threads = 1
+        self._queue: Any = None
         self._lock = threading.Lock()
 
     def set_threads(self, threads: int) -> None:
         if threads != self._threads:
-            self._threads = threads
-            self._request = None
+            self._threads = max(1, threads)
+            self._queue = None
 
     def _bgr_model(self) -> Any:
         import openvino
@@ -113,22 +118,33 @@ class OpenVINOBackend:
         return ppp.build()
 
     def _compile(self) -> Any:
+        import openvino
         import openvino.properties as props
         import openvino.properties.hint as hints
 
         config: dict[str, Any] = {hints.inference_precision: "f32",
-                                  hints.performance_mode: hints.PerformanceMode.LATENCY}
-        if self._threads:
-            config[props.inference_num_threads] = self._threads
-        return self._core.compile_model(self._bgr_model(), "CPU", config).create_infer_request()
+                                  hints.performance_mode: hints.PerformanceMode.THROUGHPUT,
+                                  props.num_streams: self._threads,
+                                  props.inference_num_threads: self._threads}
+        compiled = self._core.compile_model(self._bgr_model(), "CPU", config)
+        return openvino.AsyncInferQueue(compiled, self._threads)
 
     def infer_bgr(self, batch: Any) -> Any:
-        """uint8 NHWC BGR letterboxed images (numpy) → raw predictions."""
+        """uint8 NHWC BGR letterboxed images (numpy) → raw predictions, in batch order."""
+        import numpy as np
         import torch
 
         with self._lock:
-            if self._request is None:
-                self._request = self._compile()
-            self._request.infer({0: batch})
-            # Copy out: the request reuses its output buffer on the next call.
-            return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
+            if self._queue is None:
+                self._queue = self._compile()
+            outputs: list[Any] = [None] * len(batch)
+
+            def done(request: Any, k: int) -> None:
+                # Copy out: the request reuses its output buffer for its next image.
+                outputs[k] = request.get_output_tensor(0).data.copy()
+
+            self._queue.set_callback(done)
+            for k in range(len(batch)):
+                self._queue.start_async({0: batch[k:k + 1]}, k)
+            self._queue.wait_all()
+            return torch.from_numpy(np.concatenate(outputs))

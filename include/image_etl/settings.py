@@ -32,6 +32,11 @@ __all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = PROJECT_ROOT / "models" / "demo-yolo11n-2cls.pt"
 RUNTIMES = ("auto", "torch", "openvino")
+MERGES = ("greedynmm", "nmm", "nms")  # as image_etl.slicing (not imported: it needs numpy)
+METRICS = ("ios", "iou")
+# A size: a number, or HEIGHTxWIDTH.
+SIZE_PATTERN = r"^\s*\d{1,5}(\s*[xX]\s*\d{1,5})?\s*$"
+MIN_SIDE, MAX_SIDE = 32, 16384  # sides of an HxW size
 # devices: 'auto', or a list of 'cpu', GPU indices and 'cuda:N' (e.g. 'cpu,cpu', '0,1').
 DEVICES_PATTERN = r"^\s*(auto|(cpu|cuda:\d+|\d+)(\s*,\s*(cpu|cuda:\d+|\d+))*)\s*$"
 _TRUE = {"1", "true", "yes", "on"}
@@ -59,11 +64,14 @@ class Setting:
     pattern_hint: str = ""  # what a value refused by ``pattern`` should look like
     nullable: bool = False
     format: str | None = None  # JSON-schema format of a string ("date")
+    sizes: bool = False  # a number, or text "HxW" (a size with two sides): see check_size
 
     def json_schema(self) -> dict[str, Any]:
         """The Airflow Param keywords (JSON schema + form title, description, section)."""
         kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[self.kind]
-        schema: dict[str, Any] = {"type": ["null", kind] if self.nullable else kind}
+        kinds = [kind, "string"] if self.sizes else [kind]
+        schema: dict[str, Any] = {"type": ["null", *kinds] if self.nullable else
+                                  (kinds if self.sizes else kind)}
         if self.kind is str and not self.nullable and not self.enum:
             schema["minLength"] = 1
         for key, value in (("minimum", self.minimum), ("maximum", self.maximum),
@@ -81,6 +89,7 @@ class Setting:
 
 
 _S = "What to process"
+_SL = "Slicing"
 _M = "Model"
 _C = "Compute"
 _O = "Outputs"
@@ -109,8 +118,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("model_path", str, str(DEMO_MODEL), "Model weights", section=_M, env="IMAGE_ETL_MODEL",
             description="Absolute path to an Ultralytics .pt file (never downloaded)."),
     Setting("imgsz", int, None, "Image size", section=_M, env="IMAGE_ETL_IMGSZ", cli="--imgsz",
-            nullable=True, minimum=32, maximum=8192, multiple_of=32,
-            description="Model input size; empty = the model's own."),
+            nullable=True, minimum=32, maximum=8192, multiple_of=32, sizes=True,
+            pattern=SIZE_PATTERN, pattern_hint="use a number like 640 or HEIGHTxWIDTH like 12000x2048",
+            description="Model input size: 640, or HEIGHTxWIDTH (e.g. 12000x2048, each side "
+                        "rounded up to the model's stride) for a model trained at high "
+                        "resolution; empty = the model's own."),
     Setting("conf", float, 0.25, "Confidence threshold", section=_M, env="IMAGE_ETL_CONF",
             cli="--conf", minimum=0, maximum=1),
     Setting("iou", float, 0.7, "NMS IoU threshold", section=_M, env="IMAGE_ETL_IOU", cli="--iou",
@@ -135,7 +147,39 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("timeout_per_image_s", float, 5.0, "Time limit per image (s)", section=_C,
             env="IMAGE_ETL_TIMEOUT_PER_IMAGE_S", minimum=0.01, maximum=3600,
             description="infer's execution_timeout is 15 minutes (model load) plus this for "
-                        "each image of its shard: a stuck task is killed and frees its GPU."),
+                        "each image of its shard (in sliced mode, for each 8 slices of a "
+                        "2048 x 12000 image): a stuck task is killed and frees its GPU."),
+    Setting("slice_size", int, 0, "Slice size", section=_SL, env="IMAGE_ETL_SLICE_SIZE",
+            cli="--slice-size", minimum=0, maximum=8192, sizes=True, pattern=SIZE_PATTERN,
+            pattern_hint="use 0 (off), a number like 640 or HEIGHTxWIDTH like 640x480",
+            description="Sliced inference for small defects: the model runs on overlapping "
+                        "native-resolution slices of this size (pixels, or HEIGHTxWIDTH) and "
+                        "their boxes are merged per image, as SAHI does. 0: off (whole image)."),
+    Setting("slice_overlap", float, 0.2, "Slice overlap", section=_SL,
+            env="IMAGE_ETL_SLICE_OVERLAP", cli="--slice-overlap", minimum=0, maximum=0.9,
+            description="Overlap of neighbouring slices, as a fraction of the slice size "
+                        "(SAHI's overlap_height_ratio / overlap_width_ratio)."),
+    Setting("full_image_pass", bool, True, "Full-image pass", section=_SL,
+            env="IMAGE_ETL_FULL_IMAGE_PASS", cli="--full-image-pass",
+            description="Also run the whole image once and merge its boxes with the slices' "
+                        "(SAHI's perform_standard_pred): large defects stay found."),
+    Setting("merge", str, "greedynmm", "Merge", section=_SL, env="IMAGE_ETL_MERGE",
+            cli="--merge", enum=MERGES,
+            description="How overlapping boxes of neighbouring slices become one: greedynmm "
+                        "(merge into the best box), nmm (merge transitively) or nms (keep the "
+                        "best only). SAHI's postprocess_type."),
+    Setting("merge_metric", str, "ios", "Merge metric", section=_SL, env="IMAGE_ETL_MERGE_METRIC",
+            cli="--merge-metric", enum=METRICS,
+            description="ios: intersection over the smaller box; iou: intersection over union "
+                        "(SAHI's postprocess_match_metric)."),
+    Setting("merge_threshold", float, 0.5, "Merge threshold", section=_SL,
+            env="IMAGE_ETL_MERGE_THRESHOLD", cli="--merge-threshold", minimum=0.01, maximum=1,
+            description="Boxes whose metric reaches this are merged (SAHI's "
+                        "postprocess_match_threshold)."),
+    Setting("merge_class_agnostic", bool, False, "Merge across classes", section=_SL,
+            env="IMAGE_ETL_MERGE_CLASS_AGNOSTIC", cli="--merge-class-agnostic",
+            description="Merge overlapping boxes of different classes too (SAHI's "
+                        "postprocess_class_agnostic)."),
     Setting("save_annotated", bool, False, "Save annotated images", section=_O,
             env="IMAGE_ETL_SAVE_ANNOTATED", cli="--save-annotated",
             description="Also write each image with its boxes drawn."),
@@ -177,13 +221,12 @@ def check(name: str, value: Any) -> Any:
         if spec.nullable:
             return None
         raise SettingsError(name, f"expected {_expected(spec)}, got {value!r}")
+    if spec.sizes:
+        return check_size(spec, value)
     if spec.kind is bool:
         return _flag(name, value)
     if spec.kind in (int, float):
-        number = check_number(name, value, spec.kind, spec.minimum, spec.maximum)
-        if spec.multiple_of and number % spec.multiple_of:
-            raise SettingsError(name, f"must be a multiple of {spec.multiple_of}, got {number}")
-        return number
+        return check_number_setting(spec, value)
     if not isinstance(value, str):
         raise SettingsError(name, f"expected text, got {value!r}")
     if spec.enum and value not in spec.enum:
@@ -193,6 +236,40 @@ def check(name: str, value: Any) -> Any:
     if not spec.nullable and not value.strip():
         raise SettingsError(name, "must not be empty")
     return value
+
+
+def check_size(spec: Setting, value: Any) -> int | str:
+    """A size: a number (checked like any number) or ``"HxW"`` (each side 1 to MAX_SIDE);
+    kept as the number, or as the text ``"HxW"`` when its sides differ."""
+    text = value.strip() if isinstance(value, str) else None
+    if text is None or text.isdigit():
+        return check_number_setting(spec, int(text) if text is not None else value)
+    if not re.fullmatch(SIZE_PATTERN, text):
+        raise SettingsError(spec.name, f"{value!r} is not valid: {spec.pattern_hint}")
+    h, w = (int(v) for v in re.split(r"\s*[xX]\s*", text))
+    if h == w:
+        return check_number_setting(spec, h)
+    if not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
+        raise SettingsError(spec.name, f"each side must be between {MIN_SIDE} and {MAX_SIDE}, "
+                            f"got {value!r}")
+    return f"{h}x{w}"
+
+
+def size_hw(value: int | str | None) -> tuple[int, int] | None:
+    """A checked size as (height, width); None for no size (None or 0)."""
+    if not value:
+        return None
+    if isinstance(value, int):
+        return value, value
+    h, w = (int(v) for v in re.split(r"\s*[xX]\s*", value.strip()))
+    return h, w
+
+
+def check_number_setting(spec: Setting, value: Any) -> Any:
+    number = check_number(spec.name, value, spec.kind, spec.minimum, spec.maximum)
+    if spec.multiple_of and number % spec.multiple_of:
+        raise SettingsError(spec.name, f"must be a multiple of {spec.multiple_of}, got {number}")
+    return number
 
 
 def _expected(spec: Setting) -> str:
@@ -269,12 +346,13 @@ def env_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 class InferSettings:
     """What one worker needs to turn images into detections (defaults: ``SETTINGS``).
 
-    ``imgsz`` None means the model's own training size. ``decode_workers`` None means one per
+    ``imgsz`` None means the model's own training size; an ``"HxW"`` text, a rectangle.
+    ``decode_workers`` None means one per
     CPU core this process may use. Queue sizes bound memory: each decoded item is a
     letterboxed model input (plus the full image only when annotated images are on).
     """
 
-    imgsz: int | None = SETTINGS["imgsz"].default
+    imgsz: int | str | None = SETTINGS["imgsz"].default
     conf: float = SETTINGS["conf"].default
     iou: float = SETTINGS["iou"].default
     batch_size: int = SETTINGS["batch_size"].default
@@ -288,10 +366,33 @@ class InferSettings:
     write_queue_size: int = SETTINGS["write_queue_size"].default
     max_image_pixels: int = SETTINGS["max_image_pixels"].default
     progress_every_s: float = SETTINGS["progress_every_s"].default
+    slice_size: int | str = SETTINGS["slice_size"].default
+    slice_overlap: float = SETTINGS["slice_overlap"].default
+    full_image_pass: bool = SETTINGS["full_image_pass"].default
+    merge: str = SETTINGS["merge"].default
+    merge_metric: str = SETTINGS["merge_metric"].default
+    merge_threshold: float = SETTINGS["merge_threshold"].default
+    merge_class_agnostic: bool = SETTINGS["merge_class_agnostic"].default
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             object.__setattr__(self, field.name, check(field.name, getattr(self, field.name)))
+        if self.sliced and self.fast_decode:
+            raise SettingsError("fast_decode", "cannot be combined with slice_size: the slices "
+                                "need the full-resolution image (turn one of them off)")
+
+    @property
+    def sliced(self) -> bool:
+        return bool(self.slice_size)
+
+    def slicing_key(self) -> dict[str, Any]:
+        """The slicing settings that change detections (empty in whole-image mode)."""
+        if not self.sliced:
+            return {}
+        return {"slice_size": self.slice_size, "slice_overlap": self.slice_overlap,
+                "full_image_pass": self.full_image_pass, "merge": self.merge,
+                "merge_metric": self.merge_metric, "merge_threshold": self.merge_threshold,
+                "merge_class_agnostic": self.merge_class_agnostic}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> InferSettings:
@@ -299,7 +400,7 @@ class InferSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in names})
 
-    def result_fingerprint(self, model_sha256: str, imgsz: int, runtime: str = "torch") -> str:
+    def result_fingerprint(self, model_sha256: str, imgsz: int | str, runtime: str = "torch") -> str:
         """Hash of everything that changes detections: staged work is reusable only if equal.
 
         ``runtime`` is the one actually used (never "auto"): PyTorch and OpenVINO agree only to
@@ -309,6 +410,7 @@ class InferSettings:
                "max_det": self.max_det, "fast_decode": self.fast_decode}
         if runtime != "torch":  # keeps the fingerprints of existing staged work valid
             key["runtime"] = runtime
+        key.update(self.slicing_key())  # a retry never mixes whole-image and sliced results
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -388,10 +490,12 @@ class RunSettings:
         paths = {name: absolute_path(name, _fill(values[name], drop_date, model_name),
                                      allowed_roots) for name in ("drop_dir", "output_dir")}
         return cls(drop_date=drop_date, model_path=model_path, devices=values["devices"],
-                   infer=InferSettings.from_params(values), **paths,
-                   **{name: values[name] for name in ("reprocess", "settle_seconds",
-                                                      "max_failed_fraction", "timeout_per_image_s",
-                                                      "drop_date_offset_days")})
+                   infer=InferSettings.from_params(values), drop_dir=paths["drop_dir"],
+                   output_dir=paths["output_dir"], reprocess=values["reprocess"],
+                   settle_seconds=values["settle_seconds"],
+                   max_failed_fraction=values["max_failed_fraction"],
+                   timeout_per_image_s=values["timeout_per_image_s"],
+                   drop_date_offset_days=values["drop_date_offset_days"])
 
     @classmethod
     def resolved(cls, params: Mapping[str, Any]) -> RunSettings:

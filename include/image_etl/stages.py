@@ -140,9 +140,19 @@ def shard_label(shard: Mapping[str, Any], device: str | None = None) -> str:
 
 
 def infer_time_limit_s(shard: Mapping[str, Any]) -> float:
-    """infer's execution_timeout: a model-load budget plus ``timeout_per_image_s`` per image."""
+    """infer's execution_timeout: a model-load budget plus ``timeout_per_image_s`` per image,
+    per 8 model inputs of a 2048 x 12000 frame in sliced mode (97 at 640 px: x 12)."""
     settings = _settings(shard)
-    return MODEL_LOAD_BUDGET_S + settings.timeout_per_image_s * shard["images"]
+    per_image = settings.timeout_per_image_s
+    if settings.infer.sliced:
+        from image_etl.settings import size_hw
+        from image_etl.slicing import slice_grid
+
+        slice_hw = size_hw(settings.infer.slice_size)
+        assert slice_hw is not None
+        inputs = len(slice_grid(12000, 2048, slice_hw, settings.infer.slice_overlap))
+        per_image *= max(1.0, (inputs + settings.infer.full_image_pass) / 8)
+    return MODEL_LOAD_BUDGET_S + per_image * shard["images"]
 
 
 # --- infer ------------------------------------------------------------------------------------------
@@ -199,9 +209,9 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     from image_etl.outputs import read_staging_header
 
     settings = _settings(discovered)
-    results = [r for r in results if r]
-    _check_staging_present(results)
-    staging = [Path(r["staging"]) for r in results]
+    shards: list[Mapping[str, Any]] = [r for r in results if r]
+    _check_staging_present(shards)
+    staging = [Path(r["staging"]) for r in shards]
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
     names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
@@ -210,8 +220,9 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
         store.migrate(engine)
         run = store.RunInfo(run_key=f"{dag_id}/{discovered['run_id']}", dag_id=dag_id,
                             run_id=discovered["run_id"], drop_date=settings.drop_date,
-                            settings=discovered["settings"], infer_seconds=_infer_span_s(results))
+                            settings=discovered["settings"], infer_seconds=_infer_span_s(shards))
         t0 = time.perf_counter()
+        loaded: dict[str, float]
         if staging:
             report = store.load_staged(engine, staging, run, names=names)
             loaded = {"images": report.images, "ok": report.ok, "failed": report.failed,

@@ -8,7 +8,12 @@ and sensor grain. Two kinds of defect are painted on it:
 - class 1 ``patch``: a bright rectangle crossed by darker hatching.
 
 Sizes are given for a 2048-px-wide image and scale with the width, so the same generator makes
-full-size drops and the small training images of the demo model. Labels are YOLO txt
+full-size drops and the small training images of the demo model.
+
+``defects="small"`` paints the same two kinds at 8-48 px on a full-resolution frame (pits and
+small inclusions, the defects that a whole-image pass at imgsz 640 shrinks to a pixel or two
+and that sliced inference is for); they do not scale with the width, so tiles cut from a
+frame keep their native size. Labels are YOLO txt
 (``cls xc yc w h``, normalised) and are kept outside the image tree: ``DIR/<date>/x.jpg`` has
 its truth in ``DIR/ground_truth/<date>/x.txt``.
 """
@@ -55,7 +60,7 @@ def _background(rng: np.random.Generator, width: int, height: int, grain: float)
     # Slow 2-D illumination drift along the scan.
     drift = cv2.resize(rng.normal(0, 8, (max(2, height // 500), 8)).astype(np.float32),
                        (width, height), interpolation=cv2.INTER_CUBIC)
-    gray = drift
+    gray: np.ndarray = np.asarray(drift, dtype=np.float32)
     gray += columns[None, :]
     if grain > 0:
         noise = rng.standard_normal((height, width), dtype=np.float32)
@@ -97,19 +102,27 @@ def _paint_patch(img: np.ndarray, rng: np.random.Generator, x1: int, y1: int, x2
         cv2.line(img, (x1, y), (x2, y), (line, line, line), thickness)
 
 
+DEFECT_SIZES = {"large": (260.0, 560.0), "small": (8.0, 48.0)}  # px, in a 2048-wide frame
+DEFECT_COUNTS = {"large": (3, 10), "small": (12, 40)}
+
+
 def render(rng: np.random.Generator, width: int = FULL_WIDTH, height: int = FULL_HEIGHT,
-           objects: tuple[int, int] = (3, 10), grain: float = 5.0) -> tuple[np.ndarray, list[Box]]:
+           objects: tuple[int, int] | None = None, grain: float = 5.0,
+           defects: str = "large") -> tuple[np.ndarray, list[Box]]:
     """One image and its boxes (pixel coordinates, exclusive right/bottom edges)."""
     img = _background(rng, width, height, grain)
-    scale = width / FULL_WIDTH
+    lo, hi = DEFECT_SIZES[defects]
+    # Large defects scale with the frame (small training images); small ones keep their size.
+    scale = width / FULL_WIDTH if defects == "large" else 1.0
     boxes: list[Box] = []
+    objects = objects or DEFECT_COUNTS[defects]
     wanted = int(rng.integers(objects[0], objects[1] + 1))
     tries = 0
     while len(boxes) < wanted and tries < wanted * 50:
         tries += 1
         cls = int(rng.integers(0, len(CLASS_NAMES)))
-        bw = rng.uniform(260, 560) * scale
-        bh = bw * rng.uniform(0.65, 1.5)
+        bw = rng.uniform(lo, hi) * scale
+        bh = min(hi * scale, max(lo * scale, bw * rng.uniform(0.65, 1.5)))
         if bw >= width * 0.9 or bh >= height * 0.9:
             continue
         x1 = rng.uniform(0, width - bw)
@@ -161,7 +174,7 @@ def read_labels(path: Path, width: int, height: int) -> list[Box]:
 
 def make_drop(root: Path, date: dt.date, count: int, *, width: int = FULL_WIDTH,
               height: int = FULL_HEIGHT, seed: int = 0, quality: int = 90,
-              prefix: str = "scan") -> list[Path]:
+              prefix: str = "scan", defects: str = "large") -> list[Path]:
     """Write ``count`` images under ``root/<date>/`` and their truth under ``root/ground_truth``.
 
     Deterministic for a given (seed, date, index): re-running rewrites the same files.
@@ -172,7 +185,7 @@ def make_drop(root: Path, date: dt.date, count: int, *, width: int = FULL_WIDTH,
     paths = []
     for i in range(count):
         rng = np.random.default_rng([seed, date.toordinal(), i])
-        img, boxes = render(rng, width, height)
+        img, boxes = render(rng, width, height, defects=defects)
         name = f"{prefix}_{i:05d}"
         path = image_dir / f"{name}.jpg"
         write_image(path, img, quality)
@@ -183,3 +196,31 @@ def make_drop(root: Path, date: dt.date, count: int, *, width: int = FULL_WIDTH,
 
 def truth_path(root: Path, date: dt.date, image_name: str) -> Path:
     return root / GROUND_TRUTH_DIR / date.isoformat() / (Path(image_name).stem + ".txt")
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def count_matches(preds: list[tuple[int, tuple[float, ...]]], truth: list[Box],
+                  threshold: float = 0.5) -> int:
+    """Predictions (class, x1 y1 x2 y2) matched one to one to true boxes of their class at
+    IoU >= ``threshold``, greedily in the given order (best first); the number matched."""
+    used: set[int] = set()
+    hits = 0
+    for cls, box in preds:
+        best, best_j = threshold, None
+        for j, t in enumerate(truth):
+            if j in used or t.cls != cls:
+                continue
+            value = box_iou(box, (t.x1, t.y1, t.x2, t.y2))
+            if value >= best:
+                best, best_j = value, j
+        if best_j is not None:
+            used.add(best_j)
+            hits += 1
+    return hits

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -173,7 +173,8 @@ class ModelInput:
     input: np.ndarray
     source_shape: tuple[int, int]
     scale: tuple[float, float] = (1.0, 1.0)  # (x, y) factors to full-size pixels
-    offset: tuple[float, float] = (0.0, 0.0)  # (x, y) in full-size pixels
+    offset: tuple[int, int] = (0, 0)  # (x, y) in full-size pixels (a slice's origin)
+    position: int = 0  # among the image's inputs: the order their detections are merged in
 
 
 def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage | ModelInput], conf: float,
@@ -205,7 +206,18 @@ def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage | ModelInput],
                                        end2end=model.end2end)
         rows = [_to_full_image(j, d, shape, unit) for j, (d, unit) in enumerate(zip(dets, inputs))]
         table = torch.cat(rows).cpu().numpy()  # the batch's one device → host copy
-    return [table[table[:, 0] == j, 1:] for j in range(len(inputs))]
+    return [_shifted(table[table[:, 0] == j, 1:], unit) for j, unit in enumerate(inputs)]
+
+
+def _shifted(rows: np.ndarray, unit: ModelInput) -> np.ndarray:
+    """A slice's boxes moved to its place in the image, in float64 on the host (as SAHI
+    shifts them: exactly, whatever the image's size); other inputs' rows as they are."""
+    if unit.offset == (0, 0):
+        return rows
+    rows = rows.astype(np.float64)  # cls, conf, x1, y1, x2, y2, then the normalised box
+    rows[:, [2, 4]] += unit.offset[0]
+    rows[:, [3, 5]] += unit.offset[1]
+    return rows
 
 
 def as_model_input(item: DecodedImage | ModelInput) -> ModelInput:
@@ -220,17 +232,17 @@ def as_model_input(item: DecodedImage | ModelInput) -> ModelInput:
 
 def _to_full_image(j: int, d: Any, shape: tuple[int, int], unit: ModelInput) -> Any:
     """One input's NMS output → rows [j, cls, conf, x1, y1, x2, y2, xc, yc, w, h] (normalised
-    centre box), in full-size pixels, on the device."""
+    centre box), in full-size pixels but for a slice's offset (``_shifted``), on the device."""
     import torch
     from ultralytics.utils import ops
 
     d = d[:, :6].float()
-    ops.scale_boxes(shape, d[:, :4], unit.source_shape)
+    ops.scale_boxes(shape, d[:, :4], unit.source_shape)  # also clips to the source pixels
     h, w = unit.image.orig_shape
-    (sx, sy), (ox, oy) = unit.scale, unit.offset
-    if (sx, sy, ox, oy) != (1.0, 1.0, 0.0, 0.0):
-        d[:, [0, 2]] = (d[:, [0, 2]] * sx + ox).clamp(0, w)
-        d[:, [1, 3]] = (d[:, [1, 3]] * sy + oy).clamp(0, h)
+    sx, sy = unit.scale
+    if (sx, sy) != (1.0, 1.0):  # fast mode: the decoded image was smaller
+        d[:, [0, 2]] = (d[:, [0, 2]] * sx).clamp(0, w)
+        d[:, [1, 3]] = (d[:, [1, 3]] * sy).clamp(0, h)
     xywhn = ops.xyxy2xywh(d[:, :4])
     xywhn[:, [0, 2]] /= w
     xywhn[:, [1, 3]] /= h
@@ -249,6 +261,58 @@ class ImagePlan:
 
     def combine(self, item: DecodedImage, parts: list[np.ndarray]) -> np.ndarray:
         return parts[0]
+
+
+class SlicedPlan(ImagePlan):
+    """Sliced inference: each image becomes the slices of SAHI's grid (views of the decoded
+    image until a batch is stacked, letterboxed like Ultralytics only when a slice is not
+    already the model's input size) plus, if asked, the whole image; their detections are
+    merged into the image's (``slicing.Merger``)."""
+
+    def __init__(self, settings: InferSettings, imgsz: tuple[int, int], stride: int) -> None:
+        from ultralytics.data.augment import LetterBox
+
+        from image_etl.settings import size_hw
+        from image_etl.slicing import Merger
+
+        slice_hw = size_hw(settings.slice_size)
+        assert slice_hw is not None
+        self.slice_hw = slice_hw
+        self.overlap = settings.slice_overlap
+        self.full_image_pass = settings.full_image_pass
+        self.keep_image = settings.save_annotated
+        self.target = imgsz
+        self.letterbox = LetterBox(imgsz, auto=True, stride=stride)
+        self.merger = Merger(settings.merge, settings.merge_metric, settings.merge_threshold,
+                             settings.merge_class_agnostic)
+
+    def inputs(self, item: DecodedImage) -> list[ModelInput]:
+        from image_etl.slicing import slice_grid
+
+        image = item.image
+        assert image is not None, "sliced inference needs the decoded image"
+        grid = slice_grid(image.shape[0], image.shape[1], self.slice_hw, self.overlap)
+        units = []
+        for k, (x1, y1, x2, y2) in enumerate(grid.tolist()):
+            view = image[y1:y2, x1:x2]
+            # A slice of the model's own size letterboxes to itself: keep the view.
+            pixels = view if view.shape[:2] == self.target else cast(np.ndarray,
+                                                                     self.letterbox(image=view))
+            units.append(ModelInput(item, pixels, view.shape[:2], offset=(x1, y1), position=k))
+        if self.full_image_pass and len(grid) > 1:  # SAHI: only when there are slices
+            units.append(as_model_input(item))
+            units[-1].position = len(grid)
+        if not self.keep_image:
+            item.image = None  # the slices' views keep the pixels until their batch is done
+        return units
+
+    def combine(self, item: DecodedImage, parts: list[np.ndarray]) -> np.ndarray:
+        h, w = item.orig_shape
+        return self.merger(np.concatenate(parts) if parts else np.zeros((0, 10)), w, h)
+
+
+def plan_for(settings: InferSettings, imgsz: tuple[int, int], stride: int) -> ImagePlan:
+    return SlicedPlan(settings, imgsz, stride) if settings.sliced else ImagePlan()
 
 
 class FixedBatcher:
@@ -285,22 +349,22 @@ class ImageCollector:
 
     def __init__(self, plan: ImagePlan) -> None:
         self.plan = plan
-        self._parts: dict[int, list[np.ndarray]] = {}
+        self._parts: dict[int, dict[int, np.ndarray]] = {}
         self._expected: dict[int, int] = {}
 
     def expect(self, item: DecodedImage, count: int) -> None:
         self._expected[item.index] = count
-        self._parts[item.index] = []
+        self._parts[item.index] = {}
 
     def add(self, unit: ModelInput, dets: np.ndarray) -> np.ndarray | None:
         """The image's detections once all its inputs are in, else None."""
         index = unit.image.index
         parts = self._parts[index]
-        parts.append(dets)
+        parts[unit.position] = dets
         if len(parts) < self._expected[index]:
             return None
         del self._parts[index], self._expected[index]
-        return self.plan.combine(unit.image, parts)
+        return self.plan.combine(unit.image, [parts[k] for k in sorted(parts)])
 
 
 # --- the shard's pipeline ------------------------------------------------------------------------
@@ -314,13 +378,15 @@ class _Picked:
     task: ImageTask
     group: int
     replay: bool
+    closes_group: bool  # the last image of its group: its batches can all go now
 
 
 def pick(tasks: Sequence[ImageTask], batch_size: int, done: Collection[str]) -> list[_Picked]:
     """The groups with unfinished work, whole (see the module docstring)."""
     todo_groups = {i // batch_size for i, t in enumerate(tasks) if t.rel_path not in done}
     picked = [i for i in range(len(tasks)) if i // batch_size in todo_groups]
-    return [_Picked(k, tasks[i], i // batch_size, tasks[i].rel_path in done)
+    return [_Picked(k, tasks[i], i // batch_size, tasks[i].rel_path in done,
+                    k + 1 == len(picked) or picked[k + 1] // batch_size != i // batch_size)
             for k, i in enumerate(picked)]
 
 
@@ -328,14 +394,13 @@ class _Shard:
     """One attempt at a shard: decode → inputs → batches → forward → collect → write."""
 
     def __init__(self, picked: list[_Picked], model: LoadedModel, settings: InferSettings,
-                 sink: ResultSink, report: ShardReport, imgsz: int,
-                 plan: ImagePlan | None = None) -> None:
+                 sink: ResultSink, report: ShardReport, imgsz: tuple[int, int]) -> None:
         self.picked = picked
         self.model = model
         self.settings = settings
         self.sink = sink
         self.report = report
-        self.plan = plan or ImagePlan()
+        self.plan = plan_for(settings, imgsz, model.stride)
         configured = settings.decode_workers or cpu_count()
         self.configured_threads = configured  # not capped by this attempt's images (_share_cpu)
         self.threads = max(1, min(configured, len(picked)))
@@ -344,16 +409,20 @@ class _Shard:
         # item then holds the whole decoded image).
         self.writers = self.threads if settings.save_annotated else 1
         batch = settings.batch_size
+        # Decoded items in flight: a model input each; a whole 74 MB image each when annotating
+        # or slicing, hence fewer of them.
         self.window = settings.decoded_queue_size or (
-            batch + self.threads if settings.save_annotated else max(2 * batch, 2 * self.threads))
+            self.threads + 2 if settings.sliced else batch + self.threads
+            if settings.save_annotated else max(2 * batch, 2 * self.threads))
         self.write_capacity = (min(settings.write_queue_size, 2 * self.writers)
                                if settings.save_annotated else settings.write_queue_size)
         report.decode_threads, report.writers = self.threads, self.writers
         self.batcher = FixedBatcher(batch)
         self.collector = ImageCollector(self.plan)
         self.decoder = Decoder(imgsz, model.stride, fast=settings.fast_decode,
-                               keep_image=settings.save_annotated,
-                               max_pixels=settings.max_image_pixels)
+                               keep_image=settings.save_annotated or settings.sliced,
+                               max_pixels=settings.max_image_pixels,
+                               make_input=not settings.sliced or settings.full_image_pass)
         self._count_lock = threading.Lock()
 
     def run(self) -> None:
@@ -366,25 +435,31 @@ class _Shard:
             with Writers(self._write, count=self.writers, capacity=self.write_capacity) as out, \
                     ordered_map(self._decode, self.picked, threads=self.threads,
                                 window=self.window, name="decode", abort=out.check) as decoded:
-                for item in decoded:
+                for item, inputs in decoded:
                     report.decode_s += item.seconds
+                    picked = self.picked[item.index]
                     if item.error is not None:
                         self._finished(item, None, out)
-                        continue
-                    inputs = self.plan.inputs(item)
-                    self.collector.expect(item, len(inputs))
-                    for batch in self.batcher.add(self.picked[item.index].group, inputs):
-                        self._infer(batch, out)
+                    else:
+                        self.collector.expect(item, len(inputs))
+                        for batch in self.batcher.add(picked.group, inputs):
+                            self._infer(batch, out)
+                    if picked.closes_group:  # its images are written before the next decode
+                        for batch in self.batcher.flush():
+                            self._infer(batch, out)
                     progress.maybe_log(time.perf_counter() - start)
-                for batch in self.batcher.flush():
-                    self._infer(batch, out)
         finally:
             report.wall_s = time.perf_counter() - start
             report.batch_size = self.batcher.batch_size
         progress.log_final()
 
-    def _decode(self, p: _Picked) -> DecodedImage:
-        return self.decoder(p.index, p.task.path, p.task.rel_path)
+    def _decode(self, p: _Picked) -> tuple[DecodedImage, list[ModelInput]]:
+        """On a decode thread: the image and its model inputs (slicing included)."""
+        item = self.decoder(p.index, p.task.path, p.task.rel_path)
+        start = time.perf_counter()
+        inputs = self.plan.inputs(item) if item.error is None else []
+        item.seconds += time.perf_counter() - start
+        return item, inputs
 
     def _infer(self, batch: list[ModelInput], out: Writers) -> None:
         for unit, dets in zip(batch, self.infer_batch(batch), strict=True):
@@ -520,6 +595,27 @@ def _remove_stale_temps(tasks: Sequence[ImageTask], layout: OutputLayout, annota
                  removed)
 
 
+def model_input_size(imgsz: int | str, stride: int) -> tuple[int, int]:
+    """The letterbox target (h, w): a square for a number; each side of ``"HxW"`` rounded up to
+    a multiple of the model's stride, as Ultralytics' check_imgsz does (with a warning)."""
+    import math
+
+    from image_etl.settings import size_hw
+
+    hw = size_hw(imgsz)
+    assert hw is not None
+    rounded = tuple(max(math.ceil(x / stride) * stride, stride) for x in hw)
+    if rounded != hw:
+        log.warning("imgsz %s is not a multiple of the model's stride %d: using %dx%d", imgsz,
+                    stride, *rounded)
+    return rounded[0], rounded[1]
+
+
+def _size_text(hw: tuple[int, int]) -> int | str:
+    """As the settings write a size: the number for a square, else ``"HxW"``."""
+    return hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
+
+
 def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
               layout: OutputLayout, staging_path: Path | None = None,
               sink: ResultSink | None = None) -> ShardReport:
@@ -528,14 +624,15 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
     With ``staging_path`` the shard is resumable: images an earlier attempt finished (same
     model and result-relevant settings) are skipped. Raises the first pipeline error.
     """
-    imgsz = settings.imgsz or model.default_imgsz
+    imgsz = model_input_size(settings.imgsz or model.default_imgsz, model.stride)
     if sink is None:
         staging = None
         if staging_path is not None:
-            fingerprint = settings.result_fingerprint(model.sha256, imgsz, model.runtime)
+            fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
+                                                      model.runtime)
             staging = StagingWriter(staging_path, fingerprint,
                                     {"model_sha256": model.sha256, "model_path": str(model.path),
-                                     "imgsz": imgsz, "device": str(model.device),
+                                     "imgsz": _size_text(imgsz), "device": str(model.device),
                                      "runtime": model.runtime,
                                      "names": {str(k): v for k, v in model.names.items()}})
         sink = OutputSink(layout, model.names, settings.save_annotated, staging)

@@ -1,0 +1,213 @@
+"""The results database's engine: URL handling, connection set-up, write transactions, and
+errors that name the database in one line with the password hidden."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+class StoreError(ValueError):
+    """The database or its URL cannot be used; the message says which (password hidden)."""
+
+
+StoreError.__module__ = "image_etl.store"  # its public name, as tracebacks print it
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: safe for logs and error messages."""
+    try:
+        text = make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        text = str(url)
+        # Not parseable by SQLAlchemy: hide whatever sits between "user:" and "@".
+        text = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
+    # libpq also takes the password as a query parameter.
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", text)
+
+
+def default_url() -> str:
+    """The embedded default: a SQLite file beside Airflow's home (or ~/.image_etl)."""
+    home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / ".image_etl")
+    return f"sqlite:///{Path(home) / 'image_etl_results.db'}"
+
+
+def url_from_connection(conn_type: str | None, *, host: str | None = None,
+                        port: int | None = None, login: str | None = None,
+                        password: str | None = None, schema: str | None = None) -> str:
+    """A SQLAlchemy URL from an Airflow Connection's fields (``image_etl_db``).
+
+    Airflow calls PostgreSQL ``postgres``; SQLite connections keep the file path in ``host``.
+    """
+    kind = (conn_type or "").lower()
+    if kind in {"postgres", "postgresql"}:
+        url = URL.create("postgresql+psycopg2", username=login or None, password=password or None,
+                         host=host or None, port=port or None, database=schema or None)
+        return url.render_as_string(hide_password=False)
+    if kind == "sqlite":
+        path = host or schema
+        if not path:
+            raise StoreError("image_etl_db: a sqlite connection needs the database file in host")
+        return f"sqlite:///{path}"
+    raise StoreError(f"image_etl_db: unsupported connection type {conn_type!r}; "
+                     "use postgres or sqlite")
+
+
+def engine_from_url(url: str) -> Engine:
+    """An Engine for ``sqlite:///path`` or ``postgresql+psycopg2://...``.
+
+    SQLite: the file's folder is created; every connection gets foreign keys on, WAL and a
+    busy timeout, and SQLAlchemy (not the sqlite3 module) emits BEGIN, so DDL is
+    transactional too; :func:`write_transaction` begins with ``BEGIN IMMEDIATE``.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as e:
+        raise StoreError(f"db_url: cannot parse {redact_url(url)!r}: {e}") from None
+    backend = parsed.get_backend_name()
+    kwargs: dict[str, Any] = {}
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    elif backend == "postgresql":
+        if parsed.get_driver_name() == "psycopg2":
+            kwargs["client_encoding"] = "utf8"
+    else:
+        raise StoreError(f"db_url: unsupported database {backend!r} in {redact_url(url)!r}; "
+                         "use sqlite:///path or postgresql+psycopg2://...")
+    try:
+        engine = create_engine(parsed, pool_pre_ping=backend == "postgresql", **kwargs)
+    except Exception as e:  # a missing driver etc.: name the URL, never the password
+        raise StoreError(f"db_url: cannot create an engine for {redact_url(url)!r}: {e}") from None
+    if backend == "sqlite":
+        _sqlite_events(engine)
+    _connect_errors(engine, url, parsed.password)
+    return engine
+
+
+def _connect_errors(engine: Engine, url: str, password: str | None) -> None:
+    """A failed connect (server down, port closed, wrong host or password) raises one line
+    naming the database, password hidden, instead of the driver's multi-line text."""
+
+    @event.listens_for(engine, "handle_error")
+    def _handle(ctx: Any) -> BaseException | None:
+        # Only the connect itself; never a pre-ping (the pool reconnects after those).
+        if ctx.connection is not None or ctx.is_pre_ping:
+            return None
+        reason = _one_line(ctx.original_exception, password)
+        return StoreError(f"cannot connect to the results database {redact_url(url)}: {reason}")
+
+
+def _one_line(error: BaseException | str, password: str | None) -> str:
+    """A driver's (multi-line) error text on one line, the password hidden."""
+    text = " ".join(str(error).split())
+    return text.replace(str(password), "***") if password else text
+
+
+def _sqlite_events(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN (the sqlite3 module would only begin
+        # before DML, leaving DDL and reads outside the transaction).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
+            # Switching a new file to WAL needs an exclusive lock and does not wait on the busy
+            # timeout: when several processes open a new database at once, retry briefly.
+            for attempt in range(100):
+                try:
+                    cur.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 99:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # A writer takes the write lock up front: a deferred transaction that reads first
+        # and writes later can fail with SQLITE_BUSY instead of waiting for the other writer.
+        write = conn.get_execution_options().get("image_etl_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One read-write transaction: committed when the block ends, rolled back if it raises.
+
+    A connection lost inside it (server restarted, network cut) raises one StoreError saying
+    so, the driver's first error chained. Without this the error would end in the rollback's
+    "connection already closed": the COPYs run on the raw driver connection, out of
+    SQLAlchemy's sight, so it only learns of the loss when its rollback fails.
+    """
+    with engine.connect() as conn, begin_write(conn):
+        yield conn
+
+
+@contextlib.contextmanager
+def begin_write(conn: Connection) -> Iterator[Connection]:
+    """:func:`write_transaction` on a connection the caller holds (and has not begun)."""
+    try:
+        with conn.execution_options(image_etl_write=True).begin():
+            yield conn
+    except Exception as exc:
+        if not conn.invalidated:  # SQLAlchemy invalidates a connection only on a disconnect
+            raise
+        root = _first_error(exc)
+        url = conn.engine.url
+        reason = _one_line(getattr(root, "libpq_message", None) or root, url.password)
+        raise StoreError(f"lost the connection to the results database "
+                         f"{redact_url(url.render_as_string(hide_password=False))} inside a "
+                         f"transaction, which did not complete (a retry is safe): "
+                         f"{reason}") from root
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    """The error a chain of follow-up failures started with."""
+    seen = {id(exc)}
+    while (earlier := exc.__cause__ or exc.__context__) is not None and id(earlier) not in seen:
+        seen.add(id(earlier))
+        exc = earlier
+    return exc
+
+
+@contextlib.contextmanager
+def in_transaction(conn_or_engine: Connection | Engine) -> Iterator[Connection]:
+    """Use the caller's connection (and its transaction) or open a write transaction."""
+    if isinstance(conn_or_engine, Connection):
+        if conn_or_engine.in_transaction():
+            yield conn_or_engine
+        else:
+            with conn_or_engine.begin():
+                yield conn_or_engine
+    else:
+        with write_transaction(conn_or_engine) as conn:
+            yield conn
+
+
+def dialect_insert(conn: Connection, table: Table) -> Any:
+    """The dialect's INSERT, which has ``on_conflict_do_update``/``do_nothing``."""
+    if conn.dialect.name == "postgresql":
+        return pg_dialect.insert(table)
+    if conn.dialect.name == "sqlite":
+        return sqlite_dialect.insert(table)
+    raise StoreError(f"unsupported database {conn.dialect.name!r}")

@@ -1,0 +1,130 @@
+"""The results schema, declared once: what queries and loads use, and what Alembic compares
+the migrated database with (``include/image_etl/migrations``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    Double,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from image_etl.outputs import DET_FIELDS
+
+# A detection's numbers, in the order a staged row holds them after its class (DET_FIELDS).
+DET_COLS = ("confidence", "x1", "y1", "x2", "y2", "xc", "yc", "w", "h")
+assert DET_FIELDS[:2] == ("cls", "conf") and DET_FIELDS[2:] == DET_COLS[1:]
+
+
+def _id_type() -> Any:
+    # SQLite numbers rows itself only for an INTEGER PRIMARY KEY (its rowid).
+    return BigInteger().with_variant(Integer, "sqlite")
+
+
+metadata = MetaData()
+
+models = Table(
+    "models", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("name", Text),
+    Column("path", Text),
+    Column("class_names", Text, nullable=False),  # JSON object {"0": "person", ...}
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+)
+
+runs = Table(
+    "runs", metadata,
+    Column("run_key", Text, primary_key=True),  # "<dag_id>/<run_id>"
+    Column("dag_id", Text),
+    Column("run_id", Text),
+    Column("drop_date", Date, nullable=False),
+    Column("model_sha256", String(64), ForeignKey("models.sha256"), nullable=True),
+    Column("settings", Text, nullable=False),  # JSON
+    Column("loaded_at", DateTime(timezone=True), nullable=False),
+    Column("images", Integer, nullable=False),
+    Column("ok", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("detections", BigInteger, nullable=False),
+    Column("infer_seconds", Double, nullable=False),
+    Column("images_per_s", Double, nullable=True),  # NULL when the time is unknown
+)
+
+images = Table(
+    "images", metadata,
+    Column("id", _id_type(), primary_key=True, autoincrement=True),
+    Column("model_sha256", String(64), ForeignKey("models.sha256"), nullable=False),
+    Column("drop_date", Date, nullable=False),
+    Column("rel_path", Text, nullable=False),
+    Column("run_key", Text, nullable=False),
+    Column("bytes", BigInteger),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("status", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+    # The folders of the load that wrote the row: a run key re-run for another date (a
+    # backfill clearing an earlier run) replaces its ``runs`` row and settings. NULL for rows
+    # loaded before revision 0002 whose run no longer records their night.
+    Column("drop_dir", Text, nullable=True),
+    Column("output_dir", Text, nullable=True),
+    # Its unique index also serves every lookup by (model_sha256, drop_date): a second
+    # index on that prefix would only slow the loads down.
+    UniqueConstraint("model_sha256", "drop_date", "rel_path", name="uq_images_identity"),
+    CheckConstraint("status IN ('ok', 'failed')", name="ck_images_status"),
+    Index("ix_images_run_key", "run_key"),  # a DAG run's images (the run tab)
+)
+
+detections = Table(
+    "detections", metadata,
+    Column("image_id", _id_type(), ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
+    Column("det_index", Integer, nullable=False),
+    Column("class_id", Integer, nullable=False),
+    Column("class_name", Text, nullable=False),
+    Column("confidence", Double, nullable=False),
+    *(Column(c, Double, nullable=False) for c in ("x1", "y1", "x2", "y2")),  # pixels
+    *(Column(c, Double, nullable=False) for c in ("xc", "yc", "w", "h")),  # normalised
+    PrimaryKeyConstraint("image_id", "det_index", name="pk_detections"),
+    CheckConstraint("confidence >= 0 AND confidence <= 1", name="ck_detections_confidence"),
+    CheckConstraint("det_index >= 0", name="ck_detections_det_index"),
+)
+
+# One row per (model, night), recounted by every load in its transaction: the nights chart
+# reads 30 rows instead of aggregating 30 nights of detections.
+drop_totals = Table(
+    "drop_totals", metadata,
+    Column("model_sha256", String(64), ForeignKey("models.sha256"), nullable=False),
+    Column("drop_date", Date, nullable=False),
+    Column("images", Integer, nullable=False),
+    Column("ok", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("detections", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("model_sha256", "drop_date", name="pk_drop_totals"),
+)
+
+drop_class_totals = Table(
+    "drop_class_totals", metadata,
+    Column("model_sha256", String(64), nullable=False),
+    Column("drop_date", Date, nullable=False),
+    Column("class_name", Text, nullable=False),
+    Column("detections", BigInteger, nullable=False),
+    PrimaryKeyConstraint("model_sha256", "drop_date", "class_name", name="pk_drop_class_totals"),
+    ForeignKeyConstraint(["model_sha256", "drop_date"],
+                         ["drop_totals.model_sha256", "drop_totals.drop_date"],
+                         ondelete="CASCADE", name="fk_drop_class_totals_night"),
+)
