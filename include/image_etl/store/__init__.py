@@ -41,6 +41,7 @@ from image_etl.store.queries import (
 )
 from image_etl.store.revisions import (
     current_revision,
+    downgrade,
     head_revision,
     history,
     migrate,
@@ -57,7 +58,7 @@ from image_etl.store.schema import (
 
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS", "LoadReport", "RunInfo", "StoreError", "class_counts", "count_if",
-    "current_revision", "default_url", "detections", "drop_class_totals",
+    "current_revision", "default_url", "detections", "downgrade", "drop_class_totals",
     "drop_summary", "drop_totals", "engine_from_url", "head_revision", "history", "images",
     "latest_run", "load_staged", "loaded_rel_paths", "metadata", "migrate", "model_names",
     "models", "record_empty_run", "redact_url", "refresh_drop_totals", "runs", "upsert_model",
