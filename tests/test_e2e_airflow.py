@@ -486,3 +486,168 @@ def test_ui_screenshots_grid_and_trigger_form(e2e: E2E):
         assert width == 1600 and height >= 1000 and png.stat().st_size > 20_000, (png, width, height)
     assert len(shots) == len(sections) == len({s.section for s in SETTINGS.values() if s.section})
 
+
+# --- the Detections page (plugins/detections_plugin.py) ----------------------------------------
+
+UI_DAY = _TODAY - dt.timedelta(days=20)
+UI_RUN = "e2e_detections_page"
+FRAME = "document.querySelector('iframe[title=\"Detections\"]')"
+
+
+def _frame_eval(browser: Chromium, body: str):
+    """Evaluate ``body`` (a function body of ``doc``) in the Detections iframe's document."""
+    return browser.evaluate(f"(() => {{ const f = {FRAME}; const doc = f && f.contentDocument;"
+                            f" if (!doc || !doc.body) return null; {body} }})()")
+
+
+def _wait_frame(browser: Chromium, view: str, ready_js: str = "true", timeout_s: float = 90) -> None:
+    wait_for(f"the Detections page ({view}) in the UI's iframe", lambda: _frame_eval(
+        browser, f"return doc.body.dataset.ready === '1' && doc.body.dataset.view === {view!r}"
+                 f" && ({ready_js});"), timeout_s, poll_s=0.5,
+        on_timeout=lambda: "iframe text: " + str(_frame_eval(browser, "return doc.body.innerText;"))[:2000])
+
+
+def _frame_table(browser: Chromium, table_id: str) -> dict[str, dict[str, int]]:
+    """data-date → {data-field: number} of a table the page rendered (its text, not its data)."""
+    rows = _frame_eval(browser, f"return [...doc.querySelectorAll('#{table_id} tbody tr')].map(tr =>"
+                                " [tr.dataset.date, [...tr.querySelectorAll('[data-field]')]"
+                                ".map(td => [td.dataset.field, td.textContent])]);")
+    return {day: {field: int(text.replace(",", "")) for field, text in cells} for day, cells in rows}
+
+
+def _db_nights(url: str) -> tuple[str, dict[str, dict[str, int]]]:
+    """The latest model's nights, counted here from images and detections."""
+    import json
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            sha = conn.execute(sa.text("SELECT model_sha256 FROM images ORDER BY processed_at DESC "
+                                       "LIMIT 1")).scalar_one()
+            names = json.loads(conn.execute(sa.text("SELECT class_names FROM models WHERE sha256 = :s"),
+                                            {"s": sha}).scalar_one())
+            zeros = {f"class:{name}": 0 for name in names.values()}  # the page shows every class
+            nights = {str(day)[:10]: {"images": n, "ok": ok, "failed": failed, "detections": 0, **zeros}
+                      for day, n, ok, failed in conn.execute(sa.text(
+                          "SELECT drop_date, count(*), sum(CASE WHEN status = 'ok' THEN 1 ELSE 0 END),"
+                          " sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) FROM images"
+                          " WHERE model_sha256 = :s GROUP BY drop_date"), {"s": sha})}
+            for day, name, n in conn.execute(sa.text(
+                    "SELECT i.drop_date, d.class_name, count(*) FROM detections d JOIN images i"
+                    " ON i.id = d.image_id WHERE i.model_sha256 = :s GROUP BY i.drop_date, d.class_name"),
+                    {"s": sha}):
+                nights[str(day)[:10]][f"class:{name}"] = n
+                nights[str(day)[:10]]["detections"] += n
+    finally:
+        engine.dispose()
+    return sha, nights
+
+
+def _db_rows(url: str, query: str, **params) -> list[tuple]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(query), params)]
+    finally:
+        engine.dispose()
+
+
+def test_detections_page_shows_the_runs_results(e2e: E2E):
+    """The plugin through the real api-server: auth on its API, then in chromium as a logged-in
+    user the nights (counts equal the results DB's), a night's failures, an image's viewer and
+    the DAG-run tab, each screenshotted."""
+    if "trigger" not in e2e.done:
+        pytest.fail("the triggered run did not succeed; the page's data builds on it")
+    if not shutil.which("chromium"):
+        _unavailable("Debian's chromium is not installed (apt-get install chromium)")
+    stack, client = e2e.stack, e2e.client
+    # Airflow does not protect a plugin's routes: the plugin does, on every one.
+    for path in ("/detections/", "/detections/static/app.js", "/detections/api/models",
+                 f"/detections/api/nights?model={'0' * 64}", "/detections/api/images/1/thumbnail"):
+        r = httpx.get(f"{stack.base_url}{path}", timeout=30)
+        assert r.status_code == 401, (path, r.status_code, r.text[:300])
+    plugins = {p["name"]: p for p in _check(client.get("/plugins"))["plugins"]}
+    views = {v["destination"]: v for v in plugins["image_etl_detections"]["external_views"]}
+    assert set(views) == {"nav", "dag", "dag_run"}
+    assert _check(client.get("/plugins/importErrors"))["total_entries"] == 0
+
+    # A night with a failed image: two images and a file that is not one.
+    synth.make_drop(e2e.drops, UI_DAY, 2, width=512, height=3000, seed=120)
+    (e2e.drops / UI_DAY.isoformat() / "not-an-image.jpg").write_bytes(b"this is not a JPEG\n" * 50)
+    conf = {"date": UI_DAY.isoformat(), "drop_dir": str(e2e.drops / "{date}"),
+            "output_dir": str(e2e.base / "ui-out" / "{date}"), "model_path": str(DEMO_MODEL),
+            "devices": "cpu,cpu", "settle_seconds": 0, "batch_size": 2}
+    _check(client.post(f"/dags/{DAG_ID}/dagRuns",
+                       json={"dag_run_id": UI_RUN, "logical_date": _cron_tick(UI_DAY), "conf": conf}))
+    _wait_run(e2e, UI_RUN, RUN_TIMEOUT_S)
+    sha, truth = _db_nights(e2e.results_url)
+    assert truth[UI_DAY.isoformat()]["failed"] == 1 and truth[UI_DAY.isoformat()]["ok"] == 2
+    reasons = _db_rows(e2e.results_url, "SELECT rel_path, error FROM images WHERE status = 'failed'"
+                                        " AND drop_date = :d", d=UI_DAY)
+    # The image with the most detections of the triggered run's night (D2), and its boxes.
+    [(image_id, rel_path, n_boxes)] = _db_rows(
+        e2e.results_url, "SELECT i.id, i.rel_path, count(*) AS n FROM images i JOIN detections d"
+                         " ON d.image_id = i.id WHERE i.drop_date = :d GROUP BY i.id, i.rel_path"
+                         " ORDER BY n DESC, i.rel_path LIMIT 1", d=D2)
+    run_truth = _db_rows(e2e.results_url, "SELECT count(*), sum(CASE WHEN status = 'failed' THEN 1 ELSE 0"
+                                          " END) FROM images WHERE run_key = :k", k=f"{DAG_ID}/{UI_RUN}")
+
+    out = ARTIFACTS / "screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    base = stack.base_url
+    shots = {}
+    with Chromium(e2e.base / "chromium-detections", ARTIFACTS / "e2e" / "chromium-detections.log") as browser:
+        browser.call("Network.setCookie", name="_token", value=stack.token(), url=base)
+        # The nav entry: the page in the UI's iframe, nights chart and table.
+        browser.goto(f"{base}/plugin/detections")
+        _wait_frame(browser, "nights", "!!doc.querySelector('#chart-images rect')")
+        assert "Detections" in browser.text()  # the nav item
+        rendered = _frame_table(browser, "nights-table")
+        assert rendered == truth, (rendered, truth)
+        assert _frame_eval(browser, "return doc.querySelectorAll('#chart-images rect').length;") >= len(truth)
+        browser.wait_until_still()
+        shots["nights"] = browser.screenshot(out / "detections-nights.png")
+
+        # The night's failures, by the page's own link, with their reasons.
+        _frame_eval(browser, f"doc.querySelector('tr[data-date=\"{UI_DAY.isoformat()}\"] "
+                             "a[href*=\"view=failures\"]').click(); return true;")
+        _wait_frame(browser, "failures", "!!doc.querySelector('#failures-table tbody tr')")
+        shown = _frame_eval(browser, "return [...doc.querySelectorAll('#failures-table tbody tr')].map(tr =>"
+                                     " [tr.querySelector('a').textContent,"
+                                     " tr.querySelector('[data-field=error]').textContent]);")
+        assert sorted(map(tuple, shown)) == sorted(reasons), (shown, reasons)
+        shots["failures"] = browser.screenshot(out / "detections-failures.png")
+
+        # One image's viewer: the server-made thumbnail with the DB's boxes, and a zoomed region.
+        browser.goto(f"{base}/plugin/detections/detections/?view=image&id={image_id}")
+        _wait_frame(browser, "image", "doc.querySelector('#thumb')?.dataset.loaded === '1'"
+                                      " && !!doc.querySelector('#zoom')?.dataset.region")
+        boxes = _frame_eval(browser, "return [Number(doc.querySelector('#thumb').dataset.boxes),"
+                                     " doc.querySelectorAll('#detections-table tbody tr').length,"
+                                     " Number(doc.querySelector('#zoom').dataset.boxes)];")
+        assert boxes[0] == boxes[1] == n_boxes and boxes[2] >= 1, (boxes, n_boxes, rel_path)
+        browser.wait_until_still()
+        shots["viewer"] = browser.screenshot(out / "detections-viewer.png")
+
+        # The DAG-run tab of the run just triggered: its images and counts.
+        browser.goto(f"{base}/dags/{DAG_ID}/runs/{UI_RUN}/plugin/detections-run")
+        _wait_frame(browser, "run", "!!doc.querySelector('#run-table tbody tr')")
+        run_table = _frame_table(browser, "run-table")
+        assert run_table == {UI_DAY.isoformat(): truth[UI_DAY.isoformat()]}, run_table
+        assert [(v["images"], v["failed"]) for v in run_table.values()] == [tuple(run_truth[0])]
+        listed = _frame_eval(browser, "return doc.querySelectorAll('#images-table tbody tr').length;")
+        assert listed == run_truth[0][0]
+        shots["run tab"] = browser.screenshot(out / "detections-run-tab.png")
+
+        # The DAG tab shows the nights too.
+        browser.goto(f"{base}/dags/{DAG_ID}/plugin/detections-dag")
+        _wait_frame(browser, "nights", "!!doc.querySelector('#nights-table tbody tr')")
+        assert _frame_table(browser, "nights-table") == truth
+
+    for name, png in shots.items():
+        width, height = _png_size(png)
+        assert (width, height) == (1600, 1000) and png.stat().st_size > 20_000, (name, png, width, height)

@@ -45,7 +45,7 @@ SHA_B = "b2" * 32
 NAMES = {0: "person", 1: "car", 2: 'traffic "light", 신호등'}
 D1 = dt.date(2026, 11, 20)
 D2 = dt.date(2026, 11, 21)
-TIME_COLS = ("loaded_at", "processed_at", "first_seen")
+TIME_COLS = ("loaded_at", "processed_at", "first_seen", "updated_at")
 VERSION_TABLE = sa.table("image_etl_alembic_version", sa.column("version_num"))
 
 AWKWARD = [
@@ -138,7 +138,7 @@ def dump(engine, skip: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
     """Every row of every table (minus ``skip`` columns), in a stable order."""
     out = {}
     with engine.connect() as conn:
-        for table in (store.models, store.runs, store.images, store.detections, VERSION_TABLE):
+        for table in (*store.metadata.sorted_tables, VERSION_TABLE):
             cols = [c for c in table.c if c.name not in skip]
             out[table.name] = sorted((tuple(r) for r in conn.execute(sa.select(*cols))), key=repr)
     return out
@@ -229,11 +229,12 @@ def test_sqlite_engine_creates_folder_and_sets_pragmas(tmp_path):
 
 
 def test_migrate_twice_gives_same_version_and_tables(engine):
-    assert migrate(engine) == "0001"
-    assert migrate(engine) == "0001"
+    head = store.head_revision()
+    assert migrate(engine) == head
+    assert migrate(engine) == head
     tables = set(sa.inspect(engine).get_table_names())
-    assert tables == {VERSION_TABLE.name, "models", "runs", "images", "detections"}
-    assert dump(engine)[VERSION_TABLE.name] == [("0001",)]
+    assert tables == {VERSION_TABLE.name, *store.metadata.tables}
+    assert dump(engine)[VERSION_TABLE.name] == [(head,)]
     uniques = sa.inspect(engine).get_unique_constraints("images")
     assert any(u["column_names"] == ["model_sha256", "drop_date", "rel_path"] for u in uniques)
 
@@ -256,8 +257,9 @@ def test_migrate_concurrently_applies_each_step_once(db_url):
             t.start()
         for t in threads:
             t.join(120)
-        assert results == ["0001", "0001", "0001"]
-        assert dump(engines[0])[VERSION_TABLE.name] == [("0001",)]
+        head = store.head_revision()
+        assert results == [head] * 3
+        assert dump(engines[0])[VERSION_TABLE.name] == [(head,)]
     finally:
         for e in engines:
             e.dispose()

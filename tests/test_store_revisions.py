@@ -2,12 +2,15 @@
 
 Autogenerate finds the migrated schema equal to the metadata; a database made by the release
 before Alembic (a073aa4, tests/fixtures/release_a073aa4: made by that release's own code) is
-adopted without losing a row; SQLite's batch mode rebuilds a referenced table without
-cascading into its children; ``python -m image_etl db ...`` upgrades, shows and lists.
+adopted without losing a row; revision 0002 (each image's folders, the night totals) fills
+its columns and tables from a 0001 database's rows, and its downgrade gives back 0001's schema
+with every row; SQLite's batch mode rebuilds a referenced table without cascading into its
+children; ``python -m image_etl db ...`` upgrades, shows and lists.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from collections.abc import Iterator
@@ -24,17 +27,20 @@ from image_etl.store import StoreError, revisions
 from .pg import _connect_admin, postgres_url
 
 RELEASE = Path(__file__).parent / "fixtures" / "release_a073aa4"
-TABLES = ("models", "runs", "images", "detections")
+TABLES = ("models", "runs", "images", "detections")  # 0001's
+TOTALS = ("drop_totals", "drop_class_totals")  # 0002's
+FOLDER_COLS = ("drop_dir", "output_dir")  # 0002's, in images
 TIME_COLS = ("loaded_at", "processed_at", "first_seen")
+HEAD = store.head_revision()
 
-# A revision after 0001 that SQLite can only make by rebuilding ``images``, which
+# A revision after head that SQLite can only make by rebuilding ``images``, which
 # ``detections`` references (ON DELETE CASCADE) and whose rows must all survive.
-REVISION_0002 = '''
+REVISION_NEXT = f'''
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9999"
+down_revision = "{HEAD}"
 branch_labels = None
 depends_on = None
 
@@ -87,6 +93,20 @@ def release_url(dialect, tmp_path) -> Iterator[str]:
 
 
 @pytest.fixture
+def schema_0001(dialect, tmp_path) -> Iterator[dict[str, dict[str, list]]]:
+    """The schema revision 0001 makes (schema_of), on an empty database of the test's dialect."""
+    urls = [f"sqlite:///{tmp_path / 'at_0001.sqlite'}"] if dialect == "sqlite" else postgres_url()
+    for url in urls:
+        engine = store.engine_from_url(url)
+        try:
+            assert store.migrate(engine, "0001") == "0001"
+            snapshot = schema_of(engine)
+        finally:
+            engine.dispose()
+        yield snapshot
+
+
+@pytest.fixture
 def engine_of():
     engines: list[sa.Engine] = []
 
@@ -99,12 +119,13 @@ def engine_of():
         engine.dispose()
 
 
-def rows(engine: sa.Engine, skip: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
-    """Every row of the results tables (minus ``skip`` columns), in a stable order."""
+def rows(engine: sa.Engine, skip: tuple[str, ...] = (),
+         names: tuple[str, ...] = TABLES) -> dict[str, list[tuple]]:
+    """Every row of the tables ``names`` (minus ``skip`` columns), in a stable order."""
     meta = sa.MetaData()
     out = {}
     with engine.connect() as conn:
-        for name in TABLES:
+        for name in names:
             table = sa.Table(name, meta, autoload_with=conn)
             cols = [c for c in table.c if c.name not in skip]
             out[name] = sorted((tuple(r) for r in conn.execute(sa.select(*cols))), key=repr)
@@ -115,11 +136,70 @@ def tables(engine: sa.Engine) -> set[str]:
     return set(sa.inspect(engine).get_table_names())
 
 
+def schema_of(engine: sa.Engine) -> dict[str, dict[str, list]]:
+    """Every results table's columns, keys, indexes and checks, as the database reports them."""
+    inspector = sa.inspect(engine)
+    out = {}
+    for name in sorted(set(inspector.get_table_names()) - {revisions.VERSION_TABLE}):
+        fks = [(fk["name"], fk["constrained_columns"], fk["referred_table"], fk["referred_columns"],
+                fk["options"]) for fk in inspector.get_foreign_keys(name)]
+        out[name] = {
+            "columns": [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(name)],
+            "primary_key": [inspector.get_pk_constraint(name)["constrained_columns"]],
+            "foreign_keys": sorted(fks, key=repr),
+            "unique": sorted(((u["name"], u["column_names"]) for u in
+                              inspector.get_unique_constraints(name)), key=repr),
+            "indexes": sorted(((i["name"], i["column_names"], i["unique"]) for i in
+                               inspector.get_indexes(name)), key=repr),
+            "checks": sorted(((c["name"], c["sqltext"]) for c in
+                              inspector.get_check_constraints(name)), key=repr),
+        }
+    return out
+
+
 def schema_diff(engine: sa.Engine, metadata: sa.MetaData = store.metadata) -> list:
     """What autogenerate would put in a new revision to make the database match ``metadata``."""
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts=revisions.context_options())
         return compare_metadata(context, metadata)
+
+
+def _night(sha: str, day: object) -> tuple[str, str]:
+    return sha, str(day)[:10]  # SQLite gives dates as text
+
+
+def night_totals(engine: sa.Engine) -> dict[tuple[str, str], tuple]:
+    """(model, night) → (images, ok, failed, detections, {class: detections}), as
+    drop_totals and drop_class_totals hold them."""
+    with engine.connect() as conn:
+        per_class: dict[tuple[str, str], dict[str, int]] = {}
+        for sha, day, name, n in conn.exec_driver_sql(
+                "SELECT model_sha256, drop_date, class_name, detections FROM drop_class_totals"):
+            per_class.setdefault(_night(sha, day), {})[name] = n
+        nights = conn.exec_driver_sql(
+            "SELECT model_sha256, drop_date, images, ok, failed, detections FROM drop_totals").all()
+    assert set(per_class) <= {_night(sha, day) for sha, day, *_ in nights}
+    return {_night(sha, day): (n, ok, failed, dets, per_class.get(_night(sha, day), {}))
+            for sha, day, n, ok, failed, dets in nights}
+
+
+def truth_totals(engine: sa.Engine) -> dict[tuple[str, str], tuple]:
+    """What night_totals should give, counted here from images and detections."""
+    with engine.connect() as conn:
+        per_class: dict[tuple[str, str], dict[str, int]] = {}
+        for sha, day, name, n in conn.exec_driver_sql(
+                "SELECT i.model_sha256, i.drop_date, d.class_name, count(*) FROM detections d "
+                "JOIN images i ON i.id = d.image_id GROUP BY i.model_sha256, i.drop_date, d.class_name"):
+            per_class.setdefault(_night(sha, day), {})[name] = n
+        nights = conn.exec_driver_sql(
+            "SELECT model_sha256, drop_date, count(*), sum(CASE WHEN status = 'ok' THEN 1 ELSE 0 END), "
+            "sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) FROM images "
+            "GROUP BY model_sha256, drop_date").all()
+    out = {}
+    for sha, day, n, ok, failed in nights:
+        classes = per_class.get(_night(sha, day), {})
+        out[_night(sha, day)] = (n, ok, failed, sum(classes.values()), classes)
+    return out
 
 
 def reload_release_staging(engine: sa.Engine, tmp_path: Path) -> store.LoadReport:
@@ -137,8 +217,9 @@ def reload_release_staging(engine: sa.Engine, tmp_path: Path) -> store.LoadRepor
 
 def test_autogenerate_finds_the_migrated_schema_equal_to_the_metadata(empty_url, engine_of):
     engine = engine_of(empty_url)
-    assert store.migrate(engine) == store.head_revision() == "0001"
+    assert store.migrate(engine) == HEAD
     assert schema_diff(engine) == []
+    assert tables(engine) == {*store.metadata.tables, revisions.VERSION_TABLE}
 
     # The comparison does see a difference: a column more, a type changed.
     changed = sa.MetaData()
@@ -153,7 +234,7 @@ def test_autogenerate_finds_the_migrated_schema_equal_to_the_metadata(empty_url,
 # --- the release before Alembic ----------------------------------------------------------------
 
 def test_a_database_of_the_release_before_alembic_is_adopted_without_losing_a_row(
-        release_url, engine_of, tmp_path):
+        release_url, engine_of, tmp_path, schema_0001):
     engine = engine_of(release_url)
     assert revisions.LEGACY_VERSION_TABLE in tables(engine)
     with engine.connect() as conn:
@@ -162,18 +243,28 @@ def test_a_database_of_the_release_before_alembic_is_adopted_without_losing_a_ro
     assert len(before["images"]) == 13 and len(before["detections"]) == 18 and len(before["runs"]) == 2
     assert store.current_revision(engine) is None
 
-    assert store.migrate(engine) == "0001"
+    assert store.migrate(engine, "0001") == "0001"  # adopted: stamped, nothing run
     assert store.current_revision(engine) == "0001"
     assert tables(engine) == {*TABLES, revisions.VERSION_TABLE}  # the old version table is gone
     assert rows(engine) == before  # every row, every value, timestamps included
-    assert schema_diff(engine) == []  # the release's schema is the live one
-    assert store.migrate(engine) == "0001" and rows(engine) == before
+    assert schema_of(engine) == schema_0001  # the release's schema is 0001's
+
+    assert store.migrate(engine) == HEAD
+    assert schema_diff(engine) == []
+    assert rows(engine, skip=FOLDER_COLS) == before
+    # The release's run settings name no folders: unknown, so NULL.
+    assert {row[-2:] for row in rows(engine)["images"]} == {(None, None)}
+    assert night_totals(engine) == truth_totals(engine) != {}
+    assert tables(engine) == {*store.metadata.tables, revisions.VERSION_TABLE}
+    assert store.migrate(engine) == HEAD and rows(engine, skip=FOLDER_COLS) == before
 
     # Today's load of the same staging file writes the rows the release wrote (same ids).
     released = rows(engine, skip=TIME_COLS)
+    totals = night_totals(engine)
     report = reload_release_staging(engine, tmp_path)
     assert (report.images, report.detections) == (13, 18)
     assert rows(engine, skip=TIME_COLS) == released
+    assert night_totals(engine) == totals
     # New images get new ids: the id sequence went on from where the release left it.
     old_max = max(r[0] for r in before["images"])
     new = tmp_path / "new.jsonl"
@@ -188,6 +279,8 @@ def test_a_database_of_the_release_before_alembic_is_adopted_without_losing_a_ro
         new_id = conn.execute(sa.select(store.images.c.id)
                               .where(store.images.c.rel_path == "cam3/new.jpg")).scalar_one()
     assert new_id > old_max
+    assert night_totals(engine) == truth_totals(engine)  # the load recounted the night: 14 images
+    assert next(iter(night_totals(engine).values()))[0] == 14
 
 
 def test_a_schema_version_newer_than_the_release_is_refused(release_url, engine_of):
@@ -201,6 +294,129 @@ def test_a_schema_version_newer_than_the_release_is_refused(release_url, engine_
     assert rows(engine) == before
 
 
+# --- revision 0002: each image's folders, the night totals -------------------------------------
+
+SHA = "c3" * 32
+D1, D2, D3 = dt.date(2026, 11, 18), dt.date(2026, 11, 19), dt.date(2026, 11, 20)
+# run_key → (night, its model, runs.settings as stored), and the images each run wrote.
+RUNS_0001 = {
+    "a": (D1, SHA, json.dumps({"drop_dir": '/drops/d1 naïve "q"', "output_dir": "/out/d1"})),
+    "b": (D3, SHA, json.dumps({"drop_dir": "/drops/d3"})),  # re-run for D3: its D2 rows came from elsewhere
+    "c": (D3, SHA, "not json"),
+    "d": (D2, SHA, json.dumps({"drop_dir": 7, "output_dir": "/out/d"})),  # not a folder name
+    "e": (D2, SHA, json.dumps({"output_dir": "/out/e"})),  # no drop folder: nothing is known
+    "f": (D2, SHA, json.dumps(["/drops/f"])),
+    "g": (D2, None, json.dumps({"drop_dir": "/drops/g"})),  # no model: not this night's run
+    "h": (D2, SHA, json.dumps({"drop_dir": "", "output_dir": "/out/h"})),
+}
+IMAGES_0001 = [  # id, night, run_key, status
+    (1, D1, "a", "ok"), (2, D1, "a", "failed"), (3, D2, "b", "ok"), (4, D3, "b", "ok"),
+    (5, D3, "c", "ok"), (6, D2, "d", "ok"), (7, D2, "e", "ok"), (8, D2, "f", "ok"),
+    (9, D2, "g", "ok"), (10, D2, "h", "ok"), (11, D3, "gone", "failed"),
+]
+DETECTIONS_0001 = [(1, 0, "spot"), (1, 1, "spot"), (1, 2, "patch"), (3, 0, "patch"),
+                   (4, 0, "scratch"), (4, 1, "patch"), (9, 0, "spot")]
+
+
+def fill_0001(engine: sa.Engine) -> None:
+    """Rows as a 0001 database may hold them, written with plain SQL (not today's load)."""
+    now = dt.datetime(2026, 11, 21, tzinfo=dt.UTC)
+    with store.write_transaction(engine) as conn:
+        conn.execute(sa.text("INSERT INTO models VALUES (:s, 'm.pt', '/m.pt', :n, :t)"),
+                     {"s": SHA, "n": json.dumps({"0": "spot", "1": "patch", "2": "scratch"}), "t": now})
+        for key, (day, sha, settings) in RUNS_0001.items():
+            conn.execute(sa.text(
+                "INSERT INTO runs (run_key, dag_id, run_id, drop_date, model_sha256, settings, "
+                "loaded_at, images, ok, failed, detections, infer_seconds) VALUES "
+                "(:k, 'd', :k, :day, :s, :settings, :t, 0, 0, 0, 0, 0)"),
+                {"k": key, "day": day, "s": sha, "t": now, "settings": settings})
+        for image_id, day, run_key, status in IMAGES_0001:
+            conn.execute(sa.text(
+                "INSERT INTO images (id, model_sha256, drop_date, rel_path, run_key, status, "
+                "processed_at) VALUES (:i, :s, :day, :p, :k, :st, :t)"),
+                {"i": image_id, "s": SHA, "day": day, "p": f"img{image_id}.jpg", "k": run_key,
+                 "st": status, "t": now})
+        for image_id, k, name in DETECTIONS_0001:
+            conn.execute(sa.text(
+                "INSERT INTO detections VALUES (:i, :k, 0, :n, 0.5, 1, 2, 3, 4, .1, .1, .1, .1)"),
+                {"i": image_id, "k": k, "n": name})
+
+
+def folders(engine: sa.Engine) -> dict[int, tuple[str | None, str | None]]:
+    with engine.connect() as conn:
+        return {i: (d, o) for i, d, o in conn.exec_driver_sql(
+            "SELECT id, drop_dir, output_dir FROM images")}
+
+
+def test_0002_fills_each_images_folders_and_the_night_totals_from_a_0001_database(
+        empty_url, engine_of):
+    """Set-based backfills: an image gets its run's folders only where the run row still
+    describes the image's night and names a drop folder; every night gets its totals."""
+    engine = engine_of(empty_url)
+    assert store.migrate(engine, "0001") == "0001"
+    fill_0001(engine)
+    before = rows(engine)
+
+    assert store.migrate(engine) == HEAD
+    assert schema_diff(engine) == []
+    assert rows(engine, skip=FOLDER_COLS) == before  # every row, every value
+    d1 = ('/drops/d1 naïve "q"', "/out/d1")
+    assert folders(engine) == {1: d1, 2: d1, 4: ("/drops/d3", None),
+                               **{i: (None, None) for i in (3, 5, 6, 7, 8, 9, 10, 11)}}
+    assert night_totals(engine) == truth_totals(engine) == {
+        (SHA, D1.isoformat()): (2, 1, 1, 3, {"spot": 2, "patch": 1}),
+        (SHA, D2.isoformat()): (6, 6, 0, 2, {"patch": 1, "spot": 1}),
+        (SHA, D3.isoformat()): (3, 2, 1, 2, {"scratch": 1, "patch": 1}),
+    }
+
+
+def load_night(engine: sa.Engine, tmp_path: Path, run_key: str, day: dt.date) -> None:
+    """The release's staging file loaded by today's code for ``day``, by run ``run_key``."""
+    staged = shutil.copyfile(RELEASE / "staged.jsonl", tmp_path / f"{day}.jsonl")
+    run = store.RunInfo(run_key=run_key, dag_id="nightly_detections", run_id=run_key, drop_date=day,
+                        settings={"drop_dir": f"/drops/{day}", "output_dir": f"/out/{day}"})
+    store.load_staged(engine, [staged], run, names={0: "person", 3: "car"})
+
+
+def rows_without(dumped: dict[str, list[tuple]], cols: tuple[str, ...]) -> dict[str, list[tuple]]:
+    """``dumped`` (rows()) less the images columns ``cols`` (its last ones), as rows() orders."""
+    return {name: sorted((r[:-len(cols)] for r in got), key=repr) if name == "images" else got
+            for name, got in dumped.items()}
+
+
+def test_0002_downgrades_to_0001s_schema_with_every_row_and_upgrades_again(
+        empty_url, engine_of, tmp_path, schema_0001):
+    """The downgrade drops what 0002 added (SQLite rebuilds ``images``: no detection may
+    cascade away); the next upgrade refills the folders wherever the runs still tell them."""
+    engine = engine_of(empty_url)
+    assert store.migrate(engine) == HEAD
+    load_night(engine, tmp_path, "run", D1)
+    load_night(engine, tmp_path, "other", D2)
+    load_night(engine, tmp_path, "run", D3)  # the same run key re-run: runs says D3 now
+    at_head = rows(engine)
+    totals = night_totals(engine)
+    assert len(at_head["images"]) == 39 and len(at_head["detections"]) == 54 and len(totals) == 3
+    assert {row[-2:] for row in at_head["images"]} == {(f"/drops/{d}", f"/out/{d}") for d in (D1, D2, D3)}
+
+    assert store.downgrade(engine, "0001") == "0001" == store.current_revision(engine)
+    assert schema_of(engine) == schema_0001
+    assert rows(engine) == rows_without(at_head, FOLDER_COLS)
+    with engine.connect() as conn:  # a pooled connection: foreign keys are on again
+        if engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+    assert store.migrate(engine) == HEAD
+    assert schema_diff(engine) == []
+    assert rows(engine, skip=FOLDER_COLS) == rows_without(at_head, FOLDER_COLS)
+    assert night_totals(engine) == totals
+    # D1's folders were only in its image rows: the run row now describes D3.
+    with engine.connect() as conn:
+        by_night = {(str(day)[:10], d, o) for day, d, o in conn.exec_driver_sql(
+            "SELECT drop_date, drop_dir, output_dir FROM images")}
+    assert by_night == {(D1.isoformat(), None, None), (D2.isoformat(), f"/drops/{D2}", f"/out/{D2}"),
+                        (D3.isoformat(), f"/drops/{D3}", f"/out/{D3}")}
+
+
 # --- a later revision ----------------------------------------------------------------------------
 
 def test_a_revision_rebuilding_a_referenced_table_keeps_every_row(
@@ -212,10 +428,10 @@ def test_a_revision_rebuilding_a_referenced_table_keeps_every_row(
     before = rows(engine)
     scripts = tmp_path / "migrations"
     shutil.copytree(revisions.MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_image_notes.py").write_text(REVISION_0002)
+    (scripts / "versions" / "9999_image_notes.py").write_text(REVISION_NEXT)
     monkeypatch.setattr(revisions, "MIGRATIONS_DIR", scripts)
 
-    assert store.migrate(engine) == "0002"
+    assert store.migrate(engine) == "9999"
     after = rows(engine)
     assert after["detections"] == before["detections"]
     assert after["images"] == [(*r, None) for r in before["images"]]  # the new column, empty
@@ -239,11 +455,13 @@ def test_db_command_upgrades_shows_and_lists_revisions(tmp_path, capsys):
     assert capsys.readouterr().out == (f"{url}: revision none: not under Alembic yet "
                                        "(db upgrade creates or adopts the schema)\n")
     assert cli.main(["db", "upgrade", "--db-url", url]) == 0
-    assert capsys.readouterr().out == f"{url}: revision 0001 (head)\n"
+    assert capsys.readouterr().out == f"{url}: revision {HEAD} (head)\n"
     assert cli.main(["db", "current", "--db-url", url]) == 0
-    assert capsys.readouterr().out == f"{url}: revision 0001 (head)\n"
+    assert capsys.readouterr().out == f"{url}: revision {HEAD} (head)\n"
     assert cli.main(["db", "history"]) == 0
-    assert capsys.readouterr().out.startswith("0001 (head): The results schema")
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].startswith(f"{HEAD} (head): ") and len(listed) == int(HEAD)
+    assert listed[-1] == "0001: The results schema: models, runs, images, detections."
 
 
 def test_db_command_names_an_unreachable_database_without_its_password(capsys):

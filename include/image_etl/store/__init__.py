@@ -9,9 +9,9 @@ never become SQL text: they travel as bound parameters or as COPY data.
     schema.py          the tables, declared once
     revisions.py       Alembic migrations (include/image_etl/migrations), run under a lock
     staging.py         staging files → checked rows
-    load.py            the idempotent replace of a load's rows
+    load.py            the idempotent replace of a load's rows, the night's totals recounted
     postgres_copy.py   COPY on PostgreSQL
-    queries.py         what the stages read back
+    queries.py         what the stages (and the Detections page) read back
 """
 
 from image_etl.store.engine import (
@@ -29,16 +29,38 @@ from image_etl.store.load import (
     load_staged,
     model_names,
     record_empty_run,
+    refresh_drop_totals,
     upsert_model,
 )
-from image_etl.store.queries import drop_summary, latest_run, loaded_rel_paths
-from image_etl.store.revisions import current_revision, head_revision, history, migrate
-from image_etl.store.schema import detections, images, metadata, models, runs
+from image_etl.store.queries import (
+    class_counts,
+    count_if,
+    drop_summary,
+    latest_run,
+    loaded_rel_paths,
+)
+from image_etl.store.revisions import (
+    current_revision,
+    downgrade,
+    head_revision,
+    history,
+    migrate,
+)
+from image_etl.store.schema import (
+    detections,
+    drop_class_totals,
+    drop_totals,
+    images,
+    metadata,
+    models,
+    runs,
+)
 
 __all__ = [
-    "SQLITE_BUSY_TIMEOUT_MS", "LoadReport", "RunInfo", "StoreError", "current_revision",
-    "default_url", "detections", "drop_summary", "engine_from_url", "head_revision", "history",
-    "images", "latest_run", "load_staged", "loaded_rel_paths", "metadata", "migrate",
-    "model_names", "models", "record_empty_run", "redact_url", "runs", "upsert_model",
+    "SQLITE_BUSY_TIMEOUT_MS", "LoadReport", "RunInfo", "StoreError", "class_counts", "count_if",
+    "current_revision", "default_url", "detections", "downgrade", "drop_class_totals",
+    "drop_summary", "drop_totals", "engine_from_url", "head_revision", "history", "images",
+    "latest_run", "load_staged", "loaded_rel_paths", "metadata", "migrate", "model_names",
+    "models", "record_empty_run", "redact_url", "refresh_drop_totals", "runs", "upsert_model",
     "url_from_connection", "write_transaction",
 ]

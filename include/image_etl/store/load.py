@@ -5,6 +5,8 @@ replaced by the staged ones. Both databases take the same steps: the images go t
 stage table, one INSERT ... SELECT ... ON CONFLICT upserts them and returns their ids, one
 DELETE drops their old detections, then the new detections go straight into ``detections``.
 Only the bulk writes differ: ``COPY`` on PostgreSQL (postgres_copy.py), executemany on SQLite.
+Last, the night's totals (``drop_totals`` / ``drop_class_totals``) are recounted, in the same
+transaction, so they always agree with the rows.
 """
 
 from __future__ import annotations
@@ -42,7 +44,15 @@ from sqlalchemy import (
 
 from image_etl.store import postgres_copy
 from image_etl.store.engine import dialect_insert, in_transaction, write_transaction
-from image_etl.store.schema import detections, images, models, runs
+from image_etl.store.queries import class_counts, count_if
+from image_etl.store.schema import (
+    detections,
+    drop_class_totals,
+    drop_totals,
+    images,
+    models,
+    runs,
+)
 from image_etl.store.staging import ImageRow, StagedFile, read_headers, read_staged
 
 log = logging.getLogger(__name__)
@@ -193,6 +203,8 @@ def load_staged(engine: Engine, staging_files: list[Path], run: RunInfo,
             if names is None:
                 names = model_names(conn, sha)
             counts = _replace(conn, files, sha, run, names or {}, now)
+            if counts.images:
+                refresh_drop_totals(conn, sha, run.drop_date, now)
         _upsert_run(conn, run, sha, now, counts)
     seconds = time.perf_counter() - started
     report = LoadReport(images=counts.images, ok=counts.ok, failed=counts.failed,
@@ -270,19 +282,25 @@ def _upsert_images(conn: Connection, sha: str, run: RunInfo, now: dt.datetime) -
     """Stage → images, set-based (ids kept, new ones numbered in rel_path order); returns
     rel_path → id of every staged image."""
     s, i = _stage_images, images
+    folders = [literal(_setting_text(run, key), Text) for key in ("drop_dir", "output_dir")]
     source = select(
         literal(sha, String(64)), literal(run.drop_date, Date), s.c.rel_path,
         literal(run.run_key, Text), s.c.bytes, s.c.width, s.c.height, s.c.status, s.c.error,
-        literal(now, DateTime(timezone=True)),
+        literal(now, DateTime(timezone=True)), *folders,
     ).where(true()).order_by(s.c.rel_path)  # WHERE: SQLite's INSERT…SELECT…ON CONFLICT needs one
     cols = ["model_sha256", "drop_date", "rel_path", "run_key", "bytes", "width", "height",
-            "status", "error", "processed_at"]
+            "status", "error", "processed_at", "drop_dir", "output_dir"]
     stmt = dialect_insert(conn, i).from_select(cols, source)
     stmt = stmt.on_conflict_do_update(
         index_elements=[i.c.model_sha256, i.c.drop_date, i.c.rel_path],
         set_={c: stmt.excluded[c] for c in cols[3:]})
     return {rel_path: image_id
             for image_id, rel_path in conn.execute(stmt.returning(i.c.id, i.c.rel_path))}
+
+
+def _setting_text(run: RunInfo, key: str) -> str | None:
+    value = run.settings.get(key) if isinstance(run.settings, dict) else None
+    return str(value) if value else None
 
 
 def _delete_staged_detections(conn: Connection, sha: str, run: RunInfo) -> None:
@@ -321,3 +339,29 @@ def _write_detections(conn: Connection, batches: Iterator[_Batch], names: dict[i
         class_names = [names.get(c, str(c)) for c in classes]
         rows = zip(image_id.tolist(), det_index.tolist(), classes, class_names, *values.T.tolist())
         conn.execute(detections.insert(), [dict(zip(cols, row)) for row in rows])
+
+
+# --- the night's totals ---------------------------------------------------------------------
+
+def refresh_drop_totals(conn: Connection, sha: str, drop_date: dt.date,
+                        now: dt.datetime | None = None) -> None:
+    """Recount one (model, night) into drop_totals / drop_class_totals, in the caller's
+    transaction (a load's, under its per-night lock on PostgreSQL)."""
+    i = images
+    night = and_(i.c.model_sha256 == sha, i.c.drop_date == drop_date)
+    n, ok, failed = conn.execute(select(func.count(), count_if(i.c.status == "ok"),
+                                        count_if(i.c.status == "failed")).where(night)).one()
+    per_class = conn.execute(class_counts(conn, night)).all()
+    key = {"model_sha256": sha, "drop_date": drop_date}
+    # Its class rows go with it (ON DELETE CASCADE).
+    conn.execute(delete(drop_totals).where(drop_totals.c.model_sha256 == sha,
+                                           drop_totals.c.drop_date == drop_date))
+    if not n:
+        return
+    conn.execute(drop_totals.insert().values(
+        **key, images=int(n), ok=int(ok), failed=int(failed),
+        detections=sum(int(count) for _, count in per_class), updated_at=now or _now()))
+    if per_class:
+        conn.execute(drop_class_totals.insert(),
+                     [{**key, "class_name": name, "detections": int(count)}
+                      for name, count in per_class])

@@ -92,6 +92,22 @@ def migrate(engine: Engine, revision: str = "head") -> str:
     return after
 
 
+def downgrade(engine: Engine, revision: str) -> str | None:
+    """Take the schema back to ``revision`` (what each revision's downgrade drops is lost),
+    under the same lock and foreign-key handling as migrate(); return the revision it is at
+    (None at "base": no schema)."""
+    with _migration_transaction(engine) as conn:
+        before = _current(conn)
+        try:
+            command.downgrade(alembic_config(conn), revision)
+        except CommandError as e:
+            raise StoreError(f"cannot downgrade the results database from revision {before} to "
+                             f"{revision}: {e}") from None
+        after = _current(conn)
+    log.info("downgraded the results database from revision %s to %s", before, after)
+    return after
+
+
 def _current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
 

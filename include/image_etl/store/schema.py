@@ -13,6 +13,8 @@ from sqlalchemy import (
     DateTime,
     Double,
     ForeignKey,
+    ForeignKeyConstraint,
+    Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
@@ -75,10 +77,16 @@ images = Table(
     Column("status", Text, nullable=False),
     Column("error", Text, nullable=True),
     Column("processed_at", DateTime(timezone=True), nullable=False),
+    # The folders of the load that wrote the row: a run key re-run for another date (a
+    # backfill clearing an earlier run) replaces its ``runs`` row and settings. NULL for rows
+    # loaded before revision 0002 whose run no longer records their night.
+    Column("drop_dir", Text, nullable=True),
+    Column("output_dir", Text, nullable=True),
     # Its unique index also serves every lookup by (model_sha256, drop_date): a second
     # index on that prefix would only slow the loads down.
     UniqueConstraint("model_sha256", "drop_date", "rel_path", name="uq_images_identity"),
     CheckConstraint("status IN ('ok', 'failed')", name="ck_images_status"),
+    Index("ix_images_run_key", "run_key"),  # a DAG run's images (the run tab)
 )
 
 detections = Table(
@@ -93,4 +101,30 @@ detections = Table(
     PrimaryKeyConstraint("image_id", "det_index", name="pk_detections"),
     CheckConstraint("confidence >= 0 AND confidence <= 1", name="ck_detections_confidence"),
     CheckConstraint("det_index >= 0", name="ck_detections_det_index"),
+)
+
+# One row per (model, night), recounted by every load in its transaction: the nights chart
+# reads 30 rows instead of aggregating 30 nights of detections.
+drop_totals = Table(
+    "drop_totals", metadata,
+    Column("model_sha256", String(64), ForeignKey("models.sha256"), nullable=False),
+    Column("drop_date", Date, nullable=False),
+    Column("images", Integer, nullable=False),
+    Column("ok", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("detections", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("model_sha256", "drop_date", name="pk_drop_totals"),
+)
+
+drop_class_totals = Table(
+    "drop_class_totals", metadata,
+    Column("model_sha256", String(64), nullable=False),
+    Column("drop_date", Date, nullable=False),
+    Column("class_name", Text, nullable=False),
+    Column("detections", BigInteger, nullable=False),
+    PrimaryKeyConstraint("model_sha256", "drop_date", "class_name", name="pk_drop_class_totals"),
+    ForeignKeyConstraint(["model_sha256", "drop_date"],
+                         ["drop_totals.model_sha256", "drop_totals.drop_date"],
+                         ondelete="CASCADE", name="fk_drop_class_totals_night"),
 )
