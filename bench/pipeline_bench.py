@@ -290,13 +290,13 @@ def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
 def _child_model_limit(variant: Variant, tasks: list[tuple[Path, str]],
                        args: argparse.Namespace) -> dict[str, Any]:
     from image_etl.decode import Decoder
+    from image_etl.forward import detect_batch
     from image_etl.model import load_model
-    from image_etl.worker import detect_batch
 
     model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime)
     settings = _infer_settings(args, sliced=variant.sliced)
     if variant.sliced:  # a batch of the first image's slices, cut as the worker cuts them
-        from image_etl.worker import SlicedPlan
+        from image_etl.plans import SlicedPlan
 
         decoder = Decoder(args.imgsz, model.stride, keep_image=True)
         item = decoder(0, *tasks[0])

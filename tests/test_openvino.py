@@ -115,7 +115,7 @@ def test_an_image_gets_the_same_result_in_any_batch(ov_model, small_drop):
     """OpenVINO runs each image of a batch as its own request: its detections do not depend on
     the batch it came in (a resumed shard may batch it with other images)."""
     from image_etl.decode import Decoder
-    from image_etl.worker import detect_batch
+    from image_etl.forward import detect_batch
 
     paths = sorted((small_drop / DROP_DATE.isoformat()).glob("*.jpg"))[:4]
     decoder = Decoder(ov_model.default_imgsz, ov_model.stride)

@@ -306,3 +306,16 @@ def test_gpu_out_of_memory_halves_the_batch_and_goes_on(small_drop, cpu_model, t
     assert [p.read_bytes() for p in labels] == [
         (tmp_path / "ref/labels" / p.name).read_bytes() for p in labels]
     assert reference.ok == 8
+
+
+def test_progress_line_reports_decode_as_it_goes(small_drop, cpu_model, tmp_path, caplog):
+    """The progress line's busy figures are live, decode's included (it was 0 % until the end)."""
+    import logging
+    import re
+
+    images = small_drop / DROP_DATE.isoformat()
+    settings = InferSettings(batch_size=2, decode_workers=1, progress_every_s=0.1)
+    with caplog.at_level(logging.INFO, logger="image_etl.worker"):
+        run_shard(tasks_for(images) * 3, cpu_model, settings, OutputLayout(tmp_path))
+    decode = [int(m.group(1)) for m in re.finditer(r"^progress .* decode (\d+)%", caplog.text, re.M)]
+    assert decode and max(decode) > 0, caplog.text[-2000:]

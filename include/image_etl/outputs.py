@@ -291,6 +291,20 @@ def read_staging_header(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) and obj.get("kind") == "header" else None
 
 
+def staging_line(line: str, path: Path, number: int) -> dict[str, Any]:
+    """One complete line of a staging file: a header or an image record (with a text
+    rel_path); ValueError naming the file and the line otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"staging file {path} is corrupt at line {number}: {exc}") from None
+    if not isinstance(obj, dict) or not (obj.get("kind") == "header"
+                                         or isinstance(obj.get("rel_path"), str)):
+        raise ValueError(f"staging file {path} is corrupt at line {number}: neither a header "
+                         "nor an image record")
+    return obj
+
+
 def read_staging(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Header and complete records of a staging file; a torn last line is ignored.
 
@@ -302,14 +316,7 @@ def read_staging(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]
         for number, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 break  # torn write from a killed process: only ever the last line
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"staging file {path} is corrupt at line {number}: {exc}") from None
-            if not isinstance(obj, dict) or not (obj.get("kind") == "header"
-                                                 or isinstance(obj.get("rel_path"), str)):
-                raise ValueError(f"staging file {path} is corrupt at line {number}: neither a "
-                                 "header nor an image record")
+            obj = staging_line(line, path, number)
             if obj.get("kind") == "header":
                 header = obj
             else:

@@ -1,10 +1,12 @@
 """run_shard(): one device's streaming pipeline, in small steps joined by bounded hand-offs.
 
-    tasks ─► decode (ordered_map: K threads, a bounded window, manifest order)
-          ─► model inputs of each image (``ImagePlan``: one per image; slices later)
-          ─► fixed batches (``FixedBatcher``: groups of consecutive images, one input shape)
-          ─► forward step (main thread): stack → device → forward → NMS → scale → one .cpu()
-          ─► per image: its inputs' detections put together (``ImageCollector``)
+    tasks ─► decode + the image's model inputs (ordered_map: K threads, a bounded window,
+             manifest order; plans.py: the whole image, or SAHI's slices and the whole image)
+          ─► fixed batches (plans.FixedBatcher: groups of consecutive images, one input shape)
+          ─► forward step (main thread, forward.py): stack → device → forward → NMS → scale →
+             one .cpu() per batch
+          ─► per image: its inputs' detections put together, merged when sliced
+             (plans.ImageCollector)
           ─► Writers (bounded, one or several threads): txt (tmp + rename), staging line,
              optional annotated image
 
@@ -28,13 +30,14 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from image_etl.decode import DecodedImage, Decoder
+from image_etl.forward import ModelInput, detect_batch
 from image_etl.model import LoadedModel
 from image_etl.outputs import (
     OutputLayout,
@@ -48,6 +51,7 @@ from image_etl.outputs import (
     remove_stale_temps,
 )
 from image_etl.pipeline import Writers, ordered_map
+from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
 
@@ -156,215 +160,6 @@ class OutputSink(ResultSink):
     def close(self) -> None:
         if self.staging is not None:
             self.staging.close()
-
-
-# --- the forward step ------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ModelInput:
-    """One letterboxed input of the model and where its boxes belong in the full image.
-
-    ``source_shape`` is the (h, w) of the pixels that were letterboxed; ``scale`` maps those
-    pixels to full-size ones (fast mode decodes smaller); ``offset`` is where they start in
-    the full-size image.
-    """
-
-    image: DecodedImage
-    input: np.ndarray
-    source_shape: tuple[int, int]
-    scale: tuple[float, float] = (1.0, 1.0)  # (x, y) factors to full-size pixels
-    offset: tuple[int, int] = (0, 0)  # (x, y) in full-size pixels (a slice's origin)
-    position: int = 0  # among the image's inputs: the order their detections are merged in
-
-
-def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage | ModelInput], conf: float,
-                 iou: float, max_det: int = 300) -> list[np.ndarray]:
-    """Letterboxed inputs → per-input detections (rows as ``outputs.DET_FIELDS``).
-
-    Ultralytics' predictor steps (uint8 to the device, reorder, BGR→RGB, scale; NMS on the
-    device; scale_boxes to the letterboxed pixels' own size), then each input's boxes to the
-    full-size image, and a single device → host copy for the whole batch.
-    """
-    import torch
-    from ultralytics.utils import nms
-
-    inputs = [as_model_input(b) for b in batch]
-    stacked = np.stack([b.input for b in inputs])
-    shape = stacked.shape[1:3]  # letterboxed (h, w) of the batch
-    with torch.inference_mode():
-        if model.runtime == "openvino":  # layout, BGR → RGB and scaling run inside the graph
-            preds = model.backend.infer_bgr(stacked)
-        else:
-            arr = torch.from_numpy(stacked)
-            if model.is_cuda:
-                arr = arr.pin_memory()
-            im = arr.to(model.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-            im = im.flip(1)  # BGR → RGB
-            im = (im.half() if model.fp16 else im.float()).div_(255)
-            preds = model.backend(im)
-        dets = nms.non_max_suppression(preds, conf, iou, None, False, max_det=max_det, nc=0,
-                                       end2end=model.end2end)
-        rows = [_to_full_image(j, d, shape, unit) for j, (d, unit) in enumerate(zip(dets, inputs))]
-        table = torch.cat(rows).cpu().numpy()  # the batch's one device → host copy
-    return [_shifted(table[table[:, 0] == j, 1:], unit) for j, unit in enumerate(inputs)]
-
-
-def _shifted(rows: np.ndarray, unit: ModelInput) -> np.ndarray:
-    """A slice's boxes moved to its place in the image, in float64 on the host (as SAHI
-    shifts them: exactly, whatever the image's size); other inputs' rows as they are."""
-    if unit.offset == (0, 0):
-        return rows
-    rows = rows.astype(np.float64)  # cls, conf, x1, y1, x2, y2, then the normalised box
-    rows[:, [2, 4]] += unit.offset[0]
-    rows[:, [3, 5]] += unit.offset[1]
-    return rows
-
-
-def as_model_input(item: DecodedImage | ModelInput) -> ModelInput:
-    """A whole decoded image as its one model input."""
-    if isinstance(item, ModelInput):
-        return item
-    assert item.input is not None
-    h, w = item.orig_shape
-    dh, dw = item.decoded_shape
-    return ModelInput(item, item.input, item.decoded_shape, (w / dw, h / dh))
-
-
-def _to_full_image(j: int, d: Any, shape: tuple[int, int], unit: ModelInput) -> Any:
-    """One input's NMS output → rows [j, cls, conf, x1, y1, x2, y2, xc, yc, w, h] (normalised
-    centre box), in full-size pixels but for a slice's offset (``_shifted``), on the device."""
-    import torch
-    from ultralytics.utils import ops
-
-    d = d[:, :6].float()
-    ops.scale_boxes(shape, d[:, :4], unit.source_shape)  # also clips to the source pixels
-    h, w = unit.image.orig_shape
-    sx, sy = unit.scale
-    if (sx, sy) != (1.0, 1.0):  # fast mode: the decoded image was smaller
-        d[:, [0, 2]] = (d[:, [0, 2]] * sx).clamp(0, w)
-        d[:, [1, 3]] = (d[:, [1, 3]] * sy).clamp(0, h)
-    xywhn = ops.xyxy2xywh(d[:, :4])
-    xywhn[:, [0, 2]] /= w
-    xywhn[:, [1, 3]] /= h
-    index = torch.full((len(d), 1), j, dtype=d.dtype, device=d.device)
-    return torch.cat([index, d[:, 5:6], d[:, 4:5], d[:, :4], xywhn], 1)
-
-
-# --- the steps between decode and the writers --------------------------------------------------
-
-class ImagePlan:
-    """Which model inputs an image becomes, and how their detections become the image's.
-    Whole-image mode: one input, its detections as they are."""
-
-    def inputs(self, item: DecodedImage) -> list[ModelInput]:
-        return [as_model_input(item)]
-
-    def combine(self, item: DecodedImage, parts: list[np.ndarray]) -> np.ndarray:
-        return parts[0]
-
-
-class SlicedPlan(ImagePlan):
-    """Sliced inference: each image becomes the slices of SAHI's grid (views of the decoded
-    image until a batch is stacked, letterboxed like Ultralytics only when a slice is not
-    already the model's input size) plus, if asked, the whole image; their detections are
-    merged into the image's (``slicing.Merger``)."""
-
-    def __init__(self, settings: InferSettings, imgsz: tuple[int, int], stride: int) -> None:
-        from ultralytics.data.augment import LetterBox
-
-        from image_etl.settings import size_hw
-        from image_etl.slicing import Merger
-
-        slice_hw = size_hw(settings.slice_size)
-        assert slice_hw is not None
-        self.slice_hw = slice_hw
-        self.overlap = settings.slice_overlap
-        self.full_image_pass = settings.full_image_pass
-        self.keep_image = settings.save_annotated
-        self.target = imgsz
-        self.letterbox = LetterBox(imgsz, auto=True, stride=stride)
-        self.merger = Merger(settings.merge, settings.merge_metric, settings.merge_threshold,
-                             settings.merge_class_agnostic)
-
-    def inputs(self, item: DecodedImage) -> list[ModelInput]:
-        from image_etl.slicing import slice_grid
-
-        image = item.image
-        assert image is not None, "sliced inference needs the decoded image"
-        grid = slice_grid(image.shape[0], image.shape[1], self.slice_hw, self.overlap)
-        units = []
-        for k, (x1, y1, x2, y2) in enumerate(grid.tolist()):
-            view = image[y1:y2, x1:x2]
-            # A slice of the model's own size letterboxes to itself: keep the view.
-            pixels = view if view.shape[:2] == self.target else cast(np.ndarray,
-                                                                     self.letterbox(image=view))
-            units.append(ModelInput(item, pixels, view.shape[:2], offset=(x1, y1), position=k))
-        if self.full_image_pass and len(grid) > 1:  # SAHI: only when there are slices
-            units.append(as_model_input(item))
-            units[-1].position = len(grid)
-        if not self.keep_image:
-            item.image = None  # the slices' views keep the pixels until their batch is done
-        return units
-
-    def combine(self, item: DecodedImage, parts: list[np.ndarray]) -> np.ndarray:
-        h, w = item.orig_shape
-        return self.merger(np.concatenate(parts) if parts else np.zeros((0, 10)), w, h)
-
-
-def plan_for(settings: InferSettings, imgsz: tuple[int, int], stride: int) -> ImagePlan:
-    return SlicedPlan(settings, imgsz, stride) if settings.sliced else ImagePlan()
-
-
-class FixedBatcher:
-    """Model inputs → batches of one shape, never across a group of consecutive images.
-
-    Inputs are bucketed by shape within the current group; a bucket goes out when it holds
-    ``batch_size`` inputs (read at each add: an out-of-memory error lowers it), the rest when
-    the group ends.
-    """
-
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self._group: int | None = None
-        self._buckets: dict[tuple[int, ...], list[ModelInput]] = {}
-
-    def add(self, group: int, inputs: list[ModelInput]) -> Iterator[list[ModelInput]]:
-        if group != self._group:
-            yield from self.flush()
-            self._group = group
-        for unit in inputs:
-            bucket = self._buckets.setdefault(unit.input.shape, [])
-            bucket.append(unit)
-            if len(bucket) >= self.batch_size:
-                del self._buckets[unit.input.shape]
-                yield bucket
-
-    def flush(self) -> Iterator[list[ModelInput]]:
-        buckets, self._buckets = self._buckets, {}
-        yield from buckets.values()
-
-
-class ImageCollector:
-    """Gathers each image's inputs' detections; hands the image on when its last one is in."""
-
-    def __init__(self, plan: ImagePlan) -> None:
-        self.plan = plan
-        self._parts: dict[int, dict[int, np.ndarray]] = {}
-        self._expected: dict[int, int] = {}
-
-    def expect(self, item: DecodedImage, count: int) -> None:
-        self._expected[item.index] = count
-        self._parts[item.index] = {}
-
-    def add(self, unit: ModelInput, dets: np.ndarray) -> np.ndarray | None:
-        """The image's detections once all its inputs are in, else None."""
-        index = unit.image.index
-        parts = self._parts[index]
-        parts[unit.position] = dets
-        if len(parts) < self._expected[index]:
-            return None
-        del self._parts[index], self._expected[index]
-        return self.plan.combine(unit.image, [parts[k] for k in sorted(parts)])
 
 
 # --- the shard's pipeline ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 import numpy as np
 
-from image_etl.outputs import DET_FIELDS
+from image_etl.outputs import DET_FIELDS, staging_line
 
 _INT32_MAX = 2**31 - 1  # class_id is an INTEGER column
 
@@ -126,7 +126,7 @@ def _read_lines(path: Path) -> tuple[dict[str, Any] | None, list[_Line]]:
             try:
                 record = _DECODER.decode(line)
             except msgspec.DecodeError:  # also a ValidationError: not the worker's shape
-                obj = _json_object(line, path, number)
+                obj = staging_line(line, path, number)
                 if obj.get("kind") == "header":
                     header = obj
                 else:
@@ -139,19 +139,6 @@ def _read_lines(path: Path) -> tuple[dict[str, Any] | None, list[_Line]]:
     return header, list(latest.values())
 
 
-def _json_object(line: str, path: Path, number: int) -> dict[str, Any]:
-    """A header or an image record (with a text rel_path), as ``outputs.read_staging`` demands."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"staging file {path} is corrupt at line {number}: {exc}") from None
-    if not isinstance(obj, dict) or not (obj.get("kind") == "header"
-                                         or isinstance(obj.get("rel_path"), str)):
-        raise ValueError(f"staging file {path} is corrupt at line {number}: neither a header "
-                         "nor an image record")
-    return obj
-
-
 def _typed(record: _Record, numbers: array.array) -> tuple[ImageRow, array.array]:
     """A record msgspec has checked: only what its types cannot say is left to check."""
     image = _image(record.rel_path, record.bytes, record.width, record.height, record.status,
@@ -161,7 +148,7 @@ def _typed(record: _Record, numbers: array.array) -> tuple[ImageRow, array.array
 
 def _checked(record: dict[str, Any]) -> tuple[ImageRow, array.array]:
     """Any other record, checked value by value (the messages name what is wrong)."""
-    rel_path: str = record["rel_path"]  # text: _json_object saw to it
+    rel_path: str = record["rel_path"]  # text: staging_line saw to it
     status = record.get("status")
     if status not in ("ok", "failed"):
         raise ValueError(f"{rel_path!r}: status must be 'ok' or 'failed', got {status!r}")
