@@ -453,8 +453,10 @@ def test_ui_screenshots_grid_and_trigger_form(e2e: E2E):
         # The UI takes the same JWT as the API, from its cookie.
         browser.call("Network.setCookie", name="_token", value=e2e.stack.token(), url=base)
         browser.goto(f"{base}/dags/{DAG_ID}")
-        page = browser.wait_for_text([DAG_ID, "discover", "partition", "infer", "load", "report"], 120)
-        assert "Trigger" in page
+        # The header's buttons may render after the grid (their labels load with the page's
+        # translations): wait for the Trigger button too, rather than look once.
+        browser.wait_for_text([DAG_ID, "discover", "partition", "infer", "load", "report",
+                               "Trigger"], 120)
         grid = browser.screenshot(out / "grid.png")
 
         browser.click("document.querySelector('button[aria-label=\"Trigger Dag\"]')")
