@@ -259,6 +259,42 @@ def test_drop_date_offset_for_drops_named_by_capture_day(dag, dag_env, full_drop
     assert _state(explicit) == "success"
 
 
+def _xcom_values(run, task_id: str) -> list:
+    import json
+    import sqlite3
+
+    from .conftest import AIRFLOW_HOME
+
+    meta = sqlite3.connect(AIRFLOW_HOME / "airflow.db")
+    try:
+        rows = meta.execute("SELECT value FROM xcom WHERE run_id = ? AND task_id = ?",
+                            (run.run_id, task_id)).fetchall()
+    finally:
+        meta.close()
+    return [json.loads(v) for (v,) in rows]
+
+
+@pytest.mark.slow
+def test_run_throughput_counts_inference_not_the_model_load(dag, dag_env, tmp_path):
+    """The run's inference seconds (and so its images/s, in the demo and the UI) start when
+    the shard's first image does: loading the model is reported beside them, not in them."""
+    from image_etl import store
+
+    db, conf, _ = dag_env
+    day = dt.date(2026, 5, 20)
+    synth.make_drop(tmp_path, day, 1, width=512, height=3000, seed=52)
+    run = _test_run(dag, {**conf, "drop_dir": str(tmp_path / "{date}")}, day)
+    [shard] = _xcom_values(run, "infer")
+    assert shard["model_load_s"] > 0
+    engine = store.engine_from_url(db)
+    try:
+        recorded = store.latest_run(engine, day)
+    finally:
+        engine.dispose()
+    assert recorded is not None
+    assert shard["seconds"] - 0.01 <= recorded["infer_seconds"] < shard["seconds"] + shard["model_load_s"]
+
+
 @pytest.mark.slow
 def test_empty_drop_is_a_successful_visibly_empty_run(dag, dag_env, caplog):
     db, conf, tmp = dag_env
