@@ -53,6 +53,7 @@ class Variant:
     fast: bool = False  # reduced-scale JPEG decode
     save: bool = False  # annotated images
     runtime: str = "auto"  # ours / limit-model: auto = OpenVINO on a CPU device, else PyTorch
+    precision: str = "auto"  # ours / limit-model: auto = fp16 on CUDA, fp32 on a CPU
     turbojpeg: bool = True  # limit-decode: False decodes every file with cv2.imdecode
     sliced: bool = False  # ours / limit-model: sliced inference (--slice-size, --slice-overlap)
     sahi_batch: int = 1  # sahi: get_sliced_prediction's batch_size
@@ -99,14 +100,27 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             help="the forward on a batch of pre-cut slices, no decode (runtime auto)"),
     Variant("limit-model-sliced-torch", "limit-model", sliced=True, runtime="torch",
             help="the same with runtime torch"),
+    Variant("ours-sliced-bf16", "ours", sliced=True, precision="bf16",
+            help="ours-sliced with precision bf16 (OpenVINO; CPUs with AMX or AVX512-BF16)"),
+    Variant("limit-model-sliced-bf16", "limit-model", sliced=True, precision="bf16",
+            help="limit-model-sliced with precision bf16"),
 )}
-DEFAULT_VARIANTS = [name for name in VARIANTS if name != "seed-queue+save"]
+# bf16 needs a CPU that computes it: asked for by name, not in the default set.
+DEFAULT_VARIANTS = [name for name in VARIANTS
+                    if name != "seed-queue+save" and VARIANTS[name].precision != "bf16"]
 BASELINE = "seed-queue"
 SLICED_BASELINE = "sahi"
 
 
 def is_sliced(name: str) -> bool:
     return VARIANTS[name].sliced or VARIANTS[name].kind == "sahi"
+
+
+def limit_of(variant: Variant, limit: str) -> str:
+    """The limit row measured with this variant's runtime and precision."""
+    if variant.runtime == "torch":
+        return f"{limit}-torch"
+    return f"{limit}-bf16" if variant.precision == "bf16" else limit
 
 
 # ================================================================================================
@@ -156,13 +170,13 @@ def _child_seed(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
 
 
 def _infer_settings(args: argparse.Namespace, fast: bool = False, save: bool = False,
-                    runtime: str = "auto", sliced: bool = False) -> Any:
+                    runtime: str = "auto", sliced: bool = False, precision: str = "auto") -> Any:
     from image_etl.settings import InferSettings
 
     slicing = {"slice_size": args.slice_size, "slice_overlap": args.slice_overlap} if sliced else {}
     return InferSettings(imgsz=args.imgsz, conf=args.conf, iou=args.iou, batch_size=args.batch,
                          fast_decode=fast, save_annotated=save, runtime=runtime,
-                         progress_every_s=86_400, **slicing)
+                         precision=precision, progress_every_s=86_400, **slicing)
 
 
 def _inputs_per_image(args: argparse.Namespace, height: int, width: int) -> int:
@@ -212,8 +226,10 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
     from image_etl.outputs import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
-    model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime)
-    settings = _infer_settings(args, variant.fast, variant.save, variant.runtime, variant.sliced)
+    model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime,
+                       precision=variant.precision)
+    settings = _infer_settings(args, variant.fast, variant.save, variant.runtime, variant.sliced,
+                               variant.precision)
     shard = [ImageTask(path, rel) for path, rel in tasks]
     # Warm-up on one batch (the timed pass's batch shape; one image holds many slices),
     # outputs thrown away.
@@ -293,7 +309,8 @@ def _child_model_limit(variant: Variant, tasks: list[tuple[Path, str]],
     from image_etl.forward import detect_batch
     from image_etl.model import load_model
 
-    model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime)
+    model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime,
+                       precision=variant.precision)
     settings = _infer_settings(args, sliced=variant.sliced)
     if variant.sliced:  # a batch of the first image's slices, cut as the worker cuts them
         from image_etl.plans import SlicedPlan
@@ -412,8 +429,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str], device: str = "cp
         if is_sliced(name):
             s["slices_per_s"] = s["images_per_s"] * (s["inputs_per_image"] or 1)
             s["ratio_vs_sahi"] = s["images_per_s"] / sahi if sahi else None
-            limit = summary.get("limit-model-sliced-torch" if variant.runtime == "torch"
-                                else "limit-model-sliced", {}).get("images_per_s")
+            limit = summary.get(limit_of(variant, "limit-model-sliced"), {}).get("images_per_s")
             if variant.kind == "ours" and limit:
                 s["pct_of_sliced_limit"] = 100 * s["images_per_s"] / limit
             continue
@@ -439,7 +455,7 @@ def pipeline_limit(summary: dict[str, dict[str, Any]], variant: Variant, device:
     limits measured in the same run. On a CPU device both share the cores, so their times per
     image add up: 1 / (1/decode + 1/model). On a GPU they overlap: the slower one bounds."""
     decode = summary.get("limit-decode-fast" if variant.fast else "limit-decode", {})
-    model = summary.get("limit-model-torch" if variant.runtime == "torch" else "limit-model", {})
+    model = summary.get(limit_of(variant, "limit-model"), {})
     if not decode.get("images_per_s") or not model.get("images_per_s"):
         return None
     a, b = decode["images_per_s"], model["images_per_s"]

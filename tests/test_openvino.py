@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from image_etl import openvino_backend
-from image_etl.model import ModelLoadError, load_model, resolve_runtime
+from image_etl.model import ModelLoadError, load_model, resolve_precision, resolve_runtime
 from image_etl.outputs import OutputLayout, read_staging
 from image_etl.settings import InferSettings, RunSettings, SettingsError
 from image_etl.worker import ImageTask, run_shard
 
 from .conftest import DROP_DATE, ROOT
+from .helpers import match
 
 pytestmark = pytest.mark.skipif(not openvino_backend.available(), reason="openvino not installed")
 
@@ -37,6 +38,54 @@ def test_runtime_resolution():
     # Staged work of one runtime is never resumed by the other.
     s = InferSettings()
     assert s.result_fingerprint("abc", 640, "torch") != s.result_fingerprint("abc", 640, "openvino")
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", "cpu", "openvino") == "fp32"
+    assert resolve_precision("auto", "cpu", "torch") == "fp32"
+    assert resolve_precision("auto", "cuda", "torch") == "fp16"
+    assert resolve_precision("bf16", "cpu", "openvino") == "bf16"
+    assert resolve_precision("fp32", "cuda", "torch") == "fp32"
+    with pytest.raises(ModelLoadError, match="precision 'fp16' runs on CUDA devices only"):
+        resolve_precision("fp16", "cpu", "openvino")
+    with pytest.raises(ModelLoadError, match="precision 'bf16' runs on CPU devices with runtime "
+                                             "'openvino', not on cpu with runtime 'torch'"):
+        resolve_precision("bf16", "cpu", "torch")
+    with pytest.raises(ModelLoadError, match="not on cuda"):
+        resolve_precision("bf16", "cuda", "torch")
+    with pytest.raises(SettingsError,
+                       match="^invalid parameter precision: expected one of auto, fp32, fp16, bf16"):
+        InferSettings(precision="int8")
+    # A retry never mixes precisions in one shard; fp32 keeps the fingerprint it always had.
+    s = InferSettings()
+    assert s.result_fingerprint("abc", 640, "openvino") == s.result_fingerprint(
+        "abc", 640, "openvino", "fp32")
+    assert s.result_fingerprint("abc", 640, "openvino", "bf16") != s.result_fingerprint(
+        "abc", 640, "openvino", "fp32")
+
+
+def test_bf16_on_a_cpu_that_computes_it_or_a_clear_refusal(demo_model_path, ov_model, small_drop,
+                                                             tmp_path):
+    """bf16 is OpenVINO's own choice on AMX parts: it runs in bf16 (not quietly in fp32) and
+    finds the fp32 detections to rounding; a CPU without bf16 refuses it at load, naming why."""
+    if not openvino_backend.cpu_computes_bf16():
+        with pytest.raises(ModelLoadError, match="needs a CPU with AVX512-BF16 or AMX"):
+            load_model(demo_model_path, "cpu", precision="bf16", runtime="openvino")
+        return
+    bf16 = load_model(demo_model_path, "cpu", precision="bf16", runtime="auto")
+    assert (bf16.runtime, bf16.precision) == ("openvino", "bf16")
+    drop = small_drop / DROP_DATE.isoformat()
+    low = _detections(bf16, drop, tmp_path / "bf16")
+    assert bf16.backend.compiled_precision == "bf16"
+    assert read_staging(tmp_path / "bf16" / "staged.jsonl")[0]["precision"] == "bf16"
+    full = _detections(ov_model, drop, tmp_path / "fp32")
+    assert ov_model.backend.compiled_precision == "f32"
+    n_full = sum(len(d) for d in full.values())
+    matched = sum(match([(int(d[0]), tuple(d[2:6])) for d in low[name]],
+                        [(int(d[0]), tuple(d[2:6])) for d in theirs], thr=0.9)
+                  for name, theirs in full.items())
+    assert n_full > 0 and matched >= 0.95 * n_full, (matched, n_full)
+    assert sum(len(d) for d in low.values()) <= 1.05 * n_full
 
 
 @pytest.fixture(scope="module")

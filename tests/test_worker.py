@@ -48,7 +48,7 @@ def parity_model(parity_case, demo_model_path, request):
         return request.getfixturevalue("cpu_model")
     from image_etl.model import load_model
 
-    model = load_model(demo_model_path, device, half=half)
+    model = load_model(demo_model_path, device, precision="fp16" if half else "fp32")
     assert model.is_cuda and model.fp16 == half
     return model
 

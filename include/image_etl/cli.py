@@ -185,7 +185,7 @@ def _infer(args: argparse.Namespace) -> int:
     root = args.images_dir.resolve()
     listing = list_images(root)
     tasks = [ImageTask(root / f.rel_path, f.rel_path) for f in listing.images]
-    model = load_model(args.model, device, half=settings.half, imgsz=settings.imgsz,
+    model = load_model(args.model, device, precision=settings.precision, imgsz=settings.imgsz,
                        runtime=settings.runtime)
     layout = OutputLayout((args.out or root).resolve(), beside_images=args.beside_images)
     report = run_shard(tasks, model, settings, layout, staging_path=args.staging)

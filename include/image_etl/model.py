@@ -90,9 +90,10 @@ class LoadedModel:
     names: dict[int, str]
     stride: int
     default_imgsz: int
-    fp16: bool
+    fp16: bool  # the torch forward pass takes fp16 inputs
     end2end: bool
     runtime: str = "torch"  # what runs the forward pass: "torch" or "openvino" (CPU only)
+    precision: str = "fp32"  # what it computes in: "fp32", "fp16" (CUDA) or "bf16" (OpenVINO)
 
     @property
     def is_cuda(self) -> bool:
@@ -125,16 +126,30 @@ def resolve_runtime(runtime: str, device: str) -> str:
     return runtime
 
 
+def resolve_precision(precision: str, device: str, runtime: str) -> str:
+    """``auto`` → fp16 on CUDA, fp32 on a CPU; refuses what the device or runtime cannot do
+    rather than quietly running something else."""
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise ModelLoadError("precision 'fp16' runs on CUDA devices only; on a CPU device use "
+                             "'bf16' (with runtime openvino) or 'fp32'")
+    if precision == "bf16" and (device != "cpu" or runtime != "openvino"):
+        raise ModelLoadError(f"precision 'bf16' runs on CPU devices with runtime 'openvino', "
+                             f"not on {device} with runtime {runtime!r}; on a GPU use 'fp16'")
+    return precision
+
+
 def read_model_info(path: str | Path) -> tuple[dict[int, str], int]:
     """Class names and training image size, without building the model on a device."""
     model = load_model(path, "cpu", warmup=False)
     return model.names, model.default_imgsz
 
 
-def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
+def load_model(path: str | Path, device: str = "cpu", precision: str = "auto",
                warmup: bool = True, imgsz: int | str | None = None,
                runtime: str = "torch") -> LoadedModel:
-    """Load ``path`` on ``device`` (fp16 on CUDA unless ``half`` is False).
+    """Load ``path`` on ``device`` in ``precision`` (see :func:`resolve_precision`).
 
     ``runtime`` "openvino" (or "auto" on a CPU device) runs the forward pass with OpenVINO on
     an IR exported from the same weights; names, stride and identity still come from the .pt.
@@ -151,7 +166,9 @@ def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device} requested but CUDA is not available here")
-    fp16 = (torch_device.type == "cuda") if half is None else bool(half and torch_device.type == "cuda")
+    runtime = resolve_runtime(runtime, torch_device.type)
+    precision = resolve_precision(precision, torch_device.type, runtime)
+    fp16 = precision == "fp16"
     sha = weights_sha256(path)
     try:
         backend = AutoBackend(model=str(path), device=torch_device, fp16=fp16, fuse=True,
@@ -174,14 +191,17 @@ def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
     names = {int(k): str(v) for k, v in dict(backend.names).items()}
     model = LoadedModel(backend=backend, device=torch_device, path=path, sha256=sha, names=names,
                         stride=stride, default_imgsz=int(default_imgsz), fp16=fp16,
-                        end2end=bool(getattr(backend, "end2end", False)))
-    model.runtime = resolve_runtime(runtime, "cuda" if model.is_cuda else "cpu")
+                        end2end=bool(getattr(backend, "end2end", False)),
+                        runtime=runtime, precision=precision)
     if model.runtime == "openvino":
         from image_etl import openvino_backend
 
+        if precision == "bf16" and not openvino_backend.cpu_computes_bf16():
+            raise ModelLoadError("precision 'bf16' needs a CPU with AVX512-BF16 or AMX, which "
+                                 "this worker's CPU lacks; use 'fp32'")
         try:
             xml = openvino_backend.exported_model(path, sha, model.default_imgsz)
-            model.backend = openvino_backend.OpenVINOBackend(xml)
+            model.backend = openvino_backend.OpenVINOBackend(xml, precision)
         except Exception as exc:  # unwritable cache, a layer the exporter cannot convert, ...
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise ModelLoadError(f"cannot prepare the OpenVINO copy of {path} under "
@@ -192,6 +212,6 @@ def load_model(path: str | Path, device: str = "cpu", half: bool | None = None,
 
         h, w = size_hw(imgsz or model.default_imgsz) or (model.default_imgsz,) * 2
         backend.warmup(imgsz=(1, 3, -(-h // stride) * stride, -(-w // stride) * stride))
-    log.info("loaded %s (sha256 %s…, %d classes) on %s%s with %s", path.name, sha[:12],
-             len(names), device, " fp16" if fp16 else "", model.runtime)
+    log.info("loaded %s (sha256 %s…, %d classes) on %s in %s with %s", path.name, sha[:12],
+             len(names), device, precision, model.runtime)
     return model

@@ -173,7 +173,7 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
     check_local_device(shard["device"])  # a worker without that GPU fails now, naming it
     with lease(shard["device"]) as device:
         load_started = time.time()
-        model = load_model(settings.model_path, device, half=settings.infer.half,
+        model = load_model(settings.model_path, device, precision=settings.infer.precision,
                            imgsz=settings.infer.imgsz, runtime=settings.infer.runtime)
         expected = shard.get("model_sha256")
         if expected and model.sha256 != expected:

@@ -424,11 +424,11 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
         staging = None
         if staging_path is not None:
             fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
-                                                      model.runtime)
+                                                      model.runtime, model.precision)
             staging = StagingWriter(staging_path, fingerprint,
                                     {"model_sha256": model.sha256, "model_path": str(model.path),
                                      "imgsz": _size_text(imgsz), "device": str(model.device),
-                                     "runtime": model.runtime,
+                                     "runtime": model.runtime, "precision": model.precision,
                                      "names": {str(k): v for k, v in model.names.items()}})
         sink = OutputSink(layout, model.names, settings.save_annotated, staging)
     report = ShardReport(device=str(model.device), images=len(tasks),
