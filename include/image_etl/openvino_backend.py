@@ -143,7 +143,7 @@ class OpenVINOBackend:
                                   props.num_streams: self._threads,
                                   props.inference_num_threads: self._threads}
         compiled = self._core.compile_model(self._bgr_model(), "CPU", config)
-        self.compiled_precision = str(compiled.get_property(hints.inference_precision))
+        self.compiled_precision = compiled.get_property(hints.inference_precision).to_string()
         return openvino.AsyncInferQueue(compiled, self._threads)
 
     def infer_bgr(self, batch: Any) -> Any:
