@@ -175,3 +175,27 @@ def test_an_image_gets_the_same_result_in_any_batch(ov_model, small_drop):
     assert sum(len(d) for d in alone) > 0
     for a, b, c in zip(together, alone, reversed_):
         assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+def test_cli_precision(small_drop, demo_model_path, tmp_path):
+    """``infer --precision``: refused before any image where the device cannot do it; bf16
+    recorded in the summary and the staging header where the CPU computes it."""
+    images = small_drop / DROP_DATE.isoformat()
+    base = [sys.executable, "-m", "image_etl", "infer", str(images), "--model",
+            str(demo_model_path), "--device", "cpu"]
+    env = {**os.environ, "YOLO_OFFLINE": "1"}
+    refused = subprocess.run([*base, "--out", str(tmp_path / "refused"), "--precision", "fp16"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert "precision 'fp16' runs on CUDA devices only" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    proc = subprocess.run([*base, "--out", str(out), "--precision", "bf16", "--staging",
+                           str(tmp_path / "staged.jsonl"), "--summary", str(summary)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if not openvino_backend.cpu_computes_bf16():
+        assert proc.returncode == 1 and "needs a CPU with AVX512-BF16 or AMX" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(summary.read_text())["settings"]["precision"] == "bf16"
+    assert read_staging(tmp_path / "staged.jsonl")[0]["precision"] == "bf16"
