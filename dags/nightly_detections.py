@@ -78,14 +78,13 @@ def _db_url() -> str:
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from image_etl.store import default_url, url_from_connection
+    from image_etl.store import results_url
 
     try:
         conn = Connection.get(DB_CONN_ID)
     except AirflowNotFoundException:
-        return os.environ.get("IMAGE_ETL_DB_URL") or default_url()
-    return url_from_connection(conn.conn_type, host=conn.host, port=conn.port, login=conn.login,
-                               password=conn.password, schema=conn.schema)
+        conn = None
+    return results_url(conn)
 
 
 def _run_date(context) -> dt.date:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,17 @@ def airflow_home() -> Path:
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,
                    stdout=subprocess.DEVNULL, timeout=600)
     return AIRFLOW_HOME
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> Iterator[str]:
+    """A results DB URL, once a SQLite file (in folders that do not exist yet: the store makes
+    them) and once a fresh schema of the session's PostgreSQL database (``pg_url``, which the
+    test module imports from tests/pg.py)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'not' / 'yet' / 'results.sqlite'}"
+        return
+    from .pg import schema_url
+
+    with schema_url(request.getfixturevalue("pg_url")) as url:
+        yield url

@@ -18,25 +18,13 @@ from image_etl import browse
 from image_etl.outputs import StagingWriter, image_record
 from image_etl.store import RunInfo, engine_from_url, load_staged, migrate
 
-from .pg import (
-    pg_url,  # noqa: F401  (session fixture: a fresh PostgreSQL database)
-    schema_url,
-)
+from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)
 
 SHA = "c3" * 32
 OTHER = "d4" * 32
 NAMES = {0: "spot", 1: "patch", 2: "scratch"}
 D1, D2, D3 = dt.date(2026, 11, 18), dt.date(2026, 11, 19), dt.date(2026, 11, 20)
 DAG = "nightly_detections"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'results.sqlite'}"
-        return
-    with schema_url(request.getfixturevalue("pg_url")) as url:
-        yield url
 
 
 @pytest.fixture

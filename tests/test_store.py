@@ -35,10 +35,7 @@ from image_etl.store import (
     upsert_model,
 )
 
-from .pg import (
-    pg_url,  # noqa: F401  (session fixture: a fresh PostgreSQL database)
-    schema_url,
-)
+from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)
 
 SHA_A = "a1" * 32
 SHA_B = "b2" * 32
@@ -69,15 +66,6 @@ AWKWARD = [
 
 
 # --- fixtures -------------------------------------------------------------------------------
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'not' / 'yet' / 'results.sqlite'}"
-        return
-    with schema_url(request.getfixturevalue("pg_url")) as url:
-        yield url
-
 
 @pytest.fixture
 def engine(db_url):

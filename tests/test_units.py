@@ -235,6 +235,22 @@ def test_results_db_url_from_airflow_connection_fields():
         url_from_connection("mysql", host="x")
 
 
+def test_results_url_is_the_connection_else_the_variable_else_sqlite(monkeypatch, tmp_path):
+    """What the DAG, the UI plugin and ``image_etl db`` connect to."""
+    import types
+
+    from image_etl.store import results_url
+
+    conn = types.SimpleNamespace(conn_type="postgres", host="db", port=5432, login="etl",
+                                 password="pw", schema="detections")
+    monkeypatch.setenv("IMAGE_ETL_DB_URL", "sqlite:////elsewhere.db")
+    assert results_url(conn) == "postgresql+psycopg2://etl:pw@db:5432/detections"
+    assert results_url(None) == "sqlite:////elsewhere.db"
+    monkeypatch.delenv("IMAGE_ETL_DB_URL")
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    assert results_url() == f"sqlite:///{tmp_path / 'image_etl_results.db'}"
+
+
 def test_header_probe_looks_past_large_metadata():
     import io
 

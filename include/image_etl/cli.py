@@ -146,14 +146,13 @@ def _make_drop(args: argparse.Namespace) -> int:
 
 def _db(args: argparse.Namespace) -> int:
     """``db upgrade|current|history``: for operators who migrate before they deploy."""
-    import os
 
     from image_etl import store
 
     if args.action == "history":
         print("\n".join(store.history()))
         return 0
-    url = args.db_url or os.environ.get("IMAGE_ETL_DB_URL") or store.default_url()
+    url = args.db_url or store.results_url()
     try:
         engine = store.engine_from_url(url)
         try:

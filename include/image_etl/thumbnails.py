@@ -1,6 +1,6 @@
 """Pictures for the Detections page, from the files the results DB points at.
 
-- ``open_image``: the bytes of ``<drop_dir>/<rel_path>`` -- both as the load recorded them --
+- ``open_confined``: ``<drop_dir>/<rel_path>`` -- both as the load recorded them --
   and nothing else. ``rel_path`` must be relative without ``.``/``..``; it is walked one
   component at a time from the drop folder with ``O_NOFOLLOW``, so no symbolic link (file or
   folder) is followed and no path can leave the folder, even if the tree changes meanwhile.
@@ -96,12 +96,6 @@ def open_confined(drop_dir: object, rel_path: object) -> Iterator[SourceFile]:
         yield SourceFile(fd, st)
     finally:
         os.close(fd)
-
-
-def open_image(drop_dir: object, rel_path: object) -> tuple[bytes, os.stat_result]:
-    """The bytes and stat of ``<drop_dir>/<rel_path>`` (see open_confined)."""
-    with open_confined(drop_dir, rel_path) as source:
-        return source.read(), source.stat
 
 
 def _open_confined(drop_dir: object, rel_path: object) -> int:

@@ -14,7 +14,7 @@
 
 Every route depends on ``auth.require_reader`` (401 / 403 before anything else runs). Image
 bytes come only from the file the image's row records, confined to its drop folder
-(``image_etl.thumbnails.open_image``); no path is ever taken from a request. Bad parameters
+(``image_etl.thumbnails.open_confined``); no path is ever taken from a request. Bad parameters
 are 400, unknown ids 404. The page's links and fetches are relative, so it works under any
 ``base_url`` sub-path.
 """

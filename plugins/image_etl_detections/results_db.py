@@ -5,7 +5,6 @@ api-server reads connections through the core model, not the task SDK)."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -25,14 +24,13 @@ def results_url() -> str:
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
-    from image_etl.store import default_url, url_from_connection
+    from image_etl.store import results_url
 
     try:
         conn = Connection.get_connection_from_secrets(DB_CONN_ID)
     except AirflowNotFoundException:
-        return os.environ.get("IMAGE_ETL_DB_URL") or default_url()
-    return url_from_connection(conn.conn_type, host=conn.host, port=conn.port, login=conn.login,
-                               password=conn.password, schema=conn.schema)
+        conn = None
+    return results_url(conn)
 
 
 def engine() -> Any:

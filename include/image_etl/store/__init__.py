@@ -20,6 +20,7 @@ from image_etl.store.engine import (
     default_url,
     engine_from_url,
     redact_url,
+    results_url,
     url_from_connection,
     write_transaction,
 )
@@ -61,6 +62,6 @@ __all__ = [
     "current_revision", "default_url", "detections", "downgrade", "drop_class_totals",
     "drop_summary", "drop_totals", "engine_from_url", "head_revision", "history", "images",
     "latest_run", "load_staged", "loaded_rel_paths", "metadata", "migrate", "model_names",
-    "models", "record_empty_run", "redact_url", "refresh_drop_totals", "runs", "upsert_model",
-    "url_from_connection", "write_transaction",
+    "models", "record_empty_run", "redact_url", "refresh_drop_totals", "results_url", "runs",
+    "upsert_model", "url_from_connection", "write_transaction",
 ]

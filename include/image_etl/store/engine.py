@@ -46,6 +46,16 @@ def default_url() -> str:
     return f"sqlite:///{Path(home) / 'image_etl_results.db'}"
 
 
+def results_url(conn: Any | None = None) -> str:
+    """The results DB's URL: from the Airflow Connection ``image_etl_db`` when one is given
+    (the DAG reads it through the Task SDK, the UI plugin through the API server's models),
+    else ``IMAGE_ETL_DB_URL``, else the embedded SQLite default."""
+    if conn is None:
+        return os.environ.get("IMAGE_ETL_DB_URL") or default_url()
+    return url_from_connection(conn.conn_type, host=conn.host, port=conn.port, login=conn.login,
+                               password=conn.password, schema=conn.schema)
+
+
 def url_from_connection(conn_type: str | None, *, host: str | None = None,
                         port: int | None = None, login: str | None = None,
                         password: str | None = None, schema: str | None = None) -> str:
