@@ -303,3 +303,31 @@ def test_storage_error_in_a_process_shows_one_line_no_traceback(s3_server, bucke
 def test_local_open_storage_is_the_path(tmp_path: Path):
     store = open_storage(str(tmp_path))
     assert isinstance(store, LocalStorage) and store.url == str(tmp_path)
+
+
+# --- IMAGE_ETL_ALLOWED_ROOTS with URL prefixes ---------------------------------------------------
+
+def test_allowed_roots_accept_url_prefixes():
+    from image_etl.errors import SettingsError
+    from image_etl.settings import absolute_path, env_defaults, storage_location
+
+    roots = env_defaults({"IMAGE_ETL_ALLOWED_ROOTS": "/data:s3://drops/nightly::s3://cam@raw:/mnt/x"}
+                         )["allowed_roots"]
+    assert [str(r) for r in roots] == ["/data", "s3://drops/nightly", "s3://raw", "/mnt/x"]
+    ok = storage_location("drop_dir", "s3://fleet@drops/nightly/2026-11-20", roots)
+    assert (ok.bucket, ok.prefix, ok.conn_id) == ("drops", "nightly/2026-11-20", "fleet")
+    assert storage_location("output_dir", "s3://raw/anything", roots).bucket == "raw"
+    assert storage_location("drop_dir", "/data/a", roots) == Path("/data/a")
+    for bad in ("s3://drops/nightly-2/x", "s3://drops/other", "s3://elsewhere/nightly"):
+        with pytest.raises(SettingsError, match="invalid parameter drop_dir: .*not under an allowed root"):
+            storage_location("drop_dir", bad, roots)
+    with pytest.raises(SettingsError, match="invalid parameter drop_dir: .*not under an allowed root"):
+        absolute_path("drop_dir", "/etc", roots)
+    with pytest.raises(SettingsError, match="invalid parameter output_dir: .*connection id"):
+        storage_location("output_dir", "s3://AKIA:secret@drops/nightly/x", roots)
+    with pytest.raises(SettingsError, match="allowed_roots: invalid bucket name"):
+        env_defaults({"IMAGE_ETL_ALLOWED_ROOTS": "/data:s3://Bad_Bucket/x"})
+    # local-only roots refuse every URL; no roots allow any
+    with pytest.raises(SettingsError, match="not under an allowed root"):
+        storage_location("drop_dir", "s3://drops/nightly/x", (Path("/data"),))
+    assert storage_location("drop_dir", "s3://drops/x", ()).prefix == "x"
