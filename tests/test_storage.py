@@ -70,6 +70,7 @@ def test_s3_listing_rules(s3_server, bucket):
     _put(s3_server, bucket, {
         "night/a.jpg": b"1", "night/sub/deeper/B.JPEG": b"22", "night/c.png": b"333",
         "night/notes.txt": b"x", "night/.hidden.jpg": b"x", "night/.tmp/part.jpg": b"x",
+        "night/.tmp/part2.jpg": b"x", "night/sub/.up/x.jpg": b"x",
         "night/sub/": b"", "night/empty-dir/": b"",  # directory markers (console "folders")
         "night-2/other.jpg": b"x", "elsewhere/d.jpg": b"x",
     })
@@ -78,6 +79,7 @@ def test_s3_listing_rules(s3_server, bucket):
         ("a.jpg", 1), ("c.png", 3), ("sub/deeper/B.JPEG", 2)]
     assert walk.other == ["notes.txt"]
     assert walk.links == []
+    assert walk.hidden == 3  # .hidden.jpg, .tmp (one folder), sub/.up
     # last-modified times are the server's, close to now
     assert all(abs(e.mtime - time.time()) < 120 for e in walk.files)
 
@@ -118,11 +120,13 @@ def test_local_listing_rules(tmp_path):
     (tmp_path / "sub" / "B.TIF").write_bytes(b"22")
     (tmp_path / "sub" / ".tmp" / "x.jpg").write_bytes(b"x")
     (tmp_path / ".h.jpg").write_bytes(b"x")
+    (tmp_path / "sub" / ".tmp" / "y.jpg").write_bytes(b"y")
     (tmp_path / "readme.md").write_bytes(b"x")
     os.symlink(tmp_path / "a.jpg", tmp_path / "link.jpg")
     walk = LocalStorage(tmp_path).walk(IMAGE_EXTENSIONS)
     assert [(e.rel_path, e.size) for e in walk.files] == [("a.jpg", 1), ("sub/B.TIF", 2)]
     assert walk.links == ["link.jpg"] and walk.other == ["readme.md"]
+    assert walk.hidden == 2  # .h.jpg, sub/.tmp (one folder)
     with pytest.raises(StorageNotFoundError, match="does not exist"):
         LocalStorage(tmp_path / "missing").walk(IMAGE_EXTENSIONS)
 

@@ -30,6 +30,7 @@ class Walk:
     files: list[Entry]  # known extensions, sorted by rel_path
     links: list[str]  # symbolic links: reported, never followed
     other: list[str]  # not hidden, but an unknown extension
+    hidden: int = 0  # hidden files skipped; a hidden folder counts as one, whatever it holds
 
 
 def has_extension(name: str, extensions: Collection[str]) -> bool:
@@ -37,8 +38,13 @@ def has_extension(name: str, extensions: Collection[str]) -> bool:
     return dot > 0 and name[dot:].lower() in extensions
 
 
-def is_hidden(rel_path: str) -> bool:
-    return any(part.startswith(".") for part in rel_path.split("/"))
+def hidden_part(rel_path: str) -> str | None:
+    """The path up to its first hidden part (``a/.tmp`` of ``a/.tmp/b.jpg``), None if none."""
+    parts = rel_path.split("/")
+    for i, part in enumerate(parts):
+        if part.startswith("."):
+            return "/".join(parts[: i + 1])
+    return None
 
 
 class Storage(abc.ABC):

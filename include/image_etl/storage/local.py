@@ -40,15 +40,18 @@ class LocalStorage(Storage):
         files: list[Entry] = []
         links: list[str] = []
         other: list[str] = []
+        hidden = 0
 
         def on_error(err: OSError) -> None:
             log.warning("cannot list %s: %s", err.filename, err.strerror)
 
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=on_error, followlinks=False):
+            hidden += sum(d.startswith(".") for d in dirnames)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             base = Path(dirpath)
             for name in filenames:
                 if name.startswith("."):
+                    hidden += 1
                     continue
                 path = base / name
                 rel = path.relative_to(self.root).as_posix()
@@ -65,7 +68,7 @@ class LocalStorage(Storage):
                 elif stat.S_ISREG(st.st_mode):
                     files.append(Entry(rel, st.st_size, st.st_mtime))
         files.sort(key=lambda e: e.rel_path)
-        return Walk(files, sorted(links), sorted(other))
+        return Walk(files, sorted(links), sorted(other), hidden)
 
     def read_bytes(self, rel_path: str) -> bytes:
         return self.path(rel_path).read_bytes()

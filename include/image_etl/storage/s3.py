@@ -20,7 +20,7 @@ import logging
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-from image_etl.storage.base import Entry, Storage, Walk, has_extension, is_hidden
+from image_etl.storage.base import Entry, Storage, Walk, has_extension, hidden_part
 from image_etl.storage.errors import (
     BucketNotFoundError,
     StorageAccessError,
@@ -106,6 +106,7 @@ class S3Storage(Storage):
         root = self._path()
         files: list[Entry] = []
         other: list[str] = []
+        hidden: set[str] = set()
         with self._errors(""):
             # A trailing "/": a prefix "night" must not also list "night-2/".
             found = self._fs.find(root + "/" if self.location.prefix else root, detail=True,
@@ -113,8 +114,12 @@ class S3Storage(Storage):
         start = len(self._path()) + 1
         for name, info in found.items():
             rel = name[start:]
-            if not rel or name.endswith("/") or info.get("type") != "file" or is_hidden(rel):
-                continue  # directory markers, the uploaders' hidden temp objects
+            if not rel or name.endswith("/") or info.get("type") != "file":
+                continue  # directory markers
+            hidden_at = hidden_part(rel)
+            if hidden_at is not None:  # the uploaders' temp objects
+                hidden.add(hidden_at)
+                continue
             if not has_extension(rel, extensions):
                 other.append(rel)
                 continue
@@ -122,7 +127,7 @@ class S3Storage(Storage):
             files.append(Entry(rel, int(info.get("size") or 0),
                                modified.timestamp() if modified is not None else 0.0))
         files.sort(key=lambda e: e.rel_path)
-        return Walk(files, [], sorted(other))
+        return Walk(files, [], sorted(other), len(hidden))
 
     def read_bytes(self, rel_path: str) -> bytes:
         with self._errors(rel_path):
