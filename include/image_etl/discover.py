@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import stat
 import time
 from pathlib import Path
+
+from image_etl.storage import LocalStorage
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +42,15 @@ def list_images(root: Path, settle_s: float = 0.0, now: float | None = None) -> 
     if not root.is_dir():
         raise FileNotFoundError(f"drop folder does not exist or is not a folder: {root}")
     now = time.time() if now is None else now
+    walk = LocalStorage(root).walk(IMAGE_EXTENSIONS)
     images: list[FoundImage] = []
     unsettled: list[str] = []
-    links: list[str] = []
-
-    def on_error(err: OSError) -> None:
-        log.warning("cannot list %s: %s", err.filename, err.strerror)
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        base = Path(dirpath)
-        for name in filenames:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = base / name
-            rel = path.relative_to(root).as_posix()
-            try:
-                st = path.lstat()
-            except OSError as exc:
-                log.warning("cannot stat %s: %s", rel, exc.strerror)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                links.append(rel)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if now - st.st_mtime < settle_s:
-                unsettled.append(rel)
-                continue
-            images.append(FoundImage(rel, st.st_size, st.st_mtime))
-    images.sort(key=lambda f: f.rel_path)
+    for entry in walk.files:
+        if now - entry.mtime < settle_s:
+            unsettled.append(entry.rel_path)
+        else:
+            images.append(FoundImage(entry.rel_path, entry.size, entry.mtime))
+    links = walk.links
     if links:
         log.info("skipped %d symbolic link(s), e.g. %s", len(links), links[0])
     if unsettled:
