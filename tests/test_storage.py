@@ -335,3 +335,20 @@ def test_allowed_roots_accept_url_prefixes():
     with pytest.raises(SettingsError, match="not under an allowed root"):
         storage_location("drop_dir", "s3://drops/nightly/x", (Path("/data"),))
     assert storage_location("drop_dir", "s3://drops/x", ()).prefix == "x"
+
+
+# --- discover on a bucket ---------------------------------------------------------------------
+
+def test_discover_lists_an_s3_drop_with_settle(s3_server, bucket):
+    from image_etl.discover import list_images
+
+    _put(s3_server, bucket, {"2026-11-20/a.jpg": b"1", "2026-11-20/cam/b.png": b"22",
+                             "2026-11-20/cam/": b"", "2026-11-20/readme.txt": b"x"})
+    store = open_storage(f"s3://{bucket}/2026-11-20", s3_server.options())
+    listing = list_images(store, settle_s=0)
+    assert [(i.rel_path, i.bytes) for i in listing.images] == [("a.jpg", 1), ("cam/b.png", 2)]
+    later = list_images(store, settle_s=3600)  # everything was written just now: next run
+    assert later.images == [] and later.unsettled == ["a.jpg", "cam/b.png"]
+    assert list_images(open_storage(f"s3://{bucket}/2026-11-21", s3_server.options())).images == []
+    with pytest.raises(FileNotFoundError, match="bucket 'no-such-drops' does not exist"):
+        list_images(open_storage("s3://no-such-drops/2026-11-20", s3_server.options()))

@@ -4,6 +4,7 @@ Rules (the same for the CLI and the DAG):
 - recursive; known image extensions only (case-insensitive);
 - hidden files and folders (``.name``) are skipped: uploaders write temp files that way;
 - symbolic links are never followed (a link could point anywhere on the host);
+- on object storage (``s3://``), directory markers are ignored and listing is by prefix;
 - a file modified less than ``settle_s`` ago may still be being written: it is left for the
   next run rather than read half-written;
 - the order is by relative path, so manifests and shards are deterministic.
@@ -16,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from image_etl.storage import LocalStorage
+from image_etl.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,14 @@ class Listing:
     skipped_links: list[str]
 
 
-def list_images(root: Path, settle_s: float = 0.0, now: float | None = None) -> Listing:
-    """Every image file under ``root`` (see the module rules)."""
-    if not root.is_dir():
+def list_images(root: Path | Storage, settle_s: float = 0.0, now: float | None = None) -> Listing:
+    """Every image file under ``root`` (see the module rules): a folder, or a storage from
+    ``image_etl.storage.open_storage`` (an ``s3://`` prefix: an object's last-modified time is
+    its mtime; a prefix with no objects is an empty drop, a missing bucket an error)."""
+    if isinstance(root, Path) and not root.is_dir():
         raise FileNotFoundError(f"drop folder does not exist or is not a folder: {root}")
     now = time.time() if now is None else now
-    walk = LocalStorage(root).walk(IMAGE_EXTENSIONS)
+    walk = (LocalStorage(root) if isinstance(root, Path) else root).walk(IMAGE_EXTENSIONS)
     images: list[FoundImage] = []
     unsettled: list[str] = []
     for entry in walk.files:
