@@ -105,38 +105,58 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=STOP_TIMEOUT_S)
 
 
-@contextlib.contextmanager
-def running_weed(weed: str, workdir: Path) -> Iterator[S3Server]:
-    key, secret = "test-key-" + secrets.token_hex(4), "test-secret-" + secrets.token_hex(16)
+class _ExitedEarly(RuntimeError):
+    """weed exited while starting (e.g. a picked port was taken meanwhile): try other ports."""
+
+
+def _start(weed: str, workdir: Path, key: str, secret: str) -> tuple[subprocess.Popen, S3Server]:
+    """Start ``weed mini`` on free ports and wait (bounded) until S3 accepts a write."""
     (s3, s3_grpc, filer, filer_grpc, master, master_grpc, volume, volume_grpc,
      admin) = _free_ports(9)
     bucket = f"t-{uuid.uuid4().hex[:12]}"
-    args = [weed, "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    data = workdir / f"data-{s3}"
+    data.mkdir(parents=True)
+    args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-filer.port={filer}",
             f"-filer.port.grpc={filer_grpc}", f"-master.port={master}",
             f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
             f"-volume.port.grpc={volume_grpc}", f"-admin.port={admin}", "-admin.ui=false",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false", f"-bucket={bucket}"]
+    # Credentials in weed's environment turn S3 authentication on (anonymous: AccessDenied).
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-    log_path = workdir / "weed.log"
-    (workdir / "data").mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"weed-{s3}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{s3}", key, secret, bucket)
+    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        server = S3Server(f"http://127.0.0.1:{s3}", key, secret, bucket)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+        while not (_s3_answers(server.endpoint_url) and _bucket_ready(server)):
+            tail = lambda: log_path.read_text(errors="replace")[-2000:]  # noqa: E731
             if proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {proc.returncode}: "
-                                   f"{log_path.read_text(errors='replace')[-2000:]}")
-            if _s3_answers(server.endpoint_url) and _bucket_ready(server):
-                break
+                raise _ExitedEarly(f"weed mini exited with {proc.returncode}: {tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"weed mini did not serve S3 within {START_TIMEOUT_S:.0f}s: "
-                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+                                   f"{tail()}")
             time.sleep(0.3)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, server
+
+
+@contextlib.contextmanager
+def running_weed(weed: str, workdir: Path, attempts: int = 3) -> Iterator[S3Server]:
+    key, secret = "test-key-" + secrets.token_hex(4), "test-secret-" + secrets.token_hex(16)
+    for attempt in range(1, attempts + 1):
+        try:
+            proc, server = _start(weed, workdir, key, secret)
+            break
+        except _ExitedEarly:
+            if attempt == attempts:
+                raise
+    try:
         yield server
     finally:
         _stop(proc)
