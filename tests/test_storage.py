@@ -70,18 +70,20 @@ def test_s3_listing_rules(s3_server, bucket):
     _put(s3_server, bucket, {
         "night/a.jpg": b"1", "night/sub/deeper/B.JPEG": b"22", "night/c.png": b"333",
         "night/notes.txt": b"x", "night/.hidden.jpg": b"x", "night/.tmp/part.jpg": b"x",
-        "night/.tmp/part2.jpg": b"x", "night/sub/.up/x.jpg": b"x",
+        "night/.tmp/part2.jpg": b"x", "night/sub/.up/x.jpg": b"x", "night/cam 2/ü+%.jpg": b"4444",
         "night/sub/": b"", "night/empty-dir/": b"",  # directory markers (console "folders")
         "night-2/other.jpg": b"x", "elsewhere/d.jpg": b"x",
     })
     walk = open_storage(f"s3://{bucket}/night", s3_server.options()).walk(IMAGE_EXTENSIONS)
     assert [(e.rel_path, e.size) for e in walk.files] == [
-        ("a.jpg", 1), ("c.png", 3), ("sub/deeper/B.JPEG", 2)]
+        ("a.jpg", 1), ("c.png", 3), ("cam 2/ü+%.jpg", 4), ("sub/deeper/B.JPEG", 2)]
     assert walk.other == ["notes.txt"]
     assert walk.links == []
     assert walk.hidden == 3  # .hidden.jpg, .tmp (one folder), sub/.up
     # last-modified times are the server's, close to now
     assert all(abs(e.mtime - time.time()) < 120 for e in walk.files)
+    assert open_storage(f"s3://{bucket}/night", s3_server.options()).read_bytes("cam 2/ü+%.jpg") \
+        == b"4444"
 
 
 def test_s3_listing_pages_past_1000_keys(s3_server, bucket):
@@ -264,6 +266,8 @@ def test_missing_bucket(s3_server):
 
 
 def test_bad_options_refused_naming_the_option_not_the_value(s3_server):
+    store = open_storage("s3://b-ok/x", s3_server.options())
+    assert s3_server.secret not in repr(store.options) and s3_server.key not in repr(store.options)
     with pytest.raises(StorageConfigError, match="'secret_key'") as err:
         open_storage("s3://b-ok/x", {"key": "k", "secret_key": "hunter22"})
     assert "hunter22" not in str(err.value)
