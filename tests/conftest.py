@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from .s3 import s3_server  # noqa: F401  (the SeaweedFS S3 fixture, for every test module)
+
 os.environ.setdefault("YOLO_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 # Airflow reads its configuration at import: point it at a throwaway home before anything does.

@@ -4,6 +4,7 @@ Rules (the same for the CLI and the DAG):
 - recursive; known image extensions only (case-insensitive);
 - hidden files and folders (``.name``) are skipped: uploaders write temp files that way;
 - symbolic links are never followed (a link could point anywhere on the host);
+- on object storage (``s3://``), directory markers are ignored and listing is by prefix;
 - a file modified less than ``settle_s`` ago may still be being written: it is left for the
   next run rather than read half-written;
 - the order is by relative path, so manifests and shards are deterministic.
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import stat
 import time
 from pathlib import Path
+
+from image_etl.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -37,41 +38,22 @@ class Listing:
     skipped_links: list[str]
 
 
-def list_images(root: Path, settle_s: float = 0.0, now: float | None = None) -> Listing:
-    """Every image file under ``root`` (see the module rules)."""
-    if not root.is_dir():
+def list_images(root: Path | Storage, settle_s: float = 0.0, now: float | None = None) -> Listing:
+    """Every image file under ``root`` (see the module rules): a folder, or a storage from
+    ``image_etl.storage.open_storage`` (an ``s3://`` prefix: an object's last-modified time is
+    its mtime; a prefix with no objects is an empty drop, a missing bucket an error)."""
+    if isinstance(root, Path) and not root.is_dir():
         raise FileNotFoundError(f"drop folder does not exist or is not a folder: {root}")
     now = time.time() if now is None else now
+    walk = (LocalStorage(root) if isinstance(root, Path) else root).walk(IMAGE_EXTENSIONS)
     images: list[FoundImage] = []
     unsettled: list[str] = []
-    links: list[str] = []
-
-    def on_error(err: OSError) -> None:
-        log.warning("cannot list %s: %s", err.filename, err.strerror)
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        base = Path(dirpath)
-        for name in filenames:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = base / name
-            rel = path.relative_to(root).as_posix()
-            try:
-                st = path.lstat()
-            except OSError as exc:
-                log.warning("cannot stat %s: %s", rel, exc.strerror)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                links.append(rel)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if now - st.st_mtime < settle_s:
-                unsettled.append(rel)
-                continue
-            images.append(FoundImage(rel, st.st_size, st.st_mtime))
-    images.sort(key=lambda f: f.rel_path)
+    for entry in walk.files:
+        if now - entry.mtime < settle_s:
+            unsettled.append(entry.rel_path)
+        else:
+            images.append(FoundImage(entry.rel_path, entry.size, entry.mtime))
+    links = walk.links
     if links:
         log.info("skipped %d symbolic link(s), e.g. %s", len(links), links[0])
     if unsettled:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from image_etl.errors import SettingsError
+from image_etl.storage.location import ObjectLocation, is_url, parse_object_url
 
 __all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings", "RunSettings",
            "check", "env_defaults", "absolute_path"]
@@ -307,7 +308,8 @@ def _flag(name: str, value: Any) -> bool:
     raise SettingsError(name, f"expected true or false, got {value!r}")
 
 
-def absolute_path(name: str, value: Any, allowed_roots: tuple[Path, ...] = ()) -> Path:
+def absolute_path(name: str, value: Any,
+                  allowed_roots: tuple[Path | ObjectLocation, ...] = ()) -> Path:
     """A parameter that must be an absolute path (under one of ``allowed_roots`` if given)."""
     if not isinstance(value, (str, Path)) or not str(value).strip():
         raise SettingsError(name, f"expected an absolute path, got {value!r}")
@@ -317,10 +319,46 @@ def absolute_path(name: str, value: Any, allowed_roots: tuple[Path, ...] = ()) -
     resolved = Path(*path.parts)  # normalise separators without touching the filesystem
     if ".." in resolved.parts:
         raise SettingsError(name, f"must not contain '..', got {str(path)!r}")
-    if allowed_roots and not any(resolved.is_relative_to(root) for root in allowed_roots):
+    if allowed_roots and not any(resolved.is_relative_to(root) for root in allowed_roots
+                                 if isinstance(root, Path)):
         roots = ", ".join(str(r) for r in allowed_roots)
         raise SettingsError(name, f"{str(path)!r} is not under an allowed root ({roots})")
     return resolved
+
+
+def storage_location(name: str, value: Any, allowed_roots: tuple[Path | ObjectLocation, ...] = ()
+                     ) -> Path | ObjectLocation:
+    """A folder parameter: an absolute path, or an object-storage URL
+    (``s3://[conn_id@]bucket/prefix``); under one of ``allowed_roots`` if given."""
+    if not (isinstance(value, str) and is_url(value)):
+        return absolute_path(name, value, allowed_roots)
+    try:
+        location = parse_object_url(value)
+    except ValueError as exc:  # StorageConfigError: its message names the URL, not a secret
+        raise SettingsError(name, str(exc)) from None
+    if allowed_roots and not any(location.is_relative_to(root) for root in allowed_roots
+                                 if isinstance(root, ObjectLocation)):
+        roots = ", ".join(str(r) for r in allowed_roots)
+        raise SettingsError(name, f"{location.url!r} is not under an allowed root ({roots})")
+    return location
+
+
+def parse_allowed_roots(text: str) -> tuple[Path | ObjectLocation, ...]:
+    """``IMAGE_ETL_ALLOWED_ROOTS``: roots separated by ``:``, each a path or an object URL
+    (``/data:s3://drops/nightly``; the ``:`` of ``s3://`` does not separate)."""
+    roots: list[Path | ObjectLocation] = []
+    for part in re.split(r":(?!//)", text):
+        part = part.strip()
+        if not part:
+            continue
+        if is_url(part):
+            try:
+                roots.append(parse_object_url(part))
+            except ValueError as exc:
+                raise SettingsError("allowed_roots", f"{exc} (from IMAGE_ETL_ALLOWED_ROOTS)") from None
+        else:
+            roots.append(Path(part))
+    return tuple(roots)
 
 
 # --- defaults a deployment sets once (IMAGE_ETL_*) -------------------------------------------
@@ -340,8 +378,7 @@ def env_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         except SettingsError as exc:
             raise SettingsError(name, f"{exc.problem} (from {spec.env})") from None
     defaults["schedule"] = env.get("IMAGE_ETL_SCHEDULE", "0 2 * * *")
-    defaults["allowed_roots"] = tuple(Path(p) for p in env.get("IMAGE_ETL_ALLOWED_ROOTS", "").split(":")
-                                      if p)
+    defaults["allowed_roots"] = parse_allowed_roots(env.get("IMAGE_ETL_ALLOWED_ROOTS", ""))
     return defaults
 
 
