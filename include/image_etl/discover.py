@@ -3,6 +3,7 @@
 Rules (the same for the CLI and the DAG):
 - recursive; known image extensions only (case-insensitive);
 - hidden files and folders (``.name``) are skipped: uploaders write temp files that way;
+  they and files of other extensions are counted (a hidden folder counts as one), not listed;
 - symbolic links are never followed (a link could point anywhere on the host);
 - a file modified less than ``settle_s`` ago may still be being written: it is left for the
   next run rather than read half-written;
@@ -35,6 +36,9 @@ class Listing:
     images: list[FoundImage]
     unsettled: list[str]  # too recently modified: next run
     skipped_links: list[str]
+    # Counted so that a report accounts for every file of the drop, not only its images.
+    skipped_unknown: int = 0  # regular files without a known image extension
+    skipped_hidden: int = 0  # ``.name`` files (uploaders' temp files), and in ``.name`` folders
 
 
 def list_images(root: Path, settle_s: float = 0.0, now: float | None = None) -> Listing:
@@ -45,15 +49,21 @@ def list_images(root: Path, settle_s: float = 0.0, now: float | None = None) -> 
     images: list[FoundImage] = []
     unsettled: list[str] = []
     links: list[str] = []
+    unknown = hidden = 0
 
     def on_error(err: OSError) -> None:
         log.warning("cannot list %s: %s", err.filename, err.strerror)
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+        hidden += sum(d.startswith(".") for d in dirnames)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         base = Path(dirpath)
         for name in filenames:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            if name.startswith("."):
+                hidden += 1
+                continue
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                unknown += 1
                 continue
             path = base / name
             rel = path.relative_to(root).as_posix()
@@ -77,4 +87,4 @@ def list_images(root: Path, settle_s: float = 0.0, now: float | None = None) -> 
     if unsettled:
         log.info("left %d file(s) modified in the last %.0fs for the next run, e.g. %s",
                  len(unsettled), settle_s, unsettled[0])
-    return Listing(images, sorted(unsettled), sorted(links))
+    return Listing(images, sorted(unsettled), sorted(links), unknown, hidden)
