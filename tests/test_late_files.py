@@ -122,6 +122,18 @@ def test_a_late_file_is_caught_up_into_its_own_night_exactly_once(tmp_path, db):
     night = accounting(db, D)
     assert (night["listed"], night["ok"], night["unsettled"], night["caught_up"]) == (3, 3, 0, 1)
     assert night["checked_by"] == f"{DAG_ID}/run-D1"
+    # The Detections page shows the same numbers for the night.
+    from image_etl import browse
+
+    engine = store.engine_from_url(db)
+    try:
+        page = browse.night(engine, _sha(), D)["files"]
+    finally:
+        engine.dispose()
+    assert {k: page[k] for k in ("listed", "ok", "failed", "caught_up", "unsettled",
+                                 "unsettled_names", "checked_by_run", "mixed_settings")} == {
+        "listed": 3, "ok": 3, "failed": 0, "caught_up": 1, "unsettled": 0, "unsettled_names": [],
+        "checked_by_run": "run-D1", "mixed_settings": False}
 
     # The next night's run finds nothing late: exactly once.
     make_night(root, d1 + dt.timedelta(days=1), 1, seed=103)
