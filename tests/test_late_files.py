@@ -19,6 +19,7 @@ from image_etl import nights, stages, store, synth
 from image_etl.discover import list_images
 
 from .conftest import DEMO_MODEL, ROOT
+from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)
 
 D = dt.date(2026, 4, 10)  # dates of their own: these rows never meet other tests' rows
 DAG_ID = "nightly_detections"
@@ -86,8 +87,9 @@ def _sha() -> str:
 
 
 @pytest.fixture
-def db(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'results.sqlite'}"
+def db(db_url) -> str:
+    """A results DB: a SQLite file, then a PostgreSQL schema (conftest's db_url)."""
+    return db_url
 
 
 # --- late files ----------------------------------------------------------------------------------
