@@ -144,6 +144,23 @@ def test_a_late_file_is_caught_up_into_its_own_night_exactly_once(tmp_path, db):
     assert image_rows(db)[:5] == rows
 
 
+@pytest.mark.slow
+def test_a_night_whose_only_file_was_still_being_written_is_caught_up(tmp_path, db):
+    """Night D's run loads nothing (its one image is unsettled) yet records that it ran, so the
+    next night's look-back finds the image and loads it into D."""
+    root, out = tmp_path / "drops", tmp_path / "out"
+    [name] = make_night(root, D, 1, seed=110)
+    make_night(root, D + dt.timedelta(days=1), 1, seed=111)
+    still_writing(root / D.isoformat() / name)
+    found, loaded, report = run_night(params(root, out), D, db, "run-D")
+    assert (found["images"], loaded["images"], report["night"]["unsettled_names"]) == (0, 0, [name])
+    finished_writing(root / D.isoformat() / name)
+    _, loaded, _ = run_night(params(root, out), D + dt.timedelta(days=1), db, "run-D1")
+    assert loaded["caught_up"] == {D.isoformat(): {"images": 1, "ok": 1, "failed": 0}}
+    assert [(r[0], r[1], r[4]) for r in image_rows(db)] == [
+        (D.isoformat(), name, True), ((D + dt.timedelta(days=1)).isoformat(), "scan_00000.jpg", False)]
+
+
 def test_look_back_is_off_without_date_in_the_drop_folder_and_with_zero_nights(tmp_path, db):
     """No {date}: every night is the same folder, which the run lists already; 0 nights: off."""
     from image_etl.settings import RunSettings
