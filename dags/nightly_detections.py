@@ -48,8 +48,11 @@ image and detection into the results database (connection `{DB_CONN_ID}`, else a
 * **Backfills** pick runs by logical date, and the runs tick at 02:00: a range of whole days
   must end at 23:59 of its last day (`--to-date 2026-11-07T23:59:59`), or that day is left out.
 * **Re-runs are safe**: a run, a cleared task or a backfill replaces the rows of each
-  (image, model) in one transaction. Images already loaded for this model are skipped unless
-  **reprocess** is on. A retried `infer` resumes where the failed attempt stopped.
+  (image, model) in one transaction. Images already loaded for this model with these result
+  settings are skipped unless **reprocess** is on. A retried `infer` resumes where the failed
+  attempt stopped.
+* **Late files**: each run also loads, into their own night, the images of the
+  **catchup_nights** earlier nights that have no row yet (still being written at their night's run).
 * **Bad images** become `failed` rows with their reason; the run fails only if more than
   `max_failed_fraction` of the images failed. A bad parameter, unusable weights or a missing
   staging file fail their task at once (no retry).

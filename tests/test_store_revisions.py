@@ -30,6 +30,9 @@ RELEASE = Path(__file__).parent / "fixtures" / "release_a073aa4"
 TABLES = ("models", "runs", "images", "detections")  # 0001's
 TOTALS = ("drop_totals", "drop_class_totals")  # 0002's
 FOLDER_COLS = ("drop_dir", "output_dir")  # 0002's, in images
+IDENTITY_COLS = ("result_key", "caught_up")  # 0003's, in images (after 0002's)
+ADDED_COLS = FOLDER_COLS + IDENTITY_COLS
+NIGHT_FILES = ("result_settings", "night_files")  # 0003's
 TIME_COLS = ("loaded_at", "processed_at", "first_seen")
 HEAD = store.head_revision()
 
@@ -251,12 +254,12 @@ def test_a_database_of_the_release_before_alembic_is_adopted_without_losing_a_ro
 
     assert store.migrate(engine) == HEAD
     assert schema_diff(engine) == []
-    assert rows(engine, skip=FOLDER_COLS) == before
+    assert rows(engine, skip=ADDED_COLS) == before
     # The release's run settings name no folders: unknown, so NULL.
-    assert {row[-2:] for row in rows(engine)["images"]} == {(None, None)}
+    assert {row[-4:-2] for row in rows(engine)["images"]} == {(None, None)}
     assert night_totals(engine) == truth_totals(engine) != {}
     assert tables(engine) == {*store.metadata.tables, revisions.VERSION_TABLE}
-    assert store.migrate(engine) == HEAD and rows(engine, skip=FOLDER_COLS) == before
+    assert store.migrate(engine) == HEAD and rows(engine, skip=ADDED_COLS) == before
 
     # Today's load of the same staging file writes the rows the release wrote (same ids).
     released = rows(engine, skip=TIME_COLS)
@@ -359,7 +362,7 @@ def test_0002_fills_each_images_folders_and_the_night_totals_from_a_0001_databas
 
     assert store.migrate(engine) == HEAD
     assert schema_diff(engine) == []
-    assert rows(engine, skip=FOLDER_COLS) == before  # every row, every value
+    assert rows(engine, skip=ADDED_COLS) == before  # every row, every value
     d1 = ('/drops/d1 naïve "q"', "/out/d1")
     assert folders(engine) == {1: d1, 2: d1, 4: ("/drops/d3", None),
                                **{i: (None, None) for i in (3, 5, 6, 7, 8, 9, 10, 11)}}
@@ -396,18 +399,18 @@ def test_0002_downgrades_to_0001s_schema_with_every_row_and_upgrades_again(
     at_head = rows(engine)
     totals = night_totals(engine)
     assert len(at_head["images"]) == 39 and len(at_head["detections"]) == 54 and len(totals) == 3
-    assert {row[-2:] for row in at_head["images"]} == {(f"/drops/{d}", f"/out/{d}") for d in (D1, D2, D3)}
+    assert {row[-4:-2] for row in at_head["images"]} == {(f"/drops/{d}", f"/out/{d}") for d in (D1, D2, D3)}
 
     assert store.downgrade(engine, "0001") == "0001" == store.current_revision(engine)
     assert schema_of(engine) == schema_0001
-    assert rows(engine) == rows_without(at_head, FOLDER_COLS)
+    assert rows(engine) == rows_without(at_head, ADDED_COLS)
     with engine.connect() as conn:  # a pooled connection: foreign keys are on again
         if engine.dialect.name == "sqlite":
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
     assert store.migrate(engine) == HEAD
     assert schema_diff(engine) == []
-    assert rows(engine, skip=FOLDER_COLS) == rows_without(at_head, FOLDER_COLS)
+    assert rows(engine, skip=ADDED_COLS) == rows_without(at_head, ADDED_COLS)
     assert night_totals(engine) == totals
     # D1's folders were only in its image rows: the run row now describes D3.
     with engine.connect() as conn:
@@ -415,6 +418,55 @@ def test_0002_downgrades_to_0001s_schema_with_every_row_and_upgrades_again(
             "SELECT drop_date, drop_dir, output_dir FROM images")}
     assert by_night == {(D1.isoformat(), None, None), (D2.isoformat(), f"/drops/{D2}", f"/out/{D2}"),
                         (D3.isoformat(), f"/drops/{D3}", f"/out/{D3}")}
+
+
+# --- revision 0003: result identity, the night's files ----------------------------------------
+
+@pytest.fixture
+def schema_0002(dialect, tmp_path) -> Iterator[dict[str, dict[str, list]]]:
+    """The schema revision 0002 makes (schema_of), on an empty database of the test's dialect."""
+    urls = [f"sqlite:///{tmp_path / 'at_0002.sqlite'}"] if dialect == "sqlite" else postgres_url()
+    for url in urls:
+        engine = store.engine_from_url(url)
+        try:
+            assert store.migrate(engine, "0002") == "0002"
+            snapshot = schema_of(engine)
+        finally:
+            engine.dispose()
+        yield snapshot
+
+
+def test_0003_records_result_settings_and_downgrades_to_0002_with_every_row(
+        empty_url, engine_of, tmp_path, schema_0002):
+    """At head each image row names the result settings that made it (and whether a later
+    night caught it up); the downgrade gives back 0002's schema with every other value (SQLite
+    rebuilds ``images``: no detection may cascade away); upgrading again leaves the settings
+    unknown (NULL), never guessed."""
+    engine = engine_of(empty_url)
+    assert store.migrate(engine) == HEAD
+    staged = shutil.copyfile(RELEASE / "staged.jsonl", tmp_path / "d1.jsonl")
+    for day, key, late in ((D1, "k" * 16, False), (D2, "j" * 16, True)):
+        store.load_staged(engine, [staged], store.RunInfo(
+            run_key="run", dag_id="d", run_id="run", drop_date=day, settings={},
+            result_key=key, result_settings={"conf": 0.1 if late else 0.2}, caught_up=late))
+    store.record_night_files(engine, "a1" * 32, D1, "run", {
+        "listed": 3, "unsettled": 1, "unsettled_names": ["x.jpg"], "skipped_links": 0,
+        "skipped_unknown": 2, "skipped_hidden": 1})
+    at_head = rows(engine)
+    keys = {(str(r[2])[:10], r[-2], bool(r[-1])) for r in at_head["images"]}
+    assert keys == {(D1.isoformat(), "k" * 16, False), (D2.isoformat(), "j" * 16, True)}
+    assert len(rows(engine, names=NIGHT_FILES)["result_settings"]) == 2
+
+    assert store.downgrade(engine, "0002") == "0002" == store.current_revision(engine)
+    assert schema_of(engine) == schema_0002
+    assert tables(engine).isdisjoint(NIGHT_FILES)
+    assert rows(engine) == rows_without(at_head, IDENTITY_COLS)
+
+    assert store.migrate(engine) == HEAD
+    assert schema_diff(engine) == []
+    after = rows(engine)
+    assert rows_without(after, IDENTITY_COLS) == rows_without(at_head, IDENTITY_COLS)
+    assert {(r[-2], bool(r[-1])) for r in after["images"]} == {(None, False)}
 
 
 # --- a later revision ----------------------------------------------------------------------------

@@ -5,7 +5,8 @@ transaction and returns JSON-ready dicts (dates as ``YYYY-MM-DD``). Each answers
 index, whatever the history holds:
 
 - nights: ``drop_totals`` / ``drop_class_totals`` (one row per model and night, kept by the
-  load), never an aggregate over the detections;
+  load), never an aggregate over the detections; a night's file accounting from
+  ``night_files`` (one row) and its image rows by ``uq_images_identity``;
 - a night's (or a run's) images: the images of that night by ``uq_images_identity`` (or of
   that run by ``ix_images_run_key``), each counted by an index probe into ``pk_detections``
   (a correlated subquery: the planner cannot turn it into a scan of every detection).
@@ -30,6 +31,7 @@ from image_etl.store import (
     drop_totals,
     images,
     models,
+    night_accounting,
     runs,
 )
 
@@ -141,10 +143,22 @@ def night(engine: Engine, model_sha256: str, drop_date: dt.date) -> dict[str, An
                 c.c.model_sha256 == model_sha256, c.c.drop_date == drop_date))}
         names = conn.execute(select(models.c.class_names)
                              .where(models.c.sha256 == model_sha256)).scalar()
+        files = night_accounting(conn, model_sha256, drop_date)
     classes = _class_order(names, set(per_class))
     return {"model": model_sha256, "date": _day(drop_date), "images": int(row.images),
             "ok": int(row.ok), "failed": int(row.failed), "detections": int(row.detections),
-            "classes": classes, "per_class": {n: per_class[n] for n in classes}}
+            "classes": classes, "per_class": {n: per_class[n] for n in classes},
+            "files": _files(files)}
+
+
+def _files(accounting: dict[str, Any]) -> dict[str, Any]:
+    """The night's file accounting as the page shows it (the report's numbers)."""
+    keep = ("listed", "ok", "failed", "caught_up", "unsettled", "unsettled_names",
+            "skipped_links", "skipped_unknown", "skipped_hidden", "checked_at", "settings",
+            "mixed_settings")
+    out = {k: accounting[k] for k in keep}
+    out["checked_by_run"] = _run_id(accounting["checked_by"]) if accounting["checked_by"] else None
+    return out
 
 
 # --- image lists --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 Rules (the same for the CLI and the DAG):
 - recursive; known image extensions only (case-insensitive);
 - hidden files and folders (``.name``) are skipped: uploaders write temp files that way;
+  they and files of other extensions are counted (a hidden folder counts as one), not listed;
 - symbolic links are never followed (a link could point anywhere on the host);
 - on object storage (``s3://``), directory markers are ignored and listing is by prefix;
 - a file modified less than ``settle_s`` ago may still be being written: it is left for the
@@ -36,6 +37,9 @@ class Listing:
     images: list[FoundImage]
     unsettled: list[str]  # too recently modified: next run
     skipped_links: list[str]
+    # Counted so that a report accounts for every file of the drop, not only its images.
+    skipped_unknown: int = 0  # regular files without a known image extension
+    skipped_hidden: int = 0  # ``.name`` files (uploaders' temp files), and in ``.name`` folders
 
 
 def list_images(root: Path | Storage, settle_s: float = 0.0, now: float | None = None) -> Listing:
@@ -59,4 +63,4 @@ def list_images(root: Path | Storage, settle_s: float = 0.0, now: float | None =
     if unsettled:
         log.info("left %d file(s) modified in the last %.0fs for the next run, e.g. %s",
                  len(unsettled), settle_s, unsettled[0])
-    return Listing(images, sorted(unsettled), sorted(links))
+    return Listing(images, sorted(unsettled), sorted(links), len(walk.other), walk.hidden)

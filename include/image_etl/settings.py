@@ -117,6 +117,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("reprocess", bool, False, "Reprocess", section=_S,
             description="Also process images already loaded for this model (their rows are "
                         "replaced, never duplicated)."),
+    Setting("catchup_nights", int, 2, "Catch-up nights", section=_S,
+            env="IMAGE_ETL_CATCHUP_NIGHTS", minimum=0, maximum=31,
+            description="Also look back over this many earlier nights for images not yet "
+                        "loaded with this model and these result settings (files still being "
+                        "written when their night ran, or copied in later) and load them into "
+                        "their own night. 0: off. Needs {date} in the drop folder."),
     Setting("model_path", str, str(DEMO_MODEL), "Model weights", section=_M, env="IMAGE_ETL_MODEL",
             description="Absolute path to an Ultralytics .pt file (never downloaded)."),
     Setting("imgsz", int, None, "Image size", section=_M, env="IMAGE_ETL_IMGSZ", cli="--imgsz",
@@ -503,6 +509,7 @@ class RunSettings:
     max_failed_fraction: float = SETTINGS["max_failed_fraction"].default
     timeout_per_image_s: float = SETTINGS["timeout_per_image_s"].default
     drop_date_offset_days: int = 0
+    catchup_nights: int = SETTINGS["catchup_nights"].default
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], run_date: dt.date,
@@ -542,7 +549,8 @@ class RunSettings:
                    settle_seconds=values["settle_seconds"],
                    max_failed_fraction=values["max_failed_fraction"],
                    timeout_per_image_s=values["timeout_per_image_s"],
-                   drop_date_offset_days=values["drop_date_offset_days"])
+                   drop_date_offset_days=values["drop_date_offset_days"],
+                   catchup_nights=values["catchup_nights"])
 
     @classmethod
     def resolved(cls, params: Mapping[str, Any]) -> RunSettings:
@@ -559,5 +567,6 @@ class RunSettings:
                   "max_failed_fraction": self.max_failed_fraction,
                   "timeout_per_image_s": self.timeout_per_image_s,
                   "drop_date_offset_days": self.drop_date_offset_days,
+                  "catchup_nights": self.catchup_nights,
                   **{k: v for k, v in infer.items() if k in DAG_PARAMS}}
         return {name: values[name] for name in DAG_PARAMS}

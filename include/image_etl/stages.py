@@ -78,31 +78,81 @@ def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
     check_weights_file(settings.model_path)
     sha = weights_sha256(settings.model_path)
     listing = list_images(settings.drop_dir, settle_s=settings.settle_seconds)
-    already: set[str] = set()
-    if not settings.reprocess and db_url:
-        from image_etl import store
-
-        engine = store.engine_from_url(db_url)
-        try:
-            store.migrate(engine)
-            already = store.loaded_rel_paths(engine, sha, settings.drop_date)
-        finally:
-            engine.dispose()
-    todo = [f for f in listing.images if f.rel_path not in already]
+    identity = _result_identity(settings)
+    own, late = _own_and_late_nights(params, settings, listing, identity["result_key"],
+                                     run_date=run_date, allowed_roots=allowed_roots, sha=sha,
+                                     db_url=db_url)
+    todo = own.todo
     run_dir = run_dir_for(settings, run_id)
     manifest = run_dir / "manifest.json"
     _write_json(manifest, {"run_id": run_id, "date": settings.drop_date.isoformat(),
                            "drop_dir": str(settings.drop_dir), "model_sha256": sha,
-                           "images": [[f.rel_path, f.bytes] for f in todo]})
+                           "images": [[f.rel_path, f.bytes] for f in todo],
+                           **_late_manifest(own, late)})
     result = {"run_id": run_id, "date": settings.drop_date.isoformat(),
               "settings": settings.to_dict(), "model_sha256": sha, "run_dir": str(run_dir),
               "manifest": str(manifest), "images": len(todo), "bytes": sum(f.bytes for f in todo),
               "already_loaded": len(listing.images) - len(todo),
-              "unsettled": len(listing.unsettled), "skipped_links": len(listing.skipped_links)}
-    log.info("drop %s: %d image(s) to process in %s (%d already loaded for this model, %d still "
-             "being written)", result["date"], len(todo), settings.drop_dir,
-             result["already_loaded"], result["unsettled"])
+              "unsettled": len(listing.unsettled), "skipped_links": len(listing.skipped_links),
+              **identity, "other_settings": own.other_settings, "files": own.files(),
+              "late": {n.settings.drop_date.isoformat(): len(n.todo) for n in late if n.todo}}
+    log.info("drop %s: %d image(s) to process in %s (%d already loaded for this model and "
+             "these result settings, %d still being written)", result["date"], len(todo),
+             settings.drop_dir, result["already_loaded"], result["unsettled"])
+    _log_identity(result)
     return result
+
+
+def _result_identity(settings: RunSettings) -> dict[str, Any]:
+    from image_etl.identity import result_key, result_settings
+
+    values = result_settings(settings.infer)
+    return {"result_key": result_key(values), "result_settings": values}
+
+
+def _own_and_late_nights(params: Mapping[str, Any], settings: RunSettings, listing: Any,
+                         key: str, *, run_date: dt.date, allowed_roots: tuple[Path, ...],
+                         sha: str, db_url: str | None) -> tuple[Any, list[Any]]:
+    """The run's own night (what is left to do under this result identity) and the earlier
+    nights the look-back listed again (image_etl.nights)."""
+    from image_etl import nights
+
+    if not db_url:  # no results DB (engine tests): everything listed is to do
+        return nights.Night(settings, listing, list(listing.images)), []
+    from image_etl import store
+
+    engine = store.engine_from_url(db_url)
+    try:
+        store.migrate(engine)
+        rows = {} if settings.reprocess else store.image_rows(engine, sha, settings.drop_date)
+        todo, other = nights.to_do(listing, rows, key, settings.reprocess)
+        late = nights.look_back(params, settings, run_date=run_date, allowed_roots=allowed_roots,
+                                sha=sha, engine=engine)
+    finally:
+        engine.dispose()
+    return nights.Night(settings, listing, todo, other), late
+
+
+def _late_manifest(own: Any, late: list[Any]) -> dict[str, Any]:
+    """The manifest's part about files: every listed night's accounting, and the late images
+    of earlier nights with their night's resolved settings (folders)."""
+    return {"files": {n.settings.drop_date.isoformat(): n.files() for n in (own, *late)},
+            "late": [{"date": n.settings.drop_date.isoformat(), "settings": n.settings.to_dict(),
+                      "images": [[f.rel_path, f.bytes] for f in n.todo]} for n in late if n.todo]}
+
+
+def _log_identity(found: Mapping[str, Any]) -> None:
+    from image_etl.identity import describe
+
+    log.info("result settings %s (key %s)", describe(found["result_settings"]),
+             found["result_key"])
+    if found["other_settings"]:
+        log.warning("%d image(s) of night %s were loaded with other result settings: processing "
+                    "them again with these (their rows are replaced, image by image)",
+                    found["other_settings"], found["date"])
+    if found["late"]:
+        log.info("catching up %d late image(s) of earlier nights into their own nights: %s",
+                 sum(found["late"].values()), json.dumps(found["late"]))
 
 
 # --- partition ------------------------------------------------------------------------------------
@@ -127,16 +177,43 @@ def partition(discovered: Mapping[str, Any]) -> list[dict[str, Any]]:
                        "run_dir": str(run_dir), "date": discovered["date"],
                        "settings": discovered["settings"],
                        "model_sha256": discovered["model_sha256"]})
+    shards += _late_shards(discovered, manifest.get("late", []), devices, run_dir, len(shards))
+    for shard in shards:
+        shard["shards"] = len(shards)
     log.info("%d image(s) in %d shard(s): %s", len(images), len(shards),
              ", ".join(f"{s['device']}={s['images']}" for s in shards) or "nothing to do")
     return shards
 
 
+def _late_shards(discovered: Mapping[str, Any], late: list[Mapping[str, Any]], devices: list[str],
+                 run_dir: Path, first: int) -> list[dict[str, Any]]:
+    """Shards of earlier nights' late images: their own (a shard is one night: one drop
+    folder, one output folder, one staging file loaded into that night), byte-balanced."""
+    from image_etl.partition import balance
+
+    shards: list[dict[str, Any]] = []
+    for night in late:
+        images = night["images"]
+        for device, group in zip(devices, balance(images, [size for _, size in images],
+                                                  len(devices))):
+            k = first + len(shards)
+            shard_file = run_dir / f"shard-{k:03d}.json"
+            _write_json(shard_file, {"drop_dir": night["settings"]["drop_dir"], "images": group})
+            shards.append({"index": k, "device": device, "images": len(group),
+                           "bytes": sum(size for _, size in group), "shard_file": str(shard_file),
+                           "run_dir": str(run_dir), "date": night["date"], "late": True,
+                           "settings": night["settings"],
+                           "model_sha256": discovered["model_sha256"]})
+    return shards
+
+
 def shard_label(shard: Mapping[str, Any], device: str | None = None) -> str:
-    """What the UI shows for a mapped infer task: ``shard 1/2 · cuda:0 · 3 images``."""
+    """What the UI shows for a mapped infer task: ``shard 1/2 · cuda:0 · 3 images`` (and
+    ``· late, night 2026-11-19`` for a shard of an earlier night's late files)."""
     n = shard["images"]
+    late = f" · late, night {shard['date']}" if shard.get("late") else ""
     return (f"shard {shard['index'] + 1}/{shard.get('shards', '?')} · {device or shard['device']} · "
-            f"{n} image{'' if n == 1 else 's'}")
+            f"{n} image{'' if n == 1 else 's'}{late}")
 
 
 def infer_time_limit_s(shard: Mapping[str, Any]) -> float:
@@ -190,7 +267,8 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
                            staging_path=staging)
     summary = report.to_dict()
     _write_json(run_dir / f"shard-{shard['index']:03d}.report.json", summary)
-    return {"index": shard["index"], "device": report.device, "host": socket.gethostname(),
+    return {"index": shard["index"], "date": shard["date"], "device": report.device,
+            "host": socket.gethostname(),
             "staging": str(staging), "images": report.images, "processed": report.processed,
             "resumed": report.resumed, "ok": report.ok, "failed": report.failed,
             "detections": report.detections, "seconds": round(report.wall_s, 3),
@@ -213,6 +291,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     from image_etl.outputs import read_staging_header
 
     settings = _settings(discovered)
+    results, late = _split_late(discovered, results)
     shards: list[Mapping[str, Any]] = [r for r in results if r]
     _check_staging_present(shards)
     staging = [Path(r["staging"]) for r in shards]
@@ -224,7 +303,8 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
         store.migrate(engine)
         run = store.RunInfo(run_key=f"{dag_id}/{discovered['run_id']}", dag_id=dag_id,
                             run_id=discovered["run_id"], drop_date=settings.drop_date,
-                            settings=discovered["settings"], infer_seconds=_infer_span_s(shards))
+                            settings=discovered["settings"], infer_seconds=_infer_span_s(shards),
+                            **_identity_of(discovered))
         t0 = time.perf_counter()
         loaded: dict[str, float]
         if staging:
@@ -235,12 +315,72 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
             store.upsert_model(engine, discovered["model_sha256"], str(settings.model_path), names)
             store.record_empty_run(engine, run, discovered["model_sha256"])
             loaded = {"images": 0, "ok": 0, "failed": 0, "detections": 0}
+        caught_up = _load_late(engine, discovered, late, run)
+        _record_files(engine, discovered, run.run_key)
     finally:
         engine.dispose()
     loaded["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("loaded %d image(s) (%d failed), %d detection(s) for %s in %.1fs", loaded["images"],
              loaded["failed"], loaded["detections"], settings.drop_date, loaded["seconds"])
-    return loaded
+    return {**loaded, "caught_up": caught_up}
+
+
+def _split_late(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | None]
+                ) -> tuple[list[Mapping[str, Any] | None], list[Mapping[str, Any]]]:
+    """The shards of the run's own night, and those of earlier nights' late files."""
+    own: list[Mapping[str, Any] | None] = []
+    late: list[Mapping[str, Any]] = []
+    for r in results:
+        if r and r.get("date", discovered["date"]) != discovered["date"]:
+            late.append(r)
+        else:
+            own.append(r)
+    return own, late
+
+
+def _identity_of(discovered: Mapping[str, Any]) -> dict[str, Any]:
+    return {"result_key": discovered.get("result_key"),
+            "result_settings": discovered.get("result_settings")}
+
+
+def _load_late(engine: Any, discovered: Mapping[str, Any], late: list[Mapping[str, Any]],
+               run: Any) -> dict[str, dict[str, int]]:
+    """Each earlier night's late files into that night (its date and folders, marked caught
+    up), one transaction per night; this run's own ``runs`` row stays its night's."""
+    from image_etl import store
+    from image_etl.outputs import read_staging_header
+
+    if not late:
+        return {}
+    _check_staging_present(late)
+    manifest = json.loads(Path(discovered["manifest"]).read_text())
+    settings_of = {night["date"]: night["settings"] for night in manifest.get("late", [])}
+    by_night: dict[str, list[Path]] = {}
+    for r in late:
+        by_night.setdefault(r["date"], []).append(Path(r["staging"]))
+    caught_up = {}
+    for day, staging in sorted(by_night.items()):
+        header = read_staging_header(staging[0])
+        names = ({int(k): v for k, v in header["names"].items()}
+                 if header and "names" in header else None)
+        night = store.RunInfo(run_key=run.run_key, dag_id=run.dag_id, run_id=run.run_id,
+                              drop_date=dt.date.fromisoformat(day), settings=settings_of[day],
+                              caught_up=True, **_identity_of(discovered))
+        report = store.load_staged(engine, staging, night, names=names)
+        caught_up[day] = {"images": report.images, "ok": report.ok, "failed": report.failed}
+        log.info("caught up %d late image(s) of night %s (%d failed)", report.images, day,
+                 report.failed)
+    return caught_up
+
+
+def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str) -> None:
+    """Every night this run listed: its files as listed (the report's accounting)."""
+    from image_etl import store
+
+    manifest = json.loads(Path(discovered["manifest"]).read_text())
+    for day, files in manifest.get("files", {}).items():
+        store.record_night_files(engine, discovered["model_sha256"], dt.date.fromisoformat(day),
+                                 run_key, files)
 
 
 def _check_staging_present(results: list[Mapping[str, Any]]) -> None:
@@ -283,6 +423,7 @@ def report(discovered: Mapping[str, Any], loaded: Mapping[str, Any], *, db_url: 
              " (nothing new in the drop)" if not this_run.get("images") else "")
     log.info("drop %s, model %s…, all runs: %s", settings.drop_date, discovered["model_sha256"][:12],
              json.dumps(drop, ensure_ascii=False))
+    night = _account_for_night(discovered, loaded, db_url)
     prune_run_dirs(Path(discovered["run_dir"]))
     # Judged on the whole drop, not on this run alone: a re-run retries only the failed images
     # (plus late arrivals) and must not turn a healthy drop red because of them.
@@ -291,7 +432,42 @@ def report(discovered: Mapping[str, Any], loaded: Mapping[str, Any], *, db_url: 
                                  f"{settings.drop_date} failed, more than max_failed_fraction="
                                  f"{settings.max_failed_fraction}; their reasons are in the "
                                  "images table (status='failed')")
-    return {"date": settings.drop_date.isoformat(), "run": this_run, "drop": drop}
+    return {"date": settings.drop_date.isoformat(), "run": this_run, "drop": drop,
+            "night": night, "caught_up": loaded.get("caught_up", {}),
+            "reprocessed_for_settings": discovered.get("other_settings", 0)}
+
+
+def _account_for_night(discovered: Mapping[str, Any], loaded: Mapping[str, Any],
+                       db_url: str) -> dict[str, Any]:
+    """Every file of the run's night, read back from the DB, logged in one line each."""
+    from image_etl import store
+    from image_etl.identity import describe
+
+    engine = store.engine_from_url(db_url)
+    try:
+        with engine.connect() as conn:
+            night = store.night_accounting(conn, discovered["model_sha256"],
+                                           dt.date.fromisoformat(discovered["date"]))
+    finally:
+        engine.dispose()
+    log.info("night %s: %s image(s) listed, %d loaded ok, %d failed, %d caught up after its "
+             "own run; %s still being written%s; skipped: %s link(s), %s file(s) of other "
+             "extensions, %s hidden", discovered["date"], night["listed"], night["ok"],
+             night["failed"], night["caught_up"], night["unsettled"],
+             f" (e.g. {', '.join(night['unsettled_names'][:3])})" if night["unsettled"] else "",
+             night["skipped_links"], night["skipped_unknown"], night["skipped_hidden"])
+    for day, counts in sorted(loaded.get("caught_up", {}).items()):
+        log.info("caught up from night %s: %d late image(s) (%d failed)", day, counts["images"],
+                 counts["failed"])
+    if discovered.get("other_settings"):
+        log.info("processed again for other result settings: %d image(s)",
+                 discovered["other_settings"])
+    if night["mixed_settings"]:
+        log.warning("night %s mixes result settings: %s", discovered["date"], "; ".join(
+            f"{s['images']} image(s) with "
+            f"{describe(s['settings']) if s['settings'] is not None else 'settings not recorded'}"
+            for s in night["settings"]))
+    return night
 
 
 def prune_run_dirs(current: Path, keep_per_date: int = KEEP_RUNS_PER_DATE,

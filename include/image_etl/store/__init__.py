@@ -30,6 +30,7 @@ from image_etl.store.load import (
     load_staged,
     model_names,
     record_empty_run,
+    record_night_files,
     refresh_drop_totals,
     upsert_model,
 )
@@ -37,8 +38,11 @@ from image_etl.store.queries import (
     class_counts,
     count_if,
     drop_summary,
+    image_rows,
     latest_run,
     loaded_rel_paths,
+    night_accounting,
+    nights_that_ran,
 )
 from image_etl.store.revisions import (
     current_revision,
@@ -54,6 +58,8 @@ from image_etl.store.schema import (
     images,
     metadata,
     models,
+    night_files,
+    result_settings,
     runs,
 )
 
@@ -63,5 +69,6 @@ __all__ = [
     "drop_summary", "drop_totals", "engine_from_url", "head_revision", "history", "images",
     "latest_run", "load_staged", "loaded_rel_paths", "metadata", "migrate", "model_names",
     "models", "record_empty_run", "redact_url", "refresh_drop_totals", "results_url", "runs",
-    "upsert_model", "url_from_connection", "write_transaction",
+    "upsert_model", "url_from_connection", "write_transaction", "image_rows",
+    "night_accounting", "nights_that_ran", "night_files", "record_night_files", "result_settings",
 ]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Connection,
     Date,
@@ -51,6 +52,8 @@ from image_etl.store.schema import (
     drop_totals,
     images,
     models,
+    night_files,
+    result_settings,
     runs,
 )
 from image_etl.store.staging import ImageRow, StagedFile, read_headers, read_staged
@@ -73,6 +76,12 @@ class RunInfo:
     drop_date: dt.date
     settings: dict[str, Any]
     infer_seconds: float = 0.0
+    # The result settings the rows were made with (image_etl.identity); None: not recorded.
+    result_key: str | None = None
+    result_settings: dict[str, Any] | None = None
+    # Late files of an earlier night, loaded by this (later) run: their rows are marked
+    # caught_up and the run's own ``runs`` row (which describes its own night) is left alone.
+    caught_up: bool = False
 
 
 @dataclasses.dataclass
@@ -147,6 +156,31 @@ def record_empty_run(conn_or_engine: Connection | Engine, run: RunInfo,
         _upsert_run(conn, run, model_sha256, _now(), _Counts())
 
 
+def _record_result_settings(conn: Connection, run: RunInfo, now: dt.datetime) -> None:
+    """The row naming the run's result_key (kept as first written: equal key, equal settings)."""
+    if run.result_key is None:
+        return
+    stmt = dialect_insert(conn, result_settings).values(
+        result_key=run.result_key, first_seen=now,
+        settings=json.dumps(run.result_settings or {}, sort_keys=True, default=str))
+    conn.execute(stmt.on_conflict_do_nothing(index_elements=[result_settings.c.result_key]))
+
+
+def record_night_files(engine: Engine, sha: str, drop_date: dt.date, run_key: str,
+                       files: dict[str, Any]) -> None:
+    """A night's file accounting as ``run_key`` listed it (replacing an older listing)."""
+    _check_sha(sha)
+    row = {"model_sha256": sha, "drop_date": drop_date, "run_key": run_key,
+           "checked_at": _now(), "unsettled_names": json.dumps(files["unsettled_names"]),
+           **{k: int(files[k]) for k in ("listed", "unsettled", "skipped_links",
+                                          "skipped_unknown", "skipped_hidden")}}
+    with write_transaction(engine) as conn:
+        stmt = dialect_insert(conn, night_files).values(**row)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=[night_files.c.model_sha256, night_files.c.drop_date],
+            set_={k: stmt.excluded[k] for k in row if k not in ("model_sha256", "drop_date")}))
+
+
 def _names_json(names: dict[int, str]) -> str:
     return json.dumps({str(int(k)): str(v) for k, v in sorted(names.items())}, ensure_ascii=False)
 
@@ -200,12 +234,14 @@ def load_staged(engine: Engine, staging_files: list[Path], run: RunInfo,
                 conn.execute(select(func.pg_advisory_xact_lock(
                     _PG_LOCK_LOAD_NS, func.hashtext(f"{sha}/{run.drop_date.isoformat()}"))))
             upsert_model(conn, sha, str(header.get("model_path") or ""), names)
+            _record_result_settings(conn, run, now)
             if names is None:
                 names = model_names(conn, sha)
             counts = _replace(conn, files, sha, run, names or {}, now)
             if counts.images:
                 refresh_drop_totals(conn, sha, run.drop_date, now)
-        _upsert_run(conn, run, sha, now, counts)
+        if not run.caught_up:
+            _upsert_run(conn, run, sha, now, counts)
     seconds = time.perf_counter() - started
     report = LoadReport(images=counts.images, ok=counts.ok, failed=counts.failed,
                         detections=counts.detections, seconds=seconds,
@@ -286,10 +322,12 @@ def _upsert_images(conn: Connection, sha: str, run: RunInfo, now: dt.datetime) -
     source = select(
         literal(sha, String(64)), literal(run.drop_date, Date), s.c.rel_path,
         literal(run.run_key, Text), s.c.bytes, s.c.width, s.c.height, s.c.status, s.c.error,
-        literal(now, DateTime(timezone=True)), *folders,
+        literal(now, DateTime(timezone=True)), *folders, literal(run.result_key, String(16)),
+        literal(run.caught_up, Boolean),
     ).where(true()).order_by(s.c.rel_path)  # WHERE: SQLite's INSERT…SELECT…ON CONFLICT needs one
     cols = ["model_sha256", "drop_date", "rel_path", "run_key", "bytes", "width", "height",
-            "status", "error", "processed_at", "drop_dir", "output_dir"]
+            "status", "error", "processed_at", "drop_dir", "output_dir", "result_key",
+            "caught_up"]
     stmt = dialect_insert(conn, i).from_select(cols, source)
     stmt = stmt.on_conflict_do_update(
         index_elements=[i.c.model_sha256, i.c.drop_date, i.c.rel_path],

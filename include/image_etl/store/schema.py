@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Date,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 from image_etl.outputs import DET_FIELDS
@@ -64,6 +66,14 @@ runs = Table(
     Column("images_per_s", Double, nullable=True),  # NULL when the time is unknown
 )
 
+# One row per set of result settings (image_etl.identity): what a result_key stands for.
+result_settings = Table(
+    "result_settings", metadata,
+    Column("result_key", String(16), primary_key=True),
+    Column("settings", Text, nullable=False),  # JSON
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+)
+
 images = Table(
     "images", metadata,
     Column("id", _id_type(), primary_key=True, autoincrement=True),
@@ -82,6 +92,12 @@ images = Table(
     # loaded before revision 0002 whose run no longer records their night.
     Column("drop_dir", Text, nullable=True),
     Column("output_dir", Text, nullable=True),
+    # The result settings that produced the row (result_settings.result_key; NULL: loaded
+    # before revision 0003, not recorded), and whether a later night's run loaded it (a late
+    # file caught up into its own night).
+    Column("result_key", String(16),
+           ForeignKey("result_settings.result_key", name="images_result_key_fkey"), nullable=True),
+    Column("caught_up", Boolean, nullable=False, server_default=false()),
     # Its unique index also serves every lookup by (model_sha256, drop_date): a second
     # index on that prefix would only slow the loads down.
     UniqueConstraint("model_sha256", "drop_date", "rel_path", name="uq_images_identity"),
@@ -127,4 +143,21 @@ drop_class_totals = Table(
     ForeignKeyConstraint(["model_sha256", "drop_date"],
                          ["drop_totals.model_sha256", "drop_totals.drop_date"],
                          ondelete="CASCADE", name="fk_drop_class_totals_night"),
+)
+
+# A night's files as the last run that listed them saw them (its own run, or a later night's
+# look-back): what the report and the Detections page account for beside the loaded rows.
+night_files = Table(
+    "night_files", metadata,
+    Column("model_sha256", String(64), nullable=False),
+    Column("drop_date", Date, nullable=False),
+    Column("run_key", Text, nullable=False),
+    Column("checked_at", DateTime(timezone=True), nullable=False),
+    Column("listed", Integer, nullable=False),  # image files ready to read
+    Column("unsettled", Integer, nullable=False),  # image files still being written
+    Column("unsettled_names", Text, nullable=False),  # JSON list: the first few
+    Column("skipped_links", Integer, nullable=False),
+    Column("skipped_unknown", Integer, nullable=False),  # not a known image extension
+    Column("skipped_hidden", Integer, nullable=False),
+    PrimaryKeyConstraint("model_sha256", "drop_date", name="pk_night_files"),
 )

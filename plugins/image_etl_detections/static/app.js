@@ -234,11 +234,37 @@
             totals.classes.map((c) => card(c, totals.per_class[c], `class:${c}`))),
          totals.failed ? el("p", {}, link(`${fmt(totals.failed)} failed image(s) and their reasons`,
                                          {view: "failures", model, date})) : null,
+         nightFiles(totals.files),
          el("h2", {text: flt.class_name || flt.min_conf
            ? "Images with matching detections, most first" : "Images by detection count, most first"}),
          filters(totals.classes, flt, (c, m) => go({view: "night", model, date, class_name: c, min_conf: m})),
          imageTable(list, totals.classes, back),
          pager(list, {view: "night", model, date, ...flt}));
+  }
+
+  // Every file of the night, as the run's report counts them (the last listing of the folder).
+  function nightFiles(f) {
+    if (!f) return null;
+    const row = (key, value, field, extra) => el("tr", {},
+      el("th", {text: key}), cell(value, field), el("td", {class: "muted", text: extra || ""}));
+    const settings = (s) => s.settings ? Object.entries(s.settings).sort()
+      .map(([k, v]) => `${k}=${v === null ? "model" : v}`).join(" ") : "not recorded (loaded before settings were)";
+    return el("section", {id: "night-files"},
+      el("h2", {text: "Every file of the night"}),
+      el("table", {id: "night-files-table"}, el("tbody", {},
+        row("listed", f.listed, "listed", f.checked_at
+          ? `last listed ${f.checked_at.replace("T", " ").slice(0, 19)} UTC by run ${f.checked_by_run}` : "never listed since revision 0003"),
+        row("loaded ok", f.ok, "files-ok"),
+        row("failed", f.failed, "files-failed"),
+        row("caught up after the night's run", f.caught_up, "caught-up", "late files loaded by a later night's run"),
+        row("still being written", f.unsettled, "unsettled", (f.unsettled_names || []).join(", ")),
+        row("skipped: links", f.skipped_links, "skipped-links"),
+        row("skipped: other extensions", f.skipped_unknown, "skipped-unknown"),
+        row("skipped: hidden", f.skipped_hidden, "skipped-hidden"))),
+      f.mixed_settings ? el("p", {class: "failed", "data-field": "mixed-settings",
+                              text: "This night mixes result settings:"}) : null,
+      el("ul", {id: "result-settings"}, f.settings.map((s) => el("li", {"data-key": s.result_key || ""},
+        `${fmt(s.images)} image(s): ${settings(s)}`))));
   }
 
   async function failuresView() {
