@@ -39,7 +39,8 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         if spec.cli is None:
             continue
         env = f"; env {spec.env}" if spec.env else ""
-        text = f"{spec.title}. {spec.description}".rstrip(". ") + env
+        bounds = f" ({spec.bounds_text()})" if spec.bounds_text() and not spec.enum else ""
+        text = f"{spec.title}{bounds}. {spec.description}".rstrip(". ") + env
         if spec.kind is bool:
             parser.add_argument(spec.cli, dest=_flag_dest(spec.cli), default=DEFAULTS[name],
                                 action=argparse.BooleanOptionalAction, help=text)

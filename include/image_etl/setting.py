@@ -20,9 +20,10 @@ import msgspec
 
 from image_etl.errors import SettingsError
 
-# A size: a number, or HEIGHTxWIDTH.
-SIZE_PATTERN = r"^\s*\d{1,5}(\s*[xX]\s*\d{1,5})?\s*$"
-MIN_SIDE, MAX_SIDE = 32, 16384  # sides of an HxW size
+# The sides a size setting (imgsz, slice_size) may have, given as N or as HEIGHTxWIDTH alike:
+# 12000 x 2048 line scans at native resolution fit, with room.
+MIN_SIDE, MAX_SIDE = 32, 16384
+_SIZE_TEXT = re.compile(r"\s*(\d+)(?:\s*[xX]\s*(\d+))?\s*")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -50,7 +51,9 @@ class Setting:
     pattern_hint: str = ""  # what a value refused by ``pattern`` should look like
     nullable: bool = False
     format: str | None = None  # JSON-schema format of a string ("date")
-    sizes: bool = False  # a number, or text "HxW" (a size with two sides): see check_size
+    sizes: bool = False  # a number N (= NxN), or text "HxW": each side within the bounds
+    # (multiple_of is for plain numbers: a size's sides are rounded where they are used)
+    zero_is_off: bool = False  # a size: 0 also allowed, meaning off
 
     # --- derived: the library's type, the JSON schema ------------------------------------------
 
@@ -72,8 +75,12 @@ class Setting:
             schema["enum"] = list(self.enum)  # the declared order (msgspec sorts them)
         kinds = [_JSON_TYPES[self.kind], "string"] if self.sizes else [_JSON_TYPES[self.kind]]
         schema["type"] = ["null", *kinds] if self.nullable else (kinds if self.sizes else kinds[0])
-        if self.sizes and self.pattern:
-            schema["pattern"] = self.pattern
+        if self.sizes:
+            schema["pattern"] = self.size_pattern()
+            if self.zero_is_off:  # 0, or minimum..maximum
+                schema["minimum"] = 0
+                schema["not"] = {"type": "integer", "exclusiveMinimum": 0,
+                                 "exclusiveMaximum": self.minimum}
         if self.format:
             schema["format"] = self.format
         schema["title"] = self.title
@@ -81,6 +88,31 @@ class Setting:
             schema["description"] = self.description
         schema["section"] = self.section
         return schema
+
+    def size_pattern(self) -> str:
+        """The JSON-schema pattern of a size given as text: N or HxW, each side within the
+        bounds (so the form and REST refuse exactly what ``check`` refuses)."""
+        assert self.minimum is not None and self.maximum is not None
+        side = _int_pattern(int(self.minimum), int(self.maximum))
+        size = f"{side}(?:\\s*[xX]\\s*{side})?"
+        if self.zero_is_off:
+            size = f"0(?:\\s*[xX]\\s*0)?|{size}"
+        return rf"^(?:\s*(?:{size})\s*){'?' if self.nullable else ''}$"
+
+    def bounds_text(self) -> str:
+        """The allowed values in words (CLI help, README)."""
+        if self.enum:
+            return ", ".join(self.enum)
+        if self.minimum is None or self.maximum is None:
+            return ""
+        text = f"{self.minimum} to {self.maximum}"
+        if self.multiple_of:
+            text += f", a multiple of {self.multiple_of}"
+        if self.sizes:
+            text = f"N or HEIGHTxWIDTH, each side {text}"
+        if self.zero_is_off:
+            text = f"0 (off), or {text}"
+        return text + (", or empty" if self.nullable else "")
 
     # --- validation --------------------------------------------------------------------------
 
@@ -123,7 +155,8 @@ class Setting:
         if ">=" in error or "<=" in error:
             if _number(value, float) != _number(value, float):  # NaN
                 return f"expected a number, got {value!r}"
-            return f"must be between {self.minimum} and {self.maximum}, got {value!r}"
+            off = "0 (off) or " if self.zero_is_off else ""
+            return f"must be {off}between {self.minimum} and {self.maximum}, got {value!r}"
         return f"expected a {self.kind.__name__}, got {value!r}"
 
     def _flag(self, value: Any) -> bool:
@@ -145,25 +178,33 @@ def _number(value: Any, kind: type) -> Any:
 # --- sizes: a number or HEIGHTxWIDTH --------------------------------------------------------------
 
 def check_size(spec: Setting, value: Any) -> int | str:
-    """A size: a number (checked like any number) or ``"HxW"`` (each side 1 to MAX_SIDE);
-    kept as the number, or as the text ``"HxW"`` when its sides differ."""
-    text = value.strip() if isinstance(value, str) else None
-    if text is None or text.isdigit():
-        return _check_number(spec, int(text) if text is not None else value)
-    if not re.fullmatch(SIZE_PATTERN, text):
+    """A size: N (the same as NxN) or ``"HxW"``, each side within the setting's bounds (0
+    alone: off, where allowed); kept as the number, or as the text ``"HxW"`` when the sides
+    differ."""
+    if not isinstance(value, str):
+        return _check_number(spec, value)
+    match = _SIZE_TEXT.fullmatch(value)
+    if match is None:
         raise SettingsError(spec.name, f"{value!r} is not valid: {spec.pattern_hint}")
-    h, w = (int(v) for v in re.split(r"\s*[xX]\s*", text))
+    h, w = int(match[1]), int(match[2] or match[1])
     if h == w:
-        return _check_number(spec, h)
-    if not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
-        raise SettingsError(spec.name, f"each side must be between {MIN_SIDE} and {MAX_SIDE}, "
-                            f"got {value!r}")
-    return f"{h}x{w}"
+        number = _check_number(spec, h)
+    else:
+        for side in (h, w):
+            if not (spec.minimum or 0) <= side <= (spec.maximum or side):
+                raise SettingsError(spec.name, f"each side must be between {spec.minimum} and "
+                                    f"{spec.maximum}, got {value!r}")
+        number = None
+    if not re.fullmatch(spec.size_pattern(), value):  # a leading zero, say: as the form would
+        raise SettingsError(spec.name, f"{value!r} is not valid: {spec.pattern_hint}")
+    return number if number is not None else f"{h}x{w}"
 
 
 def _check_number(spec: Setting, value: Any) -> Any:
     if isinstance(value, bool):
         raise SettingsError(spec.name, f"expected a {spec.kind.__name__}, got {value!r}")
+    if spec.zero_is_off and value == 0:
+        return 0
     try:
         return msgspec.convert(value, spec.value_type(), strict=False)
     except msgspec.ValidationError as exc:
@@ -178,6 +219,47 @@ def size_hw(value: int | str | None) -> tuple[int, int] | None:
         return value, value
     h, w = (int(v) for v in re.split(r"\s*[xX]\s*", value.strip()))
     return h, w
+
+
+def _int_pattern(lo: int, hi: int) -> str:
+    """A regex alternation matching the decimal numbers lo..hi (no leading zeros)."""
+    parts: list[str] = []
+    for digits in range(len(str(lo)), len(str(hi)) + 1):
+        first = max(lo, 10 ** (digits - 1) if digits > 1 else 0)
+        parts += _digit_ranges(str(first), str(min(hi, 10 ** digits - 1)))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _digit_ranges(lo: str, hi: str) -> list[str]:
+    """Regexes for the numbers lo..hi written with the same number of digits."""
+    if lo == hi:
+        return [lo]
+    rest = len(lo) - 1
+    if lo == "0" * len(lo) and hi == "9" * len(hi):
+        return [rf"\d{{{len(lo)}}}"]
+    if lo[0] == hi[0]:
+        return [lo[0] + p for p in _digit_ranges(lo[1:], hi[1:])]
+    parts = [lo[0] + p for p in _digit_ranges(lo[1:], "9" * rest)] if rest else [lo[0]]
+    if int(hi[0]) - int(lo[0]) > 1:
+        parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]" + (rf"\d{{{rest}}}" if rest else ""))
+    parts += [hi[0] + p for p in _digit_ranges("0" * rest, hi[1:])] if rest else [hi[0]]
+    return parts
+
+
+def slice_count(height: int, width: int, slice_hw: tuple[int, int], overlap: float) -> int:
+    """How many windows ``slicing.slice_grid`` makes, counted without making them: rows x
+    columns, each axis stepping by the slice minus its overlap until it reaches the edge."""
+
+    def along(length: int, size: int) -> int:
+        step_back, end, count = int(overlap * size), 0, 0
+        start = 0
+        while end < length:
+            end = start + size
+            count += 1
+            start = end - step_back
+        return count
+
+    return along(height, slice_hw[0]) * along(width, slice_hw[1])
 
 
 # --- paths ---------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from image_etl.errors import SettingsError
-from image_etl.setting import MAX_SIDE, MIN_SIDE, SIZE_PATTERN, Setting, absolute_path, size_hw
+from image_etl.setting import MAX_SIDE, MIN_SIDE, Setting, absolute_path, size_hw, slice_count
 
 __all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings", "RunSettings",
-           "check", "env_defaults", "absolute_path", "size_hw", "MIN_SIDE", "MAX_SIDE"]
+           "check", "env_defaults", "absolute_path", "size_hw", "MIN_SIDE", "MAX_SIDE",
+           "MAX_SLICES_PER_IMAGE"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = PROJECT_ROOT / "models" / "demo-yolo11n-2cls.pt"
@@ -66,11 +67,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("model_path", str, str(DEMO_MODEL), "Model weights", section=_M, env="IMAGE_ETL_MODEL",
             description="Absolute path to an Ultralytics .pt file (never downloaded)."),
     Setting("imgsz", int, None, "Image size", section=_M, env="IMAGE_ETL_IMGSZ", cli="--imgsz",
-            nullable=True, minimum=32, maximum=8192, multiple_of=32, sizes=True,
-            pattern=SIZE_PATTERN, pattern_hint="use a number like 640 or HEIGHTxWIDTH like 12000x2048",
-            description="Model input size: 640, or HEIGHTxWIDTH (e.g. 12000x2048, each side "
-                        "rounded up to the model's stride) for a model trained at high "
-                        "resolution; empty = the model's own."),
+            nullable=True, minimum=MIN_SIDE, maximum=MAX_SIDE, sizes=True,
+            pattern_hint="use a number like 640 or HEIGHTxWIDTH like 12000x2048",
+            description="Model input size: 640, or HEIGHTxWIDTH (e.g. 12000x2048) for a model "
+                        "trained at high resolution, each side rounded up to the model's "
+                        "stride as Ultralytics does; empty = the model's own."),
     Setting("conf", float, 0.25, "Confidence threshold", section=_M, env="IMAGE_ETL_CONF",
             cli="--conf", minimum=0, maximum=1),
     Setting("iou", float, 0.7, "NMS IoU threshold", section=_M, env="IMAGE_ETL_IOU", cli="--iou",
@@ -104,11 +105,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                         "each image of its shard (in sliced mode, for each 8 slices of a "
                         "2048 x 12000 image): a stuck task is killed and frees its GPU."),
     Setting("slice_size", int, 0, "Slice size", section=_SL, env="IMAGE_ETL_SLICE_SIZE",
-            cli="--slice-size", minimum=0, maximum=8192, sizes=True, pattern=SIZE_PATTERN,
+            cli="--slice-size", minimum=MIN_SIDE, maximum=MAX_SIDE, sizes=True, zero_is_off=True,
             pattern_hint="use 0 (off), a number like 640 or HEIGHTxWIDTH like 640x480",
             description="Sliced inference for small defects: the model runs on overlapping "
                         "native-resolution slices of this size (pixels, or HEIGHTxWIDTH) and "
-                        "their boxes are merged per image, as SAHI does. 0: off (whole image)."),
+                        "their boxes are merged per image, as SAHI does. 0: off (whole image). "
+                        "At most MAX_SLICES_PER_IMAGE slices of a 2048 x 12000 image."),
     Setting("slice_overlap", float, 0.2, "Slice overlap", section=_SL,
             env="IMAGE_ETL_SLICE_OVERLAP", cli="--slice-overlap", minimum=0, maximum=0.9,
             description="Overlap of neighbouring slices, as a fraction of the slice size "
@@ -162,6 +164,26 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 
 DAG_PARAMS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if s.section)
 
+# The most slices one image may become: what a 2048 x 12000 line scan gives at the smallest
+# slice side and the default overlap (36,498). Bounds the work slice_size and slice_overlap
+# can ask for together (32 px slices at overlap 0.9 would be 1.5 M per image).
+REFERENCE_FRAME_HW = (12000, 2048)
+MAX_SLICES_PER_IMAGE = slice_count(*REFERENCE_FRAME_HW, (MIN_SIDE, MIN_SIDE),
+                                   SETTINGS["slice_overlap"].default)
+
+
+def check_slice_work(slice_size: int | str, slice_overlap: float) -> None:
+    """SettingsError naming slice_size when its slices of a reference frame are too many."""
+    slice_hw = size_hw(slice_size)
+    if slice_hw is None:
+        return
+    count = slice_count(*REFERENCE_FRAME_HW, slice_hw, slice_overlap)
+    if count > MAX_SLICES_PER_IMAGE:
+        raise SettingsError("slice_size", f"{slice_size} with slice_overlap {slice_overlap} "
+                            f"makes {count:,} slices of a 2048 x 12000 image, more than "
+                            f"MAX_SLICES_PER_IMAGE ({MAX_SLICES_PER_IMAGE:,}); use larger "
+                            "slices or less overlap")
+
 
 # --- validation (image_etl.setting: msgspec, with our messages) ----------------------------------
 
@@ -187,6 +209,11 @@ def env_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
             defaults[name] = check(name, raw)
         except SettingsError as exc:
             raise SettingsError(name, f"{exc.problem} (from {spec.env})") from None
+    try:
+        check_slice_work(defaults["slice_size"], defaults["slice_overlap"])
+    except SettingsError as exc:
+        raise SettingsError(exc.name, f"{exc.problem} (from IMAGE_ETL_SLICE_SIZE and "
+                            "IMAGE_ETL_SLICE_OVERLAP)") from None
     defaults["schedule"] = env.get("IMAGE_ETL_SCHEDULE", "0 2 * * *")
     defaults["allowed_roots"] = tuple(Path(p) for p in env.get("IMAGE_ETL_ALLOWED_ROOTS", "").split(":")
                                       if p)
@@ -230,6 +257,7 @@ class InferSettings:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             object.__setattr__(self, field.name, check(field.name, getattr(self, field.name)))
+        check_slice_work(self.slice_size, self.slice_overlap)
         if self.sliced and self.fast_decode:
             raise SettingsError("fast_decode", "cannot be combined with slice_size: the slices "
                                 "need the full-resolution image (turn one of them off)")
