@@ -1,0 +1,176 @@
+"""Every bounded setting is accepted or refused alike whichever way it comes: the trigger form
+and REST (the DAG's Param schema, validated as Airflow does), the settings validator, the CLI's
+flags and the ``IMAGE_ETL_*`` defaults; a refusal names the parameter. Edges: just inside and
+just outside each bound, as a number and as text, and as ``HxW`` for a size."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from image_etl.errors import SettingsError
+from image_etl.settings import SETTINGS, check, env_defaults
+
+from .conftest import ROOT
+
+BOUNDED = [s for s in SETTINGS.values() if s.minimum is not None and s.maximum is not None]
+OFF_AT_ZERO = {"slice_size"}  # sizes for which 0 means off
+
+
+def _edges(name: str) -> list[tuple[Any, bool]]:
+    """(value, accepted) just inside and just outside each bound."""
+    spec = SETTINGS[name]
+    lo, hi = spec.minimum, spec.maximum
+    assert lo is not None and hi is not None
+    step = 1 if spec.kind is int else 0.001
+    cases = [(lo, True), (hi, True), (round(lo - step, 6), False), (round(hi + step, 6), False)]
+    if spec.sizes:
+        lo, hi = int(lo), int(hi)
+        cases += [(f"{lo}x{hi}", True), (f"{hi}x{lo}", True), (f"{lo - 1}x{hi}", False),
+                  (f"{lo}x{hi + 1}", False), (f"{hi + 1}x{hi + 1}", False),
+                  (12000, True), ("12000x2048", True), ("2048x12000", True), (1, False),
+                  ("1x2", False), ("1x1", False)]
+        if name in OFF_AT_ZERO:
+            cases += [(0, True), ("0", True)]
+    return cases
+
+
+CASES = [pytest.param(s.name, v, ok, id=f"{s.name}={v}") for s in BOUNDED for v, ok in _edges(s.name)]
+
+
+@pytest.fixture(scope="module")
+def dag_schemas() -> dict[str, dict]:
+    """The Param schemas of the DAG as its file builds them (what the form and REST check)."""
+    spec = importlib.util.spec_from_file_location("nightly_dag_bounds", ROOT / "dags/nightly_detections.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = module._params()
+    return {name: params.get_param(name).schema for name in params}
+
+
+def _by_validator(name: str, value: Any) -> str | None:
+    try:
+        check(name, value)
+    except SettingsError as exc:
+        assert exc.name == name, exc
+        return str(exc)
+    return None
+
+
+def _by_schema(schema: dict, name: str, value: Any) -> str | None:
+    """As the API server checks a trigger's conf: the DAG's ParamsDict, validated."""
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    try:
+        ParamsDict({name: Param(value, **schema)}).validate()
+    except ParamValidationError as exc:
+        assert f"param {name}:" in str(exc), exc
+        return str(exc)
+    return None
+
+
+def _by_cli(flag: str, name: str, value: Any) -> str | None:
+    from image_etl import cli
+
+    args = cli.build_parser().parse_args(["infer", "/nowhere", "--out", "/nowhere", flag, str(value)])
+    try:
+        cli.infer_settings(args)
+    except SettingsError as exc:
+        assert exc.name == name, exc
+        return str(exc)
+    return None
+
+
+def _by_env(variable: str, name: str, value: Any) -> str | None:
+    try:
+        env_defaults({variable: str(value)})
+    except SettingsError as exc:
+        assert exc.name == name and f"(from {variable})" in str(exc), exc
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize(("name", "value", "accepted"), CASES)
+def test_every_path_accepts_or_refuses_alike(dag_schemas, name, value, accepted):
+    spec = SETTINGS[name]
+    outcomes = {"validator": _by_validator(name, value),
+                "validator (text)": _by_validator(name, str(value))}
+    if name in dag_schemas:
+        outcomes["form/REST schema"] = _by_schema(dag_schemas[name], name, value)
+    if spec.cli:
+        outcomes[f"CLI {spec.cli}"] = _by_cli(spec.cli, name, value)
+    if spec.env:
+        outcomes[f"env {spec.env}"] = _by_env(spec.env, name, value)
+    wrong = {path: error for path, error in outcomes.items() if (error is None) != accepted}
+    assert not wrong, f"expected {'accepted' if accepted else 'refused'} by every path: {wrong}"
+    for path, error in outcomes.items():  # Airflow says "Invalid input for param NAME: ..."
+        named = f"param {name}:" if path == "form/REST schema" else f"invalid parameter {name}:"
+        assert error is None or named in error, (path, error)
+
+
+def test_every_dag_param_with_bounds_is_in_the_table():
+    """The table above covers every number and size the trigger form offers."""
+    numeric = {s.name for s in SETTINGS.values() if s.kind in (int, float)}
+    assert numeric - {s.name for s in BOUNDED} == set()
+    assert {s.name for s in SETTINGS.values() if s.zero_is_off} == OFF_AT_ZERO
+
+
+# --- the work a setting can cause: slices per image --------------------------------------------
+
+def test_slice_count_is_the_grid_slicing_makes():
+    from image_etl.setting import slice_count
+    from image_etl.slicing import slice_grid
+
+    for hw in ((12000, 2048), (3000, 512), (640, 640), (100, 50)):
+        for slice_hw in ((32, 32), (320, 320), (640, 480), (33, 47), (20000, 20000)):
+            for overlap in (0, 0.2, 0.5, 0.9):
+                assert slice_count(*hw, slice_hw, overlap) == len(slice_grid(*hw, slice_hw, overlap))
+
+
+def test_slices_per_image_are_capped_in_every_path(tmp_path):
+    """The smallest slice at the default overlap is the cap (accepted); the same slice at more
+    overlap makes more slices than the cap: refused naming slice_size and the cap, by the
+    settings (the DAG's discover), the CLI (exit 2, before any image) and the env defaults."""
+    from image_etl import cli
+    from image_etl.settings import MAX_SLICES_PER_IMAGE, InferSettings, RunSettings
+    from image_etl.slicing import slice_grid
+
+    assert MAX_SLICES_PER_IMAGE == len(slice_grid(12000, 2048, (32, 32), 0.2))
+    InferSettings(slice_size=32, slice_overlap=0.2)
+    env_defaults({"IMAGE_ETL_SLICE_SIZE": "32"})
+    too_many = re.escape("invalid parameter slice_size: 32 with slice_overlap 0.5 makes 95,123 "
+                         "slices of a 2048 x 12000 image, more than MAX_SLICES_PER_IMAGE (36,498)")
+    with pytest.raises(SettingsError, match=too_many):
+        InferSettings(slice_size=32, slice_overlap=0.5)
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"weights")
+    with pytest.raises(SettingsError, match=too_many):
+        RunSettings.from_params({"slice_size": "32x32", "slice_overlap": 0.5, "model_path": str(model),
+                                 "drop_dir": str(tmp_path), "output_dir": str(tmp_path)},
+                                dt.date(2026, 11, 20))
+    with pytest.raises(SettingsError, match=too_many):
+        env_defaults({"IMAGE_ETL_SLICE_SIZE": "32", "IMAGE_ETL_SLICE_OVERLAP": "0.5"})
+    args = cli.build_parser().parse_args(["infer", "/nowhere", "--out", "/nowhere", "--slice-size",
+                                          "32", "--slice-overlap", "0.5"])
+    with pytest.raises(SettingsError, match=too_many):
+        cli.infer_settings(args)
+
+
+def test_cli_refuses_a_tiny_slice_before_any_work(tmp_path):
+    """The issue's example, end to end: exit status 2 and the message, no output written."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "image_etl", "infer", str(tmp_path), "--out", str(out),
+                           "--slice-size", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("error: invalid parameter slice_size: must be 0 (off) or "
+                                   "between 32 and 16384, got 1")
+    assert not out.exists()
