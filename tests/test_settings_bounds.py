@@ -10,6 +10,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -174,3 +175,36 @@ def test_cli_refuses_a_tiny_slice_before_any_work(tmp_path):
     assert proc.stderr.strip() == ("error: invalid parameter slice_size: must be 0 (off) or "
                                    "between 32 and 16384, got 1")
     assert not out.exists()
+
+
+# --- the README's table is the declaration ----------------------------------------------------------
+
+def readme_settings() -> dict[str, dict[str, str]]:
+    """The README's settings table: name → its cells (backticks removed)."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip().replace("`", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and line.startswith("| `"):
+            rows[cells[0]] = dict(zip(("section", "cli", "env", "default", "allowed"), cells[1:]))
+    return rows
+
+
+def documented_default(spec) -> str:
+    from image_etl.settings import PROJECT_ROOT
+
+    if spec.name == "model_path":
+        return str(Path(spec.default).relative_to(PROJECT_ROOT))
+    if spec.default is None:
+        return "empty"
+    return str(spec.default).lower() if spec.kind is bool else str(spec.default)
+
+
+def test_readme_lists_every_setting_as_declared():
+    rows = readme_settings()
+    assert list(rows) == list(SETTINGS)
+    for name, spec in SETTINGS.items():
+        row = rows[name]
+        assert row["section"] == (spec.section or "engine only"), name
+        assert (row["cli"], row["env"]) == (spec.cli or "", spec.env or ""), name
+        assert row["default"] == documented_default(spec), name
+        assert spec.bounds_text() in row["allowed"], name
