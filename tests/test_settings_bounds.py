@@ -6,7 +6,6 @@ just outside each bound, as a number and as text, and as ``HxW`` for a size."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import re
 import subprocess
 import sys
@@ -46,14 +45,14 @@ CASES = [pytest.param(s.name, v, ok, id=f"{s.name}={v}") for s in BOUNDED for v,
 
 
 @pytest.fixture(scope="module")
-def dag_schemas() -> dict[str, dict]:
-    """The Param schemas of the DAG as its file builds them (what the form and REST check)."""
-    spec = importlib.util.spec_from_file_location("nightly_dag_bounds", ROOT / "dags/nightly_detections.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    params = module._params()
-    return {name: params.get_param(name).schema for name in params}
+def server_dag(airflow_home):
+    """The DAG as the API server holds it: parsed, serialized and read back. A trigger's conf
+    (the form's or a REST client's) is validated against these params (``create_dagrun``)."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("nightly_detections")
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag))
 
 
 def _by_validator(name: str, value: Any) -> str | None:
@@ -65,14 +64,12 @@ def _by_validator(name: str, value: Any) -> str | None:
     return None
 
 
-def _by_schema(schema: dict, name: str, value: Any) -> str | None:
-    """As the API server checks a trigger's conf: the DAG's ParamsDict, validated."""
-    from airflow.sdk import Param
-    from airflow.sdk.definitions.param import ParamsDict
+def _by_schema(server_dag, name: str, value: Any) -> str | None:
+    """As the API server checks a trigger's conf: the DAG's params with it merged, validated."""
     from airflow.sdk.exceptions import ParamValidationError
 
     try:
-        ParamsDict({name: Param(value, **schema)}).validate()
+        server_dag.params.deep_merge({name: value}).validate()
     except ParamValidationError as exc:
         assert f"param {name}:" in str(exc), exc
         return str(exc)
@@ -101,12 +98,12 @@ def _by_env(variable: str, name: str, value: Any) -> str | None:
 
 
 @pytest.mark.parametrize(("name", "value", "accepted"), CASES)
-def test_every_path_accepts_or_refuses_alike(dag_schemas, name, value, accepted):
+def test_every_path_accepts_or_refuses_alike(server_dag, name, value, accepted):
     spec = SETTINGS[name]
     outcomes = {"validator": _by_validator(name, value),
                 "validator (text)": _by_validator(name, str(value))}
-    if name in dag_schemas:
-        outcomes["form/REST schema"] = _by_schema(dag_schemas[name], name, value)
+    if spec.section:
+        outcomes["form/REST schema"] = _by_schema(server_dag, name, value)
     if spec.cli:
         outcomes[f"CLI {spec.cli}"] = _by_cli(spec.cli, name, value)
     if spec.env:
