@@ -122,16 +122,34 @@ def test_every_dag_param_with_bounds_is_in_the_table():
     assert {s.name for s in SETTINGS.values() if s.zero_is_off} == OFF_AT_ZERO
 
 
+@pytest.mark.parametrize("name", [s.name for s in BOUNDED if s.sizes])
+def test_size_schema_and_validator_agree_on_every_side(name):
+    """Sides around both bounds and across the range, as a number, as text and in HxW text:
+    the JSON schema (its pattern and number bounds) and the validator accept exactly alike."""
+    import jsonschema
+
+    schema = {k: v for k, v in SETTINGS[name].json_schema().items()
+              if k not in ("title", "description", "section")}
+    validator = jsonschema.Draft202012Validator(schema)
+    top = int(SETTINGS[name].maximum)
+    for side in sorted({*range(0, 1100), *range(top - 1100, top + 1100), *range(0, top, 37)}):
+        for value in (side, str(side), f"{side}x640", f"640 X {side}"):
+            by_schema = validator.is_valid(value)
+            assert by_schema == (_by_validator(name, value) is None), (value, by_schema)
+
+
 # --- the work a setting can cause: slices per image --------------------------------------------
 
 def test_slice_count_is_the_grid_slicing_makes():
     from image_etl.setting import slice_count
     from image_etl.slicing import slice_grid
 
-    for hw in ((12000, 2048), (3000, 512), (640, 640), (100, 50)):
-        for slice_hw in ((32, 32), (320, 320), (640, 480), (33, 47), (20000, 20000)):
-            for overlap in (0, 0.2, 0.5, 0.9):
-                assert slice_count(*hw, slice_hw, overlap) == len(slice_grid(*hw, slice_hw, overlap))
+    cases = [((12000, 2048), (32, 32), 0.2), ((12000, 2048), (640, 480), 0.5)]
+    cases += [(hw, slice_hw, overlap) for hw in ((3000, 512), (640, 640), (100, 50))
+              for slice_hw in ((32, 32), (320, 320), (640, 480), (33, 47), (20000, 20000))
+              for overlap in (0, 0.2, 0.5, 0.9)]
+    for hw, slice_hw, overlap in cases:
+        assert slice_count(*hw, slice_hw, overlap) == len(slice_grid(*hw, slice_hw, overlap))
 
 
 def test_slices_per_image_are_capped_in_every_path(tmp_path):

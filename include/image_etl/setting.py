@@ -52,8 +52,14 @@ class Setting:
     nullable: bool = False
     format: str | None = None  # JSON-schema format of a string ("date")
     sizes: bool = False  # a number N (= NxN), or text "HxW": each side within the bounds
-    # (multiple_of is for plain numbers: a size's sides are rounded where they are used)
     zero_is_off: bool = False  # a size: 0 also allowed, meaning off
+
+    def __post_init__(self) -> None:
+        # A size's sides are bounded alike in both forms; they are rounded to the model's
+        # stride where they are used, so a size has no multiple_of.
+        if self.sizes and (self.minimum is None or self.maximum is None or self.multiple_of):
+            raise ValueError(f"size setting {self.name}: declare minimum and maximum, "
+                             "no multiple_of")
 
     # --- derived: the library's type, the JSON schema ------------------------------------------
 
@@ -234,16 +240,18 @@ def _digit_ranges(lo: str, hi: str) -> list[str]:
     """Regexes for the numbers lo..hi written with the same number of digits."""
     if lo == hi:
         return [lo]
+    if len(lo) == 1:
+        return [f"[{lo}-{hi}]"]
     rest = len(lo) - 1
+    any_rest = r"\d" if rest == 1 else rf"\d{{{rest}}}"
     if lo == "0" * len(lo) and hi == "9" * len(hi):
         return [rf"\d{{{len(lo)}}}"]
     if lo[0] == hi[0]:
         return [lo[0] + p for p in _digit_ranges(lo[1:], hi[1:])]
-    parts = [lo[0] + p for p in _digit_ranges(lo[1:], "9" * rest)] if rest else [lo[0]]
+    parts = [lo[0] + p for p in _digit_ranges(lo[1:], "9" * rest)]
     if int(hi[0]) - int(lo[0]) > 1:
-        parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]" + (rf"\d{{{rest}}}" if rest else ""))
-    parts += [hi[0] + p for p in _digit_ranges("0" * rest, hi[1:])] if rest else [hi[0]]
-    return parts
+        parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]" + any_rest)
+    return parts + [hi[0] + p for p in _digit_ranges("0" * rest, hi[1:])]
 
 
 def slice_count(height: int, width: int, slice_hw: tuple[int, int], overlap: float) -> int:
