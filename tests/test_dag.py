@@ -56,18 +56,53 @@ def test_dag_shape(dag):
     assert not any(getattr(t, "multiple_outputs", False) for t in dag.tasks)
 
 
-def test_params_are_the_settings_declaration(dag):
-    """The trigger form is derived from image_etl.settings: same names, defaults, schema."""
-    assert list(dag.params) == list(DAG_PARAMS)
-    for name in DAG_PARAMS:
-        schema = dag.params.get_param(name).schema
-        assert {k: schema[k] for k in ("title", "section")} == {
-            "title": SETTINGS[name].title, "section": SETTINGS[name].section}
+def test_trigger_form_shows_the_documented_defaults_and_bounds(airflow_home, monkeypatch):
+    """The form and REST, as the DAG file builds them with no IMAGE_ETL_* set: the params the
+    README documents, in its order, with its defaults; each number and size takes the README's
+    bounds and refuses a step past them (sizes as N and as HxW alike)."""
+    import re
+
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from .test_settings_bounds import readme_settings
+
+    for spec in SETTINGS.values():
+        if spec.env:
+            monkeypatch.delenv(spec.env, raising=False)
+    dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("nightly_detections")
+    documented = {n: row for n, row in readme_settings().items() if row["section"] != "engine only"}
+    assert list(dag.params) == list(documented) == list(DAG_PARAMS)
+    for name, row in documented.items():
+        param = dag.params.get_param(name)
+        value = param.value
+        shown = ("empty" if value is None else str(value).lower() if isinstance(value, bool)
+                 else str(Path(value).relative_to(ROOT)) if name == "model_path" else str(value))
+        assert shown == row["default"], name
+        bounds = re.search(r"(-?[\d.]+) to (-?[\d.]+)", row["allowed"])
+        if bounds is None:
+            continue
+        lo, hi = (float(b) if "." in b else int(b) for b in bounds.groups())
+        step = 0.001 if param.schema["type"] == "number" else 1
+        for inside in (lo, hi):
+            param.resolve(inside)
+        for outside in (round(lo - step, 6), round(hi + step, 6)):
+            with pytest.raises(ParamValidationError):
+                param.resolve(outside)
+        if "HEIGHTxWIDTH" in row["allowed"]:
+            param.resolve(f"{lo}x{hi}")
+            for outside in (f"{lo - 1}x{hi}", f"{lo}x{hi + 1}"):
+                with pytest.raises(ParamValidationError):
+                    param.resolve(outside)
+    # The issue's examples: a number and the same HxW are alike.
+    dag.params.get_param("imgsz").resolve(12000)
+    dag.params.get_param("imgsz").resolve("12000x2048")
+    for tiny in (1, "1x2"):
+        with pytest.raises(ParamValidationError):
+            dag.params.get_param("slice_size").resolve(tiny)
     devices = dag.params.get_param("devices")
     for good in ("auto", "cpu", "cpu,cpu", "0,1", "cuda:0,cuda:1", " cuda:0 , 1 "):
         devices.resolve(good)
-    from airflow.sdk.exceptions import ParamValidationError
-
     for bad in ("gpu7", "", "cpu;rm", "0,,1", "cuda0"):
         with pytest.raises(ParamValidationError, match="devices|pattern|does not match|short"):
             devices.resolve(bad)

@@ -76,7 +76,7 @@ def test_lease_released_when_holder_dies(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "name"), [
     ({"conf": 1.5}, "conf"), ({"iou": -0.1}, "iou"), ({"batch_size": 0}, "batch_size"),
-    ({"imgsz": 650}, "imgsz"), ({"imgsz": "big"}, "imgsz"), ({"fast_decode": "maybe"}, "fast_decode"),
+    ({"imgsz": 16385}, "imgsz"), ({"imgsz": "big"}, "imgsz"), ({"fast_decode": "maybe"}, "fast_decode"),
     ({"batch_size": 2.5}, "batch_size"), ({"conf": True}, "conf"),
 ])
 def test_settings_refuse_bad_values_naming_them(kwargs, name):

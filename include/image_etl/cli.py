@@ -39,7 +39,8 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         if spec.cli is None:
             continue
         env = f"; env {spec.env}" if spec.env else ""
-        text = f"{spec.title}. {spec.description}".rstrip(". ") + env
+        bounds = f" ({spec.bounds_text()})" if spec.bounds_text() and not spec.enum else ""
+        text = f"{spec.title}{bounds}. {spec.description}".rstrip(". ") + env
         if spec.kind is bool:
             parser.add_argument(spec.cli, dest=_flag_dest(spec.cli), default=DEFAULTS[name],
                                 action=argparse.BooleanOptionalAction, help=text)
@@ -175,12 +176,7 @@ def _infer(args: argparse.Namespace) -> int:
     from image_etl.outputs import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
-    values = _setting_values(args)
-    max_failed = check("max_failed_fraction", values.pop("max_failed_fraction"))
-    if args.out is None and not args.beside_images:
-        raise SettingsError("out", "give an output folder, or --beside-images")
-    device = _one_device(str(values.pop("devices")))
-    settings = InferSettings.from_params(values)
+    settings, device, max_failed = infer_settings(args)
     root = args.images_dir.resolve()
     listing = list_images(root)
     tasks = [ImageTask(root / f.rel_path, f.rel_path) for f in listing.images]
@@ -196,6 +192,17 @@ def _infer(args: argparse.Namespace) -> int:
     print(f"{report.processed} images ({report.failed} failed, {report.resumed} resumed), "
           f"{report.detections} detections, {report.images_per_s:.2f} images/s")
     return _judge_failures(report, args.staging, max_failed)
+
+
+def infer_settings(args: argparse.Namespace) -> tuple[InferSettings, str, float]:
+    """``infer``'s settings from its flags, all checked before any work (SettingsError naming
+    the first bad one): the worker's settings, the one device, the max failed fraction."""
+    values = _setting_values(args)
+    max_failed = check("max_failed_fraction", values.pop("max_failed_fraction"))
+    if args.out is None and not args.beside_images:
+        raise SettingsError("out", "give an output folder, or --beside-images")
+    device = _one_device(str(values.pop("devices")))
+    return InferSettings.from_params(values), device, max_failed
 
 
 def _one_device(spec: str) -> str:

@@ -1,15 +1,13 @@
 """Every parameter declared once, and the validated, frozen settings built from them.
 
 ``SETTINGS`` is the one declaration: name, type, default, bounds, title, description, form
-section, environment variable and CLI flag of each parameter. The DAG's ``Param`` objects
-(``json_schema``), the CLI's flags and help (``cli.py``), the deployment's ``IMAGE_ETL_*``
-defaults (``env_defaults``) and the validation with its ``invalid parameter NAME: ...``
-messages (``check``) are all derived from it. A plain table of dataclasses rather than a
-Pydantic model: the Airflow trigger form wants JSON-schema ``type: ["null", "integer"]`` and a
-``section`` per field, and errors must name the parameter first; Pydantic would need its
-``anyOf`` schemas and its error texts rewritten for both.
+section, environment variable and CLI flag of each parameter (a ``Setting``, in
+``image_etl.setting``, which derives from one row its msgspec type, its JSON schema and its
+messages). The DAG's ``Param`` objects (``json_schema``), the CLI's flags and help
+(``cli.py``), the deployment's ``IMAGE_ETL_*`` defaults (``env_defaults``) and the validation
+with its ``invalid parameter NAME: ...`` messages (``check``) are all derived from it.
 
-Standard library only: the DAG file imports this module at parse time.
+Standard library and msgspec only: the DAG file imports this module at parse time.
 """
 
 from __future__ import annotations
@@ -25,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from image_etl.errors import SettingsError
+from image_etl.setting import MAX_SIDE, MIN_SIDE, Setting, absolute_path, size_hw, slice_count
 from image_etl.storage.location import ObjectLocation, is_url, parse_object_url
 
 __all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings", "RunSettings",
-           "check", "env_defaults", "absolute_path"]
+           "check", "env_defaults", "absolute_path", "size_hw", "MIN_SIDE", "MAX_SIDE",
+           "MAX_SLICES_PER_IMAGE"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = PROJECT_ROOT / "models" / "demo-yolo11n-2cls.pt"
@@ -36,59 +36,8 @@ RUNTIMES = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 MERGES = ("greedynmm", "nmm", "nms")  # as image_etl.slicing (not imported: it needs numpy)
 METRICS = ("ios", "iou")
-# A size: a number, or HEIGHTxWIDTH.
-SIZE_PATTERN = r"^\s*\d{1,5}(\s*[xX]\s*\d{1,5})?\s*$"
-MIN_SIDE, MAX_SIDE = 32, 16384  # sides of an HxW size
 # devices: 'auto', or a list of 'cpu', GPU indices and 'cuda:N' (e.g. 'cpu,cpu', '0,1').
 DEVICES_PATTERN = r"^\s*(auto|(cpu|cuda:\d+|\d+)(\s*,\s*(cpu|cuda:\d+|\d+))*)\s*$"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One parameter. ``section`` non-empty: a DAG param shown in that form section.
-    ``env``: the variable a deployment sets its default with. ``cli``: the ``infer`` flag."""
-
-    name: str
-    kind: type  # bool, int, float, str
-    default: Any
-    title: str
-    description: str = ""
-    section: str = ""
-    env: str | None = None
-    cli: str | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    multiple_of: int | None = None
-    enum: tuple[str, ...] = ()
-    pattern: str | None = None
-    pattern_hint: str = ""  # what a value refused by ``pattern`` should look like
-    nullable: bool = False
-    format: str | None = None  # JSON-schema format of a string ("date")
-    sizes: bool = False  # a number, or text "HxW" (a size with two sides): see check_size
-
-    def json_schema(self) -> dict[str, Any]:
-        """The Airflow Param keywords (JSON schema + form title, description, section)."""
-        kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[self.kind]
-        kinds = [kind, "string"] if self.sizes else [kind]
-        schema: dict[str, Any] = {"type": ["null", *kinds] if self.nullable else
-                                  (kinds if self.sizes else kind)}
-        if self.kind is str and not self.nullable and not self.enum:
-            schema["minLength"] = 1
-        for key, value in (("minimum", self.minimum), ("maximum", self.maximum),
-                           ("multipleOf", self.multiple_of), ("pattern", self.pattern),
-                           ("format", self.format)):
-            if value is not None:
-                schema[key] = value
-        if self.enum:
-            schema["enum"] = list(self.enum)
-        schema["title"] = self.title
-        if self.description:
-            schema["description"] = self.description
-        schema["section"] = self.section
-        return schema
-
 
 _S = "What to process"
 _SL = "Slicing"
@@ -126,11 +75,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("model_path", str, str(DEMO_MODEL), "Model weights", section=_M, env="IMAGE_ETL_MODEL",
             description="Absolute path to an Ultralytics .pt file (never downloaded)."),
     Setting("imgsz", int, None, "Image size", section=_M, env="IMAGE_ETL_IMGSZ", cli="--imgsz",
-            nullable=True, minimum=32, maximum=8192, multiple_of=32, sizes=True,
-            pattern=SIZE_PATTERN, pattern_hint="use a number like 640 or HEIGHTxWIDTH like 12000x2048",
-            description="Model input size: 640, or HEIGHTxWIDTH (e.g. 12000x2048, each side "
-                        "rounded up to the model's stride) for a model trained at high "
-                        "resolution; empty = the model's own."),
+            nullable=True, minimum=MIN_SIDE, maximum=MAX_SIDE, sizes=True,
+            pattern_hint="use a number like 640 or HEIGHTxWIDTH like 12000x2048",
+            description="Model input size: 640, or HEIGHTxWIDTH (e.g. 12000x2048) for a model "
+                        "trained at high resolution, each side rounded up to the model's "
+                        "stride as Ultralytics does; empty = the model's own."),
     Setting("conf", float, 0.25, "Confidence threshold", section=_M, env="IMAGE_ETL_CONF",
             cli="--conf", minimum=0, maximum=1),
     Setting("iou", float, 0.7, "NMS IoU threshold", section=_M, env="IMAGE_ETL_IOU", cli="--iou",
@@ -164,11 +113,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                         "each image of its shard (in sliced mode, for each 8 slices of a "
                         "2048 x 12000 image): a stuck task is killed and frees its GPU."),
     Setting("slice_size", int, 0, "Slice size", section=_SL, env="IMAGE_ETL_SLICE_SIZE",
-            cli="--slice-size", minimum=0, maximum=8192, sizes=True, pattern=SIZE_PATTERN,
+            cli="--slice-size", minimum=MIN_SIDE, maximum=MAX_SIDE, sizes=True, zero_is_off=True,
             pattern_hint="use 0 (off), a number like 640 or HEIGHTxWIDTH like 640x480",
             description="Sliced inference for small defects: the model runs on overlapping "
                         "native-resolution slices of this size (pixels, or HEIGHTxWIDTH) and "
-                        "their boxes are merged per image, as SAHI does. 0: off (whole image)."),
+                        "their boxes are merged per image, as SAHI does. 0: off (whole image). "
+                        "At most MAX_SLICES_PER_IMAGE slices of a 2048 x 12000 image."),
     Setting("slice_overlap", float, 0.2, "Slice overlap", section=_SL,
             env="IMAGE_ETL_SLICE_OVERLAP", cli="--slice-overlap", minimum=0, maximum=0.9,
             description="Overlap of neighbouring slices, as a fraction of the slice size "
@@ -222,114 +172,33 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 
 DAG_PARAMS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if s.section)
 
+# The most slices one image may become: what a 2048 x 12000 line scan gives at the smallest
+# slice side and the default overlap (36,498). Bounds the work slice_size and slice_overlap
+# can ask for together (32 px slices at overlap 0.9 would be 1.5 M per image).
+REFERENCE_FRAME_HW = (12000, 2048)
+MAX_SLICES_PER_IMAGE = slice_count(*REFERENCE_FRAME_HW, (MIN_SIDE, MIN_SIDE),
+                                   SETTINGS["slice_overlap"].default)
 
-# --- validation ------------------------------------------------------------------------------
+
+def check_slice_work(slice_size: int | str, slice_overlap: float) -> None:
+    """SettingsError naming slice_size when its slices of a reference frame are too many."""
+    slice_hw = size_hw(slice_size)
+    if slice_hw is None:
+        return
+    count = slice_count(*REFERENCE_FRAME_HW, slice_hw, slice_overlap)
+    if count > MAX_SLICES_PER_IMAGE:
+        raise SettingsError("slice_size", f"{slice_size} with slice_overlap {slice_overlap} "
+                            f"makes {count:,} slices of a 2048 x 12000 image, more than "
+                            f"MAX_SLICES_PER_IMAGE ({MAX_SLICES_PER_IMAGE:,}); use larger "
+                            "slices or less overlap")
+
+
+# --- validation (image_etl.setting: msgspec, with our messages) ----------------------------------
 
 def check(name: str, value: Any) -> Any:
     """``value`` (from a form, conf, env or flag: strings are converted) as ``name`` wants it,
     or SettingsError naming ``name``."""
-    spec = SETTINGS[name]
-    if value is None or (value == "" and spec.nullable):
-        if spec.nullable:
-            return None
-        raise SettingsError(name, f"expected {_expected(spec)}, got {value!r}")
-    if spec.sizes:
-        return check_size(spec, value)
-    if spec.kind is bool:
-        return _flag(name, value)
-    if spec.kind in (int, float):
-        return check_number_setting(spec, value)
-    if not isinstance(value, str):
-        raise SettingsError(name, f"expected text, got {value!r}")
-    if spec.enum and value not in spec.enum:
-        raise SettingsError(name, f"expected one of {', '.join(spec.enum)}, got {value!r}")
-    if spec.pattern and not re.fullmatch(spec.pattern, value):
-        raise SettingsError(name, f"{value!r} is not valid: {spec.pattern_hint}")
-    if not spec.nullable and not value.strip():
-        raise SettingsError(name, "must not be empty")
-    return value
-
-
-def check_size(spec: Setting, value: Any) -> int | str:
-    """A size: a number (checked like any number) or ``"HxW"`` (each side 1 to MAX_SIDE);
-    kept as the number, or as the text ``"HxW"`` when its sides differ."""
-    text = value.strip() if isinstance(value, str) else None
-    if text is None or text.isdigit():
-        return check_number_setting(spec, int(text) if text is not None else value)
-    if not re.fullmatch(SIZE_PATTERN, text):
-        raise SettingsError(spec.name, f"{value!r} is not valid: {spec.pattern_hint}")
-    h, w = (int(v) for v in re.split(r"\s*[xX]\s*", text))
-    if h == w:
-        return check_number_setting(spec, h)
-    if not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
-        raise SettingsError(spec.name, f"each side must be between {MIN_SIDE} and {MAX_SIDE}, "
-                            f"got {value!r}")
-    return f"{h}x{w}"
-
-
-def size_hw(value: int | str | None) -> tuple[int, int] | None:
-    """A checked size as (height, width); None for no size (None or 0)."""
-    if not value:
-        return None
-    if isinstance(value, int):
-        return value, value
-    h, w = (int(v) for v in re.split(r"\s*[xX]\s*", value.strip()))
-    return h, w
-
-
-def check_number_setting(spec: Setting, value: Any) -> Any:
-    number = check_number(spec.name, value, spec.kind, spec.minimum, spec.maximum)
-    if spec.multiple_of and number % spec.multiple_of:
-        raise SettingsError(spec.name, f"must be a multiple of {spec.multiple_of}, got {number}")
-    return number
-
-
-def _expected(spec: Setting) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a number",
-            str: "text"}[spec.kind]
-
-
-def check_number(name: str, value: Any, kind: type, lo: float | None, hi: float | None) -> Any:
-    if isinstance(value, bool) or value is None:
-        raise SettingsError(name, f"expected a {kind.__name__}, got {value!r}")
-    try:
-        number = kind(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise SettingsError(name, f"expected a {kind.__name__}, got {value!r}") from None
-    if kind is int and isinstance(value, float) and value != number:
-        raise SettingsError(name, f"expected a whole number, got {value!r}")
-    if number != number:  # NaN
-        raise SettingsError(name, f"expected a number, got {value!r}")
-    if (lo is not None and number < lo) or (hi is not None and number > hi):
-        raise SettingsError(name, f"must be between {lo} and {hi}, got {value!r}")
-    return number
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = value.strip().lower() if isinstance(value, str) else None
-    if text in _TRUE | _FALSE:
-        return text in _TRUE
-    raise SettingsError(name, f"expected true or false, got {value!r}")
-
-
-def absolute_path(name: str, value: Any,
-                  allowed_roots: tuple[Path | ObjectLocation, ...] = ()) -> Path:
-    """A parameter that must be an absolute path (under one of ``allowed_roots`` if given)."""
-    if not isinstance(value, (str, Path)) or not str(value).strip():
-        raise SettingsError(name, f"expected an absolute path, got {value!r}")
-    path = Path(str(value).strip())
-    if not path.is_absolute():
-        raise SettingsError(name, f"must be an absolute path, got {str(path)!r}")
-    resolved = Path(*path.parts)  # normalise separators without touching the filesystem
-    if ".." in resolved.parts:
-        raise SettingsError(name, f"must not contain '..', got {str(path)!r}")
-    if allowed_roots and not any(resolved.is_relative_to(root) for root in allowed_roots
-                                 if isinstance(root, Path)):
-        roots = ", ".join(str(r) for r in allowed_roots)
-        raise SettingsError(name, f"{str(path)!r} is not under an allowed root ({roots})")
-    return resolved
+    return SETTINGS[name].check(value)
 
 
 def storage_location(name: str, value: Any, allowed_roots: tuple[Path | ObjectLocation, ...] = ()
@@ -383,6 +252,11 @@ def env_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
             defaults[name] = check(name, raw)
         except SettingsError as exc:
             raise SettingsError(name, f"{exc.problem} (from {spec.env})") from None
+    try:
+        check_slice_work(defaults["slice_size"], defaults["slice_overlap"])
+    except SettingsError as exc:
+        raise SettingsError(exc.name, f"{exc.problem} (from IMAGE_ETL_SLICE_SIZE and "
+                            "IMAGE_ETL_SLICE_OVERLAP)") from None
     defaults["schedule"] = env.get("IMAGE_ETL_SCHEDULE", "0 2 * * *")
     defaults["allowed_roots"] = parse_allowed_roots(env.get("IMAGE_ETL_ALLOWED_ROOTS", ""))
     return defaults
@@ -425,6 +299,7 @@ class InferSettings:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             object.__setattr__(self, field.name, check(field.name, getattr(self, field.name)))
+        check_slice_work(self.slice_size, self.slice_overlap)
         if self.sliced and self.fast_decode:
             raise SettingsError("fast_decode", "cannot be combined with slice_size: the slices "
                                 "need the full-resolution image (turn one of them off)")
