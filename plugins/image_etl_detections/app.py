@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,20 +80,36 @@ async def _headers(request: Request, call_next: Any) -> Response:
 
 
 def _engine() -> Any:
-    from image_etl.store import StoreError
-
     try:
         return results_db.engine()
-    except StoreError as exc:  # its message hides any password
-        raise HTTPException(503, f"results database unavailable: {exc}") from None
+    except results_db.Unavailable as exc:  # one line, password hidden
+        raise _unavailable(str(exc)) from None
+
+
+def _unavailable(reason: str) -> HTTPException:
+    return HTTPException(503, f"results database unavailable: {reason}",
+                         headers={"Retry-After": str(max(1, math.ceil(results_db.retry_s())))})
 
 
 def _query(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a browse query; a database failure is a 503 (details in the api-server log only)."""
-    from sqlalchemy.exc import SQLAlchemyError
+    """Run a browse query; a database failure is a 503. A lost server is remembered (the next
+    requests get the 503 at once, for the back-off); other details go to the api-server log."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+    from image_etl.store import StoreError
+
+    eng = _engine()
     try:
-        return call(_engine(), *args, **kwargs)
+        return call(eng, *args, **kwargs)
+    except StoreError as exc:  # a (re)connect failed: one line, password hidden
+        results_db.mark_down(str(exc))
+        raise _unavailable(str(exc)) from None
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            results_db.mark_down("lost the connection to the results database")
+            raise _unavailable("lost the connection to the results database") from None
+        log.exception("Detections page: results database query failed")
+        raise HTTPException(503, "results database query failed (see the api-server log)") from None
     except SQLAlchemyError:
         log.exception("Detections page: results database query failed")
         raise HTTPException(503, "results database query failed (see the api-server log)") from None

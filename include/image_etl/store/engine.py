@@ -67,14 +67,15 @@ class Timeouts:
     @classmethod
     def from_env(cls, *, statement_env: str = STATEMENT_TIMEOUT_ENV,
                  statement_default: float = DEFAULT_STATEMENT_TIMEOUT_S) -> Timeouts:
-        return cls(connect_s=math.ceil(_seconds_from_env(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S,
+        return cls(connect_s=math.ceil(seconds_from_env(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S,
                                                          minimum=1)),
-                   statement_s=_seconds_from_env(statement_env, statement_default, minimum=0),
-                   busy_s=_seconds_from_env(BUSY_TIMEOUT_ENV, SQLITE_BUSY_TIMEOUT_MS / 1000,
+                   statement_s=seconds_from_env(statement_env, statement_default, minimum=0),
+                   busy_s=seconds_from_env(BUSY_TIMEOUT_ENV, SQLITE_BUSY_TIMEOUT_MS / 1000,
                                             minimum=0.001))
 
 
-def _seconds_from_env(name: str, default: float, *, minimum: float) -> float:
+def seconds_from_env(name: str, default: float, *, minimum: float) -> float:
+    """``$name`` as seconds in minimum..MAX_TIMEOUT_S, else ``default`` when unset or empty."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
