@@ -155,6 +155,24 @@ def test_sslmode_require_of_the_connection_is_a_tls_503_never_clear_text(page, p
     assert _models(page).status_code == 200
 
 
+# --- the user comes from Airflow's public dependency ----------------------------------------------------
+
+def test_the_user_is_airflows_get_user_dependency(page):
+    """The app asks FastAPI for Airflow's ``get_user`` (GetUserDep), not a call of its own: an
+    override of that dependency is the user the page sees."""
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from airflow.api_fastapi.core_api.security import get_user
+
+    assert page.get("/").status_code == 401
+    page.app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="o", role="viewer")
+    try:
+        assert page.get("/").status_code == 200  # no token at all: the override's user
+        page.app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="n", role=None)
+        assert page.get("/").status_code == 403
+    finally:
+        page.app.dependency_overrides.clear()
+
+
 # --- a dead database, through Airflow's own app -----------------------------------------------------
 
 SERVE = textwrap.dedent("""

@@ -33,7 +33,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from image_etl_detections import DAG_ID, pictures, results_db
-from image_etl_detections.auth import require_reader
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,9 @@ ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 def create_app() -> FastAPI:
+    # Here, not at the top: auth imports Airflow's API security module (hundreds of modules).
+    from image_etl_detections.auth import require_reader
+
     app = FastAPI(title="Detections", dependencies=[Depends(require_reader)],
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, _bad_request)
@@ -62,6 +64,19 @@ def create_app() -> FastAPI:
     _data_routes(app)
     _image_routes(app)
     return app
+
+
+class MountedApp:
+    """What the plugin gives the api-server to mount: :func:`create_app`, built on its first
+    request. Every task process loads the plugins too, and has no use for the app."""
+
+    def __init__(self) -> None:
+        self._app: FastAPI | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._app is None:  # on the event loop, which runs one coroutine at a time
+            self._app = create_app()
+        await self._app(scope, receive, send)
 
 
 async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
