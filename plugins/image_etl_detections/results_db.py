@@ -128,6 +128,9 @@ def engine() -> Any:
         check.url, check.engine = _checked_engine(stale, limits)
     except Unavailable as exc:
         check.error = exc
+    except Exception:  # a bug: still a 503 for everyone waiting, never a half-set state
+        log.exception("Detections page: checking the results database failed")
+        check.error = Unavailable("checking the results database failed (see the api-server log)")
     finally:
         _finish(check, stale, limits)
     return _outcome_of(check, limits)
