@@ -140,8 +140,8 @@ def _outcome_of(check: _Check, limits: Bounds) -> Any:
     wait_s = limits.timeouts.connect_s + 3.0  # a check is a connect and two short queries
     if not check.done.wait(wait_s):
         raise Unavailable(f"the results database did not answer within {wait_s:.0f} s")
-    if check.error is not None:
-        raise check.error
+    if check.error is not None:  # a fresh exception per request: threads share the check
+        raise Unavailable(str(check.error))
     return check.engine
 
 
