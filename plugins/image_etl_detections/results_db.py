@@ -158,7 +158,7 @@ def _checked_engine(stale: _Ready | None, limits: Bounds) -> tuple[str, Any]:
         raise Unavailable(f"cannot read the {DB_CONN_ID} connection ({type(exc).__name__})") from None
     reuse = stale is not None and stale.url == url
     try:
-        eng = stale.engine if reuse else store.engine_from_url(url, limits.timeouts)
+        eng = stale.engine if stale is not None and reuse else store.engine_from_url(url, limits.timeouts)
     except store.StoreError as exc:
         raise Unavailable(_one_line(exc)) from None
     try:
@@ -185,7 +185,7 @@ def _check_revision(eng: Any) -> None:
     except SQLAlchemyError as exc:
         log.warning("Detections page: reading the results database's revision failed: %s", exc)
         raise Unavailable(f"cannot read the results database's schema revision "
-                          f"({type(exc.orig or exc).__name__})") from None
+                          f"({type(getattr(exc, 'orig', None) or exc).__name__})") from None
     head = _head()
     if current == head:
         return
