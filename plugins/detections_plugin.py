@@ -1,6 +1,7 @@
 """Registers the Detections page (package ``image_etl_detections``) with the Airflow UI.
 
-- a FastAPI sub-app, mounted by the api-server at ``/detections``;
+- a FastAPI sub-app, mounted by the api-server at ``/detections`` (built on its first request:
+  task processes load plugins too);
 - external views (iframes) with ``url_route``: "Detections" in the navigation, and a
   "Detections" tab on the DAG page and on each DAG run page (that run's images and counts).
 
@@ -14,14 +15,14 @@ from __future__ import annotations
 from airflow.plugins_manager import AirflowPlugin
 
 from image_etl_detections import DAG_ID, URL_PREFIX
-from image_etl_detections.app import create_app
+from image_etl_detections.app import MountedApp
 
 _HREF = URL_PREFIX.lstrip("/") + "/"
 
 
 class DetectionsPlugin(AirflowPlugin):
     name = "image_etl_detections"
-    fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Detections"}]
+    fastapi_apps = [{"app": MountedApp(), "url_prefix": URL_PREFIX, "name": "Detections"}]
     external_views = [
         {"name": "Detections", "href": _HREF, "destination": "nav", "url_route": "detections"},
         {"name": "Detections", "href": _HREF + "?view=nights&dag_id={DAG_ID}",

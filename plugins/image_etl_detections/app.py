@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +33,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from image_etl_detections import DAG_ID, pictures, results_db
-from image_etl_detections.auth import require_reader
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 def create_app() -> FastAPI:
+    # Here, not at the top: auth imports Airflow's API security module (hundreds of modules).
+    from image_etl_detections.auth import require_reader
+
     app = FastAPI(title="Detections", dependencies=[Depends(require_reader)],
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, _bad_request)
@@ -61,6 +64,19 @@ def create_app() -> FastAPI:
     _data_routes(app)
     _image_routes(app)
     return app
+
+
+class MountedApp:
+    """What the plugin gives the api-server to mount: :func:`create_app`, built on its first
+    request. Every task process loads the plugins too, and has no use for the app."""
+
+    def __init__(self) -> None:
+        self._app: FastAPI | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._app is None:  # on the event loop, which runs one coroutine at a time
+            self._app = create_app()
+        await self._app(scope, receive, send)
 
 
 async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
@@ -79,20 +95,36 @@ async def _headers(request: Request, call_next: Any) -> Response:
 
 
 def _engine() -> Any:
-    from image_etl.store import StoreError
-
     try:
         return results_db.engine()
-    except StoreError as exc:  # its message hides any password
-        raise HTTPException(503, f"results database unavailable: {exc}") from None
+    except results_db.Unavailable as exc:  # one line, password hidden
+        raise _unavailable(str(exc)) from None
+
+
+def _unavailable(reason: str) -> HTTPException:
+    return HTTPException(503, f"results database unavailable: {reason}",
+                         headers={"Retry-After": str(max(1, math.ceil(results_db.retry_s())))})
 
 
 def _query(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a browse query; a database failure is a 503 (details in the api-server log only)."""
-    from sqlalchemy.exc import SQLAlchemyError
+    """Run a browse query; a database failure is a 503. A lost server is remembered (the next
+    requests get the 503 at once, for the back-off); other details go to the api-server log."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+    from image_etl.store import StoreError
+
+    eng = _engine()
     try:
-        return call(_engine(), *args, **kwargs)
+        return call(eng, *args, **kwargs)
+    except StoreError as exc:  # a (re)connect failed: one line, password hidden
+        results_db.mark_down(str(exc))
+        raise _unavailable(str(exc)) from None
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            results_db.mark_down("lost the connection to the results database")
+            raise _unavailable("lost the connection to the results database") from None
+        log.exception("Detections page: results database query failed")
+        raise HTTPException(503, "results database query failed (see the api-server log)") from None
     except SQLAlchemyError:
         log.exception("Detections page: results database query failed")
         raise HTTPException(503, "results database query failed (see the api-server log)") from None

@@ -1,31 +1,21 @@
 """Who may see the page: an authenticated Airflow user with read access to the DAG and its runs.
 
 Airflow does not protect a plugin's routes: the app depends on ``require_reader`` for every
-one. The user comes from Airflow's own ``get_user`` (a bearer JWT, else the UI's ``_token``
-cookie, which the UI's iframe sends); access is asked of the auth manager through
-``get_auth_manager()``. Not ``request.app.state.auth_manager``: inside a mounted sub-app,
-``request.app`` is the sub-app, whose state has no auth manager.
+one. The user is Airflow's public ``GetUserDep`` dependency (a bearer JWT, else the UI's
+``_token`` cookie, which the UI's iframe sends; 401 without credentials, 401/403 for a bad or
+expired token), resolved by FastAPI, as Airflow's plugin documentation shows; access is asked
+of the auth manager through ``get_auth_manager()``. Not ``request.app.state.auth_manager``:
+inside a mounted sub-app, ``request.app`` is the sub-app, whose state has no auth manager.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from airflow.api_fastapi.core_api.security import GetUserDep
+from fastapi import HTTPException, status
 
 from image_etl_detections import DAG_ID
-
-_bearer = HTTPBearer(auto_error=False)
-
-
-async def current_user(request: Request,
-                       bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-                       ) -> Any:
-    """The request's Airflow user; 401 without credentials, 401/403 for a bad or expired token."""
-    from airflow.api_fastapi.core_api.security import get_user
-
-    return await get_user(request, None, bearer)
 
 
 def can_read(user: Any) -> bool:
@@ -43,7 +33,7 @@ def can_read(user: Any) -> bool:
          {"method": "GET", "access_entity": DagAccessEntity.RUN, "details": details}], user=user)
 
 
-def require_reader(user: Annotated[Any, Depends(current_user)]) -> Any:
+def require_reader(user: GetUserDep) -> Any:
     """The app-wide dependency (a plain function: FastAPI runs it off the event loop)."""
     if not can_read(user):
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"no read access to the {DAG_ID} DAG")

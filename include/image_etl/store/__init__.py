@@ -17,6 +17,7 @@ never become SQL text: they travel as bound parameters or as COPY data.
 from image_etl.store.engine import (
     SQLITE_BUSY_TIMEOUT_MS,
     StoreError,
+    Timeouts,
     default_url,
     engine_from_url,
     redact_url,
@@ -64,7 +65,8 @@ from image_etl.store.schema import (
 )
 
 __all__ = [
-    "SQLITE_BUSY_TIMEOUT_MS", "LoadReport", "RunInfo", "StoreError", "class_counts", "count_if",
+    "SQLITE_BUSY_TIMEOUT_MS", "LoadReport", "RunInfo", "StoreError", "Timeouts", "class_counts",
+    "count_if",
     "current_revision", "default_url", "detections", "downgrade", "drop_class_totals",
     "drop_summary", "drop_totals", "engine_from_url", "head_revision", "history", "images",
     "latest_run", "load_staged", "loaded_rel_paths", "metadata", "migrate", "model_names",
