@@ -7,16 +7,14 @@ pass identical to Ultralytics': same layer fusion, same dtype, same output layou
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import logging
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from image_etl.errors import ModelLoadError, WeightsChangedError
+from image_etl.weights import check_weights_file, weights_sha256
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub, whatever imports first
 
@@ -24,61 +22,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ModelLoadError", "WeightsChangedError", "LoadedModel", "check_weights_file",
            "load_model", "weights_sha256"]
-
-
-# torch.save before PyTorch 1.6 wrote a bare pickle that starts with this magic number.
-_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-
-
-def check_weights_file(path: str | Path) -> None:
-    """Refuse a file that cannot be PyTorch weights, without torch (discover runs this).
-
-    Catches what actually happens to weights files in transit: an empty or truncated copy,
-    a Git LFS pointer checked out instead of the file, an HTML error page saved as ``.pt``.
-    A well-formed checkpoint that is not an Ultralytics model is caught by :func:`load_model`.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-        if zipfile.is_zipfile(path):  # the format of torch.save since PyTorch 1.6
-            with zipfile.ZipFile(path) as archive:
-                if any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist()):
-                    return
-            raise ModelLoadError(f"model weights {path} are a zip archive without data.pkl: "
-                                 "not a PyTorch checkpoint")
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ModelLoadError(f"cannot read model weights {path}: {exc}") from exc
-    if head.startswith(_LEGACY_TORCH_MAGIC):
-        return
-    if not head:
-        why = "the file is empty"
-    elif head.startswith(b"version https://git-lfs"):
-        why = "it is a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
-    elif head.startswith(b"PK"):
-        why = "a zip archive without its end (truncated: an interrupted download or copy?)"
-    else:
-        why = f"neither a zip archive nor a pickle (starts with {head[:16]!r})"
-    raise ModelLoadError(f"model weights {path} are not a PyTorch checkpoint: {why}")
-
-
-def weights_sha256(path: str | Path) -> str:
-    """A model's identity in the results database: the sha256 of its weights file.
-
-    Remembered per (file, size, modification time): a stage asks more than once (the
-    ``{model}`` template, the manifest), and weights files run to hundreds of MB.
-    """
-    st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass

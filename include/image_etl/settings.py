@@ -412,7 +412,7 @@ class RunSettings:
             raise SettingsError("model_path", f"expected an Ultralytics .pt file, got {model_path.name}")
 
         def model_name() -> str:
-            from image_etl.model import weights_sha256  # only when a template asks for it
+            from image_etl.weights import weights_sha256  # only when a template asks for it
 
             return model_folder_name(model_path, model_sha256 or weights_sha256(model_path))
 

@@ -68,7 +68,7 @@ def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
     """Validate the params, list the drop, skip what is loaded already, write the manifest."""
     from image_etl.devices import parse_devices
     from image_etl.discover import list_images
-    from image_etl.model import check_weights_file, weights_sha256
+    from image_etl.weights import check_weights_file, weights_sha256
 
     settings = RunSettings.from_params(params, run_date, allowed_roots)
     parse_devices(settings.devices)  # refuse bad devices now (GPUs counted without torch)
