@@ -2,6 +2,12 @@
 
 Using AutoBackend (what ``model.predict`` builds internally) keeps the exact mode's forward
 pass identical to Ultralytics': same layer fusion, same dtype, same output layout.
+
+Weights are code: a ``.pt`` file is a pickle, and a plain ``torch.load`` runs whatever it
+names. Every checkpoint this process loads (ours, and the OpenVINO exporter's) goes through
+Ultralytics' allow-listed loading (``ULTRALYTICS_SAFE_LOAD``: ``torch.load(weights_only=True)``
+against its known model classes, no ``eval`` while building layers), unless the operator sets
+``IMAGE_ETL_UNSAFE_WEIGHTS=1`` for weights they trust (README: "Model weights").
 """
 
 from __future__ import annotations
@@ -21,7 +27,50 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub, whatever im
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelLoadError", "WeightsChangedError", "LoadedModel", "check_weights_file",
-           "load_model", "weights_sha256"]
+           "load_model", "weights_sha256", "UNSAFE_WEIGHTS_ENV"]
+
+UNSAFE_WEIGHTS_ENV = "IMAGE_ETL_UNSAFE_WEIGHTS"
+
+
+def unsafe_weights_allowed() -> bool:
+    """Whether the operator turned allow-listed loading off (``IMAGE_ETL_UNSAFE_WEIGHTS``)."""
+    value = os.environ.get(UNSAFE_WEIGHTS_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ModelLoadError(f"{UNSAFE_WEIGHTS_ENV}={value!r}: expected 1 or 0")
+
+
+def use_safe_loading(safe: bool) -> None:
+    """Turn Ultralytics' allow-listed checkpoint loading on (or off) for this process.
+
+    Ultralytics reads ``ULTRALYTICS_SAFE_LOAD`` once, when it is first imported, into
+    ``ultralytics.nn.tasks.SAFE_LOAD``, which every load (AutoBackend's, ``YOLO()``'s in the
+    exporter) consults: set both, since something may have imported it already.
+    """
+    import torch
+
+    if safe and not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        # Ultralytics would quietly fall back to a plain (unsafe) load on such a torch.
+        raise ModelLoadError(f"allow-listed weights loading needs torch >= 2.6, this worker has "
+                             f"{torch.__version__}")
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1" if safe else "0"
+    from ultralytics.nn import tasks
+
+    tasks.SAFE_LOAD = safe  # type: ignore[attr-defined]
+
+
+def _refused_globals(exc: BaseException) -> list[str] | None:
+    """The globals allow-listed loading refused, if that is what ``exc`` (or its cause) is."""
+    import pickle
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, pickle.UnpicklingError):
+            return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(seen))))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @dataclasses.dataclass
@@ -113,10 +162,22 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "auto",
     precision = resolve_precision(precision, torch_device.type, runtime)
     fp16 = precision == "fp16"
     sha = weights_sha256(path)
+    safe = not unsafe_weights_allowed()
+    if not safe:
+        log.warning("%s is set: %s is unpickled without an allow-list (any code in it runs)",
+                    UNSAFE_WEIGHTS_ENV, path)
+    use_safe_loading(safe)
     try:
         backend = AutoBackend(model=str(path), device=torch_device, fp16=fp16, fuse=True,
                               verbose=False)
     except Exception as exc:  # corrupt pickle, wrong architecture, ... : say which file
+        refused = _refused_globals(exc) if safe else None
+        if refused is not None:
+            raise ModelLoadError(
+                f"model weights {path} refused by allow-listed loading: the checkpoint names "
+                f"{', '.join(refused) or 'objects'} outside Ultralytics' known model classes, "
+                "so it was not unpickled and nothing in it ran. If the file comes from a source "
+                f"you trust, see README 'Model weights' ({UNSAFE_WEIGHTS_ENV})") from exc
         # One line: Ultralytics' messages run over several, with an "ERROR ❌️" prefix and advice
         # to download its own models (the full text stays in __cause__).
         lines = str(exc).strip().splitlines()

@@ -1,6 +1,11 @@
-"""Weights files before any model is built: are they usable, and what is their identity.
+"""Weights files before any model is built: may this run use them, are they usable, and what
+is their identity.
 
-Standard library only: discover and the settings' validation use this without torch.
+Weights are code (a ``.pt`` file is a pickle), so only the deployment chooses where they may
+come from: ``model_path`` must lie, symlinks resolved, under one of the model roots
+(``IMAGE_ETL_MODEL_ROOTS``), which are separate from the drop folders' roots
+(``IMAGE_ETL_ALLOWED_ROOTS``: uploaders write there). Standard library only: discover and the
+settings' validation use this without torch.
 """
 
 from __future__ import annotations
@@ -9,11 +14,46 @@ import functools
 import hashlib
 import os
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from image_etl.errors import ModelLoadError
+from image_etl.errors import ModelLoadError, SettingsError
 
-__all__ = ["check_weights_file", "weights_sha256"]
+__all__ = ["MODEL_ROOTS_ENV", "check_weights_file", "confine_model_path", "model_roots",
+           "weights_sha256"]
+
+MODEL_ROOTS_ENV = "IMAGE_ETL_MODEL_ROOTS"
+DEPLOYMENT_MODEL_ENV = "IMAGE_ETL_MODEL"
+
+
+def model_roots(default_model: str | Path, env: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """The folders weights may come from, symlinks resolved: ``IMAGE_ETL_MODEL_ROOTS``
+    (``os.pathsep``-separated absolute paths), else the folder of the deployment's model
+    (``IMAGE_ETL_MODEL``, else ``default_model``)."""
+    env = os.environ if env is None else env
+    listed = [p.strip() for p in env.get(MODEL_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    if not listed:
+        listed = [str(Path(env.get(DEPLOYMENT_MODEL_ENV) or default_model).parent)]
+    relative = [p for p in listed if not Path(p).is_absolute()]
+    if relative:
+        raise SettingsError("model_path", f"{MODEL_ROOTS_ENV} must list absolute folders, "
+                                          f"got {relative[0]!r}")
+    return tuple(Path(os.path.realpath(p)) for p in listed)
+
+
+def confine_model_path(path: Path, default_model: str | Path,
+                       env: Mapping[str, str] | None = None) -> Path:
+    """``path`` if, symlinks resolved, it lies under a model root; else SettingsError naming
+    ``model_path`` (before any work: nothing has read the file yet)."""
+    roots = model_roots(default_model, env)
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(root) for root in roots):
+        shown = f"{path}" if real == path else f"{path} (→ {real})"
+        raise SettingsError("model_path", f"{shown} is not under a model root "
+                                          f"({', '.join(map(str, roots))}): weights are code, "
+                                          f"only the deployment chooses where they come from "
+                                          f"({MODEL_ROOTS_ENV})")
+    return path
 
 
 # torch.save before PyTorch 1.6 wrote a bare pickle that starts with this magic number.
