@@ -58,7 +58,7 @@ def use_safe_loading(safe: bool) -> None:
     os.environ["ULTRALYTICS_SAFE_LOAD"] = "1" if safe else "0"
     from ultralytics.nn import tasks
 
-    tasks.SAFE_LOAD = safe  # type: ignore[attr-defined]
+    tasks.SAFE_LOAD = safe
 
 
 def _refused_globals(exc: BaseException) -> list[str] | None:
