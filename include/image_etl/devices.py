@@ -402,7 +402,7 @@ def _wait_for_one(device: str, fds: dict[str, int], locks: dict[str, Path], time
             raise DeviceBusyError(f"{device} stayed busy for {waited:.0f}s (the lease waits up "
                                   f"to {timeout_s:g}s, {LEASE_TIMEOUT_ENV}): {busy}")
         if not announced:
-            log.info("waiting up to %gs for %s: busy %s", timeout_s, device,
+            log.info("waiting for %s (up to %gs): busy %s", device, timeout_s,
                      ", ".join(f"{name} ({_holder(fd)})" for name, fd in fds.items()))
             announced = True
         time.sleep(max(0.0, min(poll_s, timeout_s - waited)))
