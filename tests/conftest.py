@@ -24,6 +24,10 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 # OpenVINO copies of the model (runtime auto on CPU) go to a per-session cache, not ~/.cache.
 os.environ["IMAGE_ETL_CACHE_DIR"] = tempfile.mkdtemp(prefix="image_etl_cache_")
 DEMO_MODEL = Path(os.environ.get("IMAGE_ETL_TEST_MODEL", ROOT / "models" / "demo-yolo11n-2cls.pt"))
+# Tests copy and spoil weights under their tmp_path: the test deployment's model roots are the
+# shipped models and the temporary folder (test_weights checks the confinement itself).
+os.environ.setdefault("IMAGE_ETL_MODEL_ROOTS", os.pathsep.join([str(DEMO_MODEL.parent),
+                                                                tempfile.gettempdir()]))
 DROP_DATE = dt.date(2026, 11, 20)
 PRECISIONS = ("fp16", "fp32")
 

@@ -4,11 +4,13 @@ the resources the worker sizes itself by."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -143,6 +145,51 @@ def test_old_run_folders_are_pruned_per_date_never_the_recent_ones(tmp_path):
     assert sorted(p.name for p in pruned) == sorted(p.name for p in old)
     assert all(p.is_dir() for p in (*fresh, current, other_date))
     assert not any(p.exists() for p in old)
+
+
+@contextlib.contextmanager
+def _undeletable(folder: Path):
+    """Files in ``folder`` cannot be removed, even by root (immutable), while inside."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        try:
+            yield
+        finally:
+            folder.chmod(0o700)
+        return
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True,
+                          timeout=30, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"root here, and chattr +i does not work on {folder}: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True, timeout=30)
+
+
+def test_a_failed_prune_is_logged_and_never_fails_a_loaded_run(tmp_path, caplog):
+    """Pruning is housekeeping after the load: a run folder that cannot be deleted is named
+    in the log, the other old folders still go, and the report succeeds."""
+    (tmp_path / "drop" / DAY.isoformat()).mkdir(parents=True)  # an empty night: no model run
+    out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'results.db'}"
+    run_params = params(tmp_path / "drop", out)
+    discovered = stages.discover(run_params, run_id="manual__prune", run_date=DAY, db_url=db)
+    loaded = stages.load(discovered, [], db_url=db, dag_id="nightly_detections")
+    # Kept: this run and the 2 newest old ones (KEEP_RUNS_PER_DATE=3); the 3 oldest go.
+    old = [_run_folder(out / "_runs", f"old-{k}", DAY.isoformat(), (10 + k) * 86_400)
+           for k in range(5)]
+    stuck = old[-1]
+    (stuck / "sub").mkdir()
+    (stuck / "sub" / "staged.jsonl").write_text("{}\n")
+    then = time.time() - 20 * 86_400
+    for path in (stuck / "sub", stuck):
+        os.utime(path, (then, then))
+    with _undeletable(stuck / "sub"), caplog.at_level(logging.WARNING, logger="image_etl.stages"):
+        summary = stages.report(discovered, loaded, db_url=db)
+        assert stuck.is_dir()
+    assert summary["run"]["images"] == 0
+    assert f"old run folder {stuck} not pruned" in caplog.text
+    assert [p.exists() for p in old] == [True, True, False, False, True]
 
 
 def test_cpu_count_follows_the_cgroup_quota(tmp_path):

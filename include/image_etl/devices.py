@@ -1,18 +1,29 @@
 """Device lists ("auto", "cpu", "0,1", "cuda:0,cuda:1") and the per-host device lease.
 
-The lease is an exclusive ``flock`` on one lock file per device, so two workers on one host
-(a backfill and the nightly run, say) never share a GPU. The kernel drops the lock when the
-process dies, so a killed task never leaves a device locked.
+The lease is an exclusive ``flock`` on one lock file per physical GPU, so two workers on one
+host (a backfill and the nightly run, say) never share a GPU. A GPU is named by its UUID, not
+by the index this process sees: ``CUDA_VISIBLE_DEVICES=1`` makes the host's second GPU this
+process's ``cuda:0``, and two containers may see one GPU under different indices. The UUIDs
+come from ``nvidia-smi -L`` (NVML when there is no nvidia-smi), never from torch, and are
+mapped through ``CUDA_VISIBLE_DEVICES`` as CUDA does. The kernel drops the lock when the
+process dies, so a killed task never leaves a device locked; the wait for a busy GPU is
+bounded (``IMAGE_ETL_LEASE_TIMEOUT_S``) and its error names the lock and who holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as dt
 import fcntl
 import logging
 import os
+import re
+import shutil
+import socket
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from image_etl.errors import SettingsError
@@ -20,10 +31,22 @@ from image_etl.errors import SettingsError
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_DIR = Path(os.environ.get("IMAGE_ETL_LOCK_DIR", "/tmp/image_etl-device-locks"))
+LEASE_TIMEOUT_ENV = "IMAGE_ETL_LEASE_TIMEOUT_S"
+DEFAULT_LEASE_TIMEOUT_S = 600.0
+NVIDIA_SMI_TIMEOUT_S = 15.0  # a wedged driver can make nvidia-smi hang
 
 
 class DeviceError(RuntimeError):
     """A shard's device does not exist on the host that runs it (the message names both)."""
+
+
+class DeviceBusyError(TimeoutError):
+    """The lease waited its bound for a busy GPU; the message names the lock and its holder.
+    Retryable: the holder may be done by the next attempt."""
+
+
+class GpuIdentityUnknown(Exception):
+    """This process's GPUs cannot be told apart by physical identity (the message says why)."""
 
 
 def cuda_device_count() -> int:
@@ -119,14 +142,193 @@ def check_local_device(device: str, local_gpus: int | None = None) -> None:
                       f"{why}")
 
 
+# --- which physical GPU is cuda:N -----------------------------------------------------------------
+
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_GPU_LINE = re.compile(r"^GPU (\d+): (.*?) \(UUID: (GPU-[^)\s]+)\)")
+_MIG_LINE = re.compile(r"^\s+MIG .*\(UUID: (MIG-[^)\s]+)\)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhysicalGpu:
+    """One GPU of the host as the driver lists it (PCI bus order), with its MIG devices."""
+
+    name: str
+    uuid: str
+    migs: tuple[str, ...] = ()
+
+
+def parse_nvidia_smi_list(text: str) -> list[PhysicalGpu]:
+    """``nvidia-smi -L`` output → the GPUs in its order (``GPU 0: NAME (UUID: GPU-...)``,
+    each followed by its ``MIG ... (UUID: MIG-...)`` lines when MIG is on)."""
+    gpus: list[PhysicalGpu] = []
+    for line in text.splitlines():
+        if match := _GPU_LINE.match(line):
+            gpus.append(PhysicalGpu(match.group(2).strip(), match.group(3)))
+        elif (match := _MIG_LINE.match(line)) and gpus:
+            last = gpus[-1]
+            gpus[-1] = dataclasses.replace(last, migs=(*last.migs, match.group(1)))
+    return gpus
+
+
+def cuda_identities(visible: str | None, gpus: Sequence[PhysicalGpu] | None,
+                    device_order: str | None = None) -> list[str]:
+    """The physical identity (GPU or MIG UUID) of each CUDA ordinal of a process started with
+    ``CUDA_VISIBLE_DEVICES=visible`` (None: unset) on a host with ``gpus`` (None: unknown).
+
+    As CUDA reads the variable: a comma list of indices, UUIDs (``GPU-...``, or a unique
+    prefix) or MIG UUIDs (``MIG-...``), cut at its first invalid entry; empty or ``-1``: no
+    GPU. Raises GpuIdentityUnknown where the indices cannot be mapped for sure.
+    """
+    if visible is None:
+        if gpus is None:
+            raise GpuIdentityUnknown("no GPU listing (neither nvidia-smi nor NVML answered)")
+        entries = [str(i) for i in range(len(gpus))]
+    else:
+        entries = [e.strip() for e in visible.split(",")]
+    ids: list[str] = []
+    for entry in entries:
+        identity = _identity_of(entry, gpus, device_order)
+        if identity is None:  # CUDA ignores this entry and every one after it
+            break
+        ids.append(identity)
+    return ids
+
+
+def _identity_of(entry: str, gpus: Sequence[PhysicalGpu] | None,
+                 device_order: str | None) -> str | None:
+    if entry.isdigit():
+        if gpus is None:
+            raise GpuIdentityUnknown(f"CUDA_VISIBLE_DEVICES names GPU index {entry}, and "
+                                     "there is no GPU listing to map it")
+        if int(entry) >= len(gpus):
+            return None
+        gpu = gpus[int(entry)]
+        if gpu.migs:
+            raise GpuIdentityUnknown(f"GPU {entry} ({gpu.uuid}) is in MIG mode: name its MIG "
+                                     "devices by UUID in CUDA_VISIBLE_DEVICES")
+        if len({g.name for g in gpus}) > 1 and (device_order or "").upper() != "PCI_BUS_ID":
+            # CUDA's default order is fastest first; the driver's listing is PCI bus order.
+            raise GpuIdentityUnknown("this host mixes GPU models and CUDA_DEVICE_ORDER is not "
+                                     "PCI_BUS_ID, so CUDA's index order may differ from "
+                                     "nvidia-smi's")
+        return gpu.uuid
+    for prefix, listed in (("GPU-", [g.uuid for g in gpus or ()]),
+                           ("MIG-", [m for g in gpus or () for m in g.migs])):
+        if not entry.upper().startswith(prefix):
+            continue
+        matches = [u for u in listed if u.lower().startswith(entry.lower())]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:  # an ambiguous prefix is invalid to CUDA too
+            return None
+        if prefix == "MIG-" or re.fullmatch(f"GPU-{_UUID}", entry):
+            return entry  # a whole UUID is its own identity, listed here or not
+        if gpus is None:
+            raise GpuIdentityUnknown(f"CUDA_VISIBLE_DEVICES names {entry!r}, a UUID prefix, "
+                                     "and there is no GPU listing to complete it")
+        return None
+    return None
+
+
+def read_gpu_listing() -> list[PhysicalGpu]:
+    """The host's GPUs, from ``nvidia-smi -L`` (bounded), or NVML when nvidia-smi is not
+    installed; GpuIdentityUnknown says why neither worked."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return _nvml_listing()
+    try:
+        done = subprocess.run([exe, "-L"], capture_output=True, text=True,
+                              timeout=NVIDIA_SMI_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GpuIdentityUnknown(f"{exe} -L did not answer: {exc}") from None
+    gpus = parse_nvidia_smi_list(done.stdout)
+    if done.returncode != 0 or not gpus:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise GpuIdentityUnknown(f"{exe} -L exited {done.returncode}"
+                                 f"{': ' + said[0] if said else ' listing no GPU'}")
+    return gpus
+
+
+def _nvml_listing() -> list[PhysicalGpu]:
+    try:
+        import pynvml
+    except ImportError:
+        raise GpuIdentityUnknown("no nvidia-smi on PATH and no pynvml installed") from None
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # no driver library: pynvml's error types vary by version
+        raise GpuIdentityUnknown(f"no nvidia-smi on PATH and NVML did not start: {exc}") from None
+    try:
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            migs = []
+            with contextlib.suppress(Exception):  # not MIG-capable, or MIG off
+                if pynvml.nvmlDeviceGetMigMode(handle)[0]:
+                    for slot in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+                        with contextlib.suppress(Exception):  # an empty slot
+                            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+                            migs.append(_text(pynvml.nvmlDeviceGetUUID(mig)))
+            gpus.append(PhysicalGpu(_text(pynvml.nvmlDeviceGetName(handle)),
+                                    _text(pynvml.nvmlDeviceGetUUID(handle)), tuple(migs)))
+        return gpus
+    except Exception as exc:
+        raise GpuIdentityUnknown(f"NVML could not list the GPUs: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def gpu_identities(env: Mapping[str, str] | None = None) -> list[str]:
+    """This process's CUDA ordinals → physical identities (see :func:`cuda_identities`)."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    order = env.get("CUDA_DEVICE_ORDER")
+    try:
+        gpus = read_gpu_listing()
+    except GpuIdentityUnknown as no_listing:
+        if visible is None:
+            raise
+        try:  # whole UUIDs in the variable need no listing
+            return cuda_identities(visible, None, order)
+        except GpuIdentityUnknown as exc:
+            raise GpuIdentityUnknown(f"{no_listing}; {exc}") from None
+    return cuda_identities(visible, gpus, order)
+
+
+# --- the lease ----------------------------------------------------------------------------------------
+
+def lease_timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """How long a lease waits for a busy GPU: ``IMAGE_ETL_LEASE_TIMEOUT_S`` (default 600)."""
+    raw = (os.environ if env is None else env).get(LEASE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LEASE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 7 * 86400:
+        raise SettingsError(LEASE_TIMEOUT_ENV, f"expected seconds between 0 and 604800, got {raw!r}")
+    return value
+
+
 @contextlib.contextmanager
-def lease(device: str, lock_dir: Path = DEFAULT_LOCK_DIR, timeout_s: float | None = None,
-          poll_s: float = 0.5, local_gpus: int | None = None) -> Iterator[str]:
+def lease(device: str, lock_dir: Path | None = None, timeout_s: float | None = None,
+          poll_s: float = 0.5, local_gpus: int | None = None, holder: str = "",
+          gpu_ids: Sequence[str] | None = None) -> Iterator[str]:
     """Hold a device exclusively on this host for the ``with`` block; yields its name.
 
     ``cuda`` takes whichever local GPU is free first; ``cuda:N`` waits for that one. CPU is
     not leased (repeated ``cpu`` workers share the cores by design). Waits for a busy GPU,
-    logging who has it, up to ``timeout_s`` (None = forever).
+    logging who has it, up to ``timeout_s`` (None: ``IMAGE_ETL_LEASE_TIMEOUT_S``), then
+    raises DeviceBusyError naming the lock files and their holders. ``holder`` says what
+    takes the GPU (the run and shard), written into the lock file for whoever waits.
+    ``gpu_ids``: each CUDA ordinal's physical identity (None: found from the driver).
     """
     if device == "cpu":
         yield device
@@ -138,31 +340,77 @@ def lease(device: str, lock_dir: Path = DEFAULT_LOCK_DIR, timeout_s: float | Non
             raise RuntimeError("this shard needs a GPU but this host has none visible")
     else:
         candidates = [device]
+    lock_dir = DEFAULT_LOCK_DIR if lock_dir is None else lock_dir
+    timeout_s = lease_timeout_s() if timeout_s is None else timeout_s
+    locks = _lock_files(candidates, lock_dir, gpu_ids)
     lock_dir.mkdir(parents=True, exist_ok=True)
-    fds = {name: os.open(lock_dir / f"{name.replace(':', '-')}.lock", os.O_RDWR | os.O_CREAT,
-                         0o666) for name in candidates}
-    try:
-        start = time.monotonic()
-        announced = False
-        while True:
-            held = next((name for name, fd in fds.items() if _try_lock(fd)), None)
-            if held is not None:
-                break
-            busy = ", ".join(f"{name} ({_holder(fd)})" for name, fd in fds.items())
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise TimeoutError(f"{device} stayed busy for {timeout_s:.0f}s: {busy}")
-            if not announced:
-                log.info("waiting for %s: busy %s", device, busy)
-                announced = True
-            time.sleep(poll_s)
+    with contextlib.ExitStack() as opened:
+        fds: dict[str, int] = {}
+        for name in candidates:
+            try:
+                fd = os.open(locks[name], os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise DeviceError(f"cannot open the lease lock {locks[name]} for {name}: "
+                                  f"{exc.strerror or exc}") from exc
+            opened.callback(os.close, fd)  # closing the descriptor releases the flock
+            fds[name] = fd
+        held = _wait_for_one(device, fds, locks, timeout_s, poll_s)
         fd = fds[held]
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-        log.info("leased %s", held)
+        os.pwrite(fd, _holder_line(holder).encode(), 0)
+        log.info("leased %s (lock %s)", held, locks[held])
         yield held
-    finally:
-        for fd in fds.values():
-            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _lock_files(candidates: list[str], lock_dir: Path,
+                gpu_ids: Sequence[str] | None) -> dict[str, Path]:
+    """One lock file per physical GPU (``gpu-<UUID>.lock``); by index (``cuda-N.lock``) only
+    where the identity cannot be found, which is said."""
+    if gpu_ids is None:
+        try:
+            gpu_ids = gpu_identities()
+        except GpuIdentityUnknown as exc:
+            log.warning("GPU identity unknown (%s): locking by CUDA index instead, which does "
+                        "not keep apart processes that see one GPU under different indices "
+                        "(see docs/deploy.md, GPU identity)", exc)
+            gpu_ids = []
+    locks = {}
+    for name in candidates:
+        index = int(name.removeprefix("cuda:"))
+        if index < len(gpu_ids):
+            locks[name] = lock_dir / f"gpu-{re.sub(r'[^A-Za-z0-9._-]', '_', gpu_ids[index])}.lock"
+        else:
+            if gpu_ids:
+                log.warning("%s is not among this process's %d GPU(s) with a known identity: "
+                            "locking it by index", name, len(gpu_ids))
+            locks[name] = lock_dir / f"cuda-{index}.lock"
+    return locks
+
+
+def _wait_for_one(device: str, fds: dict[str, int], locks: dict[str, Path], timeout_s: float,
+                  poll_s: float) -> str:
+    start = time.monotonic()
+    announced = False
+    while True:
+        held = next((name for name, fd in fds.items() if _try_lock(fd)), None)
+        if held is not None:
+            return held
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            busy = "; ".join(f"{name}: lock {locks[name]} held by {_holder(fd)}"
+                             for name, fd in fds.items())
+            raise DeviceBusyError(f"{device} stayed busy for {waited:.0f}s (the lease waits up "
+                                  f"to {timeout_s:g}s, {LEASE_TIMEOUT_ENV}): {busy}")
+        if not announced:
+            log.info("waiting for %s (up to %gs): busy %s", device, timeout_s,
+                     ", ".join(f"{name} ({_holder(fd)})" for name, fd in fds.items()))
+            announced = True
+        time.sleep(max(0.0, min(poll_s, timeout_s - waited)))
+
+
+def _holder_line(what: str) -> str:
+    since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {socket.gethostname()} since {since}{', ' + what if what else ''}\n"
 
 
 def _try_lock(fd: int) -> bool:
@@ -175,5 +423,5 @@ def _try_lock(fd: int) -> bool:
 
 def _holder(fd: int) -> str:
     with contextlib.suppress(OSError):
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        return os.pread(fd, 400, 0).decode(errors="replace").strip() or "unknown"
     return "unknown"

@@ -2,83 +2,75 @@
 
 Using AutoBackend (what ``model.predict`` builds internally) keeps the exact mode's forward
 pass identical to Ultralytics': same layer fusion, same dtype, same output layout.
+
+Weights are code: a ``.pt`` file is a pickle, and a plain ``torch.load`` runs whatever it
+names. Every checkpoint this process loads (ours, and the OpenVINO exporter's) goes through
+Ultralytics' allow-listed loading (``ULTRALYTICS_SAFE_LOAD``: ``torch.load(weights_only=True)``
+against its known model classes, no ``eval`` while building layers), unless the operator sets
+``IMAGE_ETL_UNSAFE_WEIGHTS=1`` for weights they trust (README: "Model weights").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import logging
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from image_etl.errors import ModelLoadError, WeightsChangedError
+from image_etl.weights import check_weights_file, weights_sha256
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub, whatever imports first
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelLoadError", "WeightsChangedError", "LoadedModel", "check_weights_file",
-           "load_model", "weights_sha256"]
+           "load_model", "weights_sha256", "UNSAFE_WEIGHTS_ENV"]
+
+UNSAFE_WEIGHTS_ENV = "IMAGE_ETL_UNSAFE_WEIGHTS"
 
 
-# torch.save before PyTorch 1.6 wrote a bare pickle that starts with this magic number.
-_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+def unsafe_weights_allowed() -> bool:
+    """Whether the operator turned allow-listed loading off (``IMAGE_ETL_UNSAFE_WEIGHTS``)."""
+    value = os.environ.get(UNSAFE_WEIGHTS_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ModelLoadError(f"{UNSAFE_WEIGHTS_ENV}={value!r}: expected 1 or 0")
 
 
-def check_weights_file(path: str | Path) -> None:
-    """Refuse a file that cannot be PyTorch weights, without torch (discover runs this).
+def use_safe_loading(safe: bool) -> None:
+    """Turn Ultralytics' allow-listed checkpoint loading on (or off) for this process.
 
-    Catches what actually happens to weights files in transit: an empty or truncated copy,
-    a Git LFS pointer checked out instead of the file, an HTML error page saved as ``.pt``.
-    A well-formed checkpoint that is not an Ultralytics model is caught by :func:`load_model`.
+    Ultralytics reads ``ULTRALYTICS_SAFE_LOAD`` once, when it is first imported, into
+    ``ultralytics.nn.tasks.SAFE_LOAD``, which every load (AutoBackend's, ``YOLO()``'s in the
+    exporter) consults: set both, since something may have imported it already.
     """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-        if zipfile.is_zipfile(path):  # the format of torch.save since PyTorch 1.6
-            with zipfile.ZipFile(path) as archive:
-                if any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist()):
-                    return
-            raise ModelLoadError(f"model weights {path} are a zip archive without data.pkl: "
-                                 "not a PyTorch checkpoint")
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ModelLoadError(f"cannot read model weights {path}: {exc}") from exc
-    if head.startswith(_LEGACY_TORCH_MAGIC):
-        return
-    if not head:
-        why = "the file is empty"
-    elif head.startswith(b"version https://git-lfs"):
-        why = "it is a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
-    elif head.startswith(b"PK"):
-        why = "a zip archive without its end (truncated: an interrupted download or copy?)"
-    else:
-        why = f"neither a zip archive nor a pickle (starts with {head[:16]!r})"
-    raise ModelLoadError(f"model weights {path} are not a PyTorch checkpoint: {why}")
+    import torch
+
+    if safe and not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        # Ultralytics would quietly fall back to a plain (unsafe) load on such a torch.
+        raise ModelLoadError(f"allow-listed weights loading needs torch >= 2.6, this worker has "
+                             f"{torch.__version__}")
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1" if safe else "0"
+    from ultralytics.nn import tasks
+
+    tasks.SAFE_LOAD = safe
 
 
-def weights_sha256(path: str | Path) -> str:
-    """A model's identity in the results database: the sha256 of its weights file.
+def _refused_globals(exc: BaseException) -> list[str] | None:
+    """The globals allow-listed loading refused, if that is what ``exc`` (or its cause) is."""
+    import pickle
 
-    Remembered per (file, size, modification time): a stage asks more than once (the
-    ``{model}`` template, the manifest), and weights files run to hundreds of MB.
-    """
-    st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, pickle.UnpicklingError):
+            return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(seen))))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @dataclasses.dataclass
@@ -170,10 +162,22 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "auto",
     precision = resolve_precision(precision, torch_device.type, runtime)
     fp16 = precision == "fp16"
     sha = weights_sha256(path)
+    safe = not unsafe_weights_allowed()
+    if not safe:
+        log.warning("%s is set: %s is unpickled without an allow-list (any code in it runs)",
+                    UNSAFE_WEIGHTS_ENV, path)
+    use_safe_loading(safe)
     try:
         backend = AutoBackend(model=str(path), device=torch_device, fp16=fp16, fuse=True,
                               verbose=False)
     except Exception as exc:  # corrupt pickle, wrong architecture, ... : say which file
+        refused = _refused_globals(exc) if safe else None
+        if refused is not None:
+            raise ModelLoadError(
+                f"model weights {path} refused by allow-listed loading: the checkpoint names "
+                f"{', '.join(refused) or 'objects'} outside Ultralytics' known model classes, "
+                "so it was not unpickled and nothing in it ran. If the file comes from a source "
+                f"you trust, see README 'Model weights' ({UNSAFE_WEIGHTS_ENV})") from exc
         # One line: Ultralytics' messages run over several, with an "ERROR ❌️" prefix and advice
         # to download its own models (the full text stays in __cause__).
         lines = str(exc).strip().splitlines()

@@ -25,6 +25,7 @@ from typing import Any
 from image_etl.errors import SettingsError
 from image_etl.setting import MAX_SIDE, MIN_SIDE, Setting, absolute_path, size_hw, slice_count
 from image_etl.storage.location import ObjectLocation, is_url, parse_object_url
+from image_etl.weights import confine_model_path
 
 __all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings", "RunSettings",
            "check", "env_defaults", "absolute_path", "size_hw", "MIN_SIDE", "MAX_SIDE",
@@ -73,7 +74,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                         "written when their night ran, or copied in later) and load them into "
                         "their own night. 0: off. Needs {date} in the drop folder."),
     Setting("model_path", str, str(DEMO_MODEL), "Model weights", section=_M, env="IMAGE_ETL_MODEL",
-            description="Absolute path to an Ultralytics .pt file (never downloaded)."),
+            description="Absolute path to an Ultralytics .pt file (never downloaded), under one "
+                        "of the deployment's model folders (IMAGE_ETL_MODEL_ROOTS)."),
     Setting("imgsz", int, None, "Image size", section=_M, env="IMAGE_ETL_IMGSZ", cli="--imgsz",
             nullable=True, minimum=MIN_SIDE, maximum=MAX_SIDE, sizes=True,
             pattern_hint="use a number like 640 or HEIGHTxWIDTH like 12000x2048",
@@ -405,14 +407,15 @@ class RunSettings:
         values = {name: check(name, given.get(name, SETTINGS[name].default))
                   for name in DAG_PARAMS if name != "date"}
         drop_date = drop_date_for(params, run_date)
-        model_path = absolute_path("model_path", values["model_path"], allowed_roots)
+        model_path = confine_model_path(absolute_path("model_path", values["model_path"]),
+                                        SETTINGS["model_path"].default)
         if check_files and not model_path.is_file():
             raise SettingsError("model_path", f"no such file: {model_path}")
         if model_path.suffix != ".pt":
             raise SettingsError("model_path", f"expected an Ultralytics .pt file, got {model_path.name}")
 
         def model_name() -> str:
-            from image_etl.model import weights_sha256  # only when a template asks for it
+            from image_etl.weights import weights_sha256  # only when a template asks for it
 
             return model_folder_name(model_path, model_sha256 or weights_sha256(model_path))
 

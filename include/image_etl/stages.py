@@ -68,7 +68,7 @@ def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
     """Validate the params, list the drop, skip what is loaded already, write the manifest."""
     from image_etl.devices import parse_devices
     from image_etl.discover import list_images
-    from image_etl.model import check_weights_file, weights_sha256
+    from image_etl.weights import check_weights_file, weights_sha256
 
     settings = RunSettings.from_params(params, run_date, allowed_roots)
     parse_devices(settings.devices)  # refuse bad devices now (GPUs counted without torch)
@@ -248,7 +248,8 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
     run_dir = Path(shard["run_dir"])
     staging = run_dir / f"shard-{shard['index']:03d}.staged.jsonl"
     check_local_device(shard["device"])  # a worker without that GPU fails now, naming it
-    with lease(shard["device"]) as device:
+    holder = f"run {run_dir.name}, {shard_label(shard)}"  # whoever waits for this GPU reads it
+    with lease(shard["device"], holder=holder) as device:
         load_started = time.time()
         model = load_model(settings.model_path, device, precision=settings.infer.precision,
                            imgsz=settings.infer.imgsz, runtime=settings.infer.runtime)
@@ -499,7 +500,11 @@ def prune_run_dirs(current: Path, keep_per_date: int = KEEP_RUNS_PER_DATE,
         for touched, folder in sorted(folders, reverse=True)[max(keep, 0):]:
             if now - touched < grace_s:
                 continue
-            shutil.rmtree(folder)
+            try:
+                shutil.rmtree(folder)
+            except OSError as exc:  # housekeeping: the run's rows are loaded already
+                log.warning("old run folder %s not pruned: %s", folder, exc)
+                continue
             pruned.append(folder)
     if pruned:
         log.info("pruned %d old run folder(s) under %s (kept the %d newest per drop date): %s",
