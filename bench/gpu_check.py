@@ -541,7 +541,7 @@ def lease_child(args: argparse.Namespace) -> int:
 
     from image_etl.devices import lease
     from image_etl.model import load_model
-    from image_etl.outputs import OutputLayout
+    from image_etl.output_paths import OutputLayout
     from image_etl.settings import InferSettings
     from image_etl.worker import ImageTask, run_shard
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from image_etl import synth
-from image_etl.outputs import OutputLayout, read_staging
+from image_etl.output_paths import OutputLayout
 from image_etl.settings import InferSettings
+from image_etl.staging import read_staging
 from image_etl.worker import OutputSink, run_shard
 
 from .conftest import DROP_DATE, ROOT
@@ -231,7 +232,7 @@ def test_retry_resumes_from_staging(small_drop, cpu_model, tmp_path):
     layout = OutputLayout(tmp_path / "out")
     staging = tmp_path / "stage.jsonl"
     settings = InferSettings(batch_size=2, write_queue_size=1)
-    from image_etl.outputs import StagingWriter
+    from image_etl.staging import StagingWriter
 
     fp = settings.result_fingerprint(cpu_model.sha256, cpu_model.default_imgsz)
     sink = FailingSink(layout, cpu_model.names, fail_at=5, staging=StagingWriter(staging, fp, {}))

@@ -54,7 +54,7 @@ def slice_grid(height: int, width: int, slice_hw: tuple[int, int], overlap: floa
 class Merger:
     """Merges one image's detections from all its slices (and the full-image pass).
 
-    Rows are ``outputs.DET_FIELDS``: cls, conf, x1, y1, x2, y2 (full-image pixels), then the
+    Rows are ``staging.DET_FIELDS``: cls, conf, x1, y1, x2, y2 (full-image pixels), then the
     normalised centre box, which is recomputed for the merged rows.
     """
 

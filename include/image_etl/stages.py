@@ -24,13 +24,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from image_etl.atomic_files import atomic_write
 from image_etl.errors import (
     MissingStagingError,
     SettingsError,
     TooManyFailedError,
     WeightsChangedError,
 )
-from image_etl.outputs import atomic_write
 from image_etl.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
     """One shard on one (leased) device. Resumes what an earlier attempt finished."""
     from image_etl.devices import check_local_device, lease
     from image_etl.model import load_model
-    from image_etl.outputs import OutputLayout
+    from image_etl.output_paths import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
     settings = _settings(shard)
@@ -210,7 +210,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     a whole one.
     """
     from image_etl import store
-    from image_etl.outputs import read_staging_header
+    from image_etl.staging import read_staging_header
 
     settings = _settings(discovered)
     shards: list[Mapping[str, Any]] = [r for r in results if r]

@@ -8,8 +8,8 @@ never become SQL text: they travel as bound parameters or as COPY data.
     engine.py          URL, engine, write transactions, errors with the password hidden
     schema.py          the tables, declared once
     revisions.py       Alembic migrations (include/image_etl/migrations), run under a lock
-    staging.py         staging files → checked rows
-    load.py            the idempotent replace of a load's rows, the night's totals recounted
+    load.py            the idempotent replace of a load's rows (read by image_etl.staging),
+                       the night's totals recounted
     postgres_copy.py   COPY on PostgreSQL
     queries.py         what the stages (and the Detections page) read back
 """

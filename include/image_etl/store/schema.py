@@ -24,7 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from image_etl.outputs import DET_FIELDS
+from image_etl.staging import DET_FIELDS
 
 # A detection's numbers, in the order a staged row holds them after its class (DET_FIELDS).
 DET_COLS = ("confidence", "x1", "y1", "x2", "y2", "xc", "yc", "w", "h")
