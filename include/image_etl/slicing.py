@@ -26,9 +26,6 @@ import dataclasses
 
 import numpy as np
 
-MERGES = ("greedynmm", "nmm", "nms")
-METRICS = ("ios", "iou")
-
 
 def slice_grid(height: int, width: int, slice_hw: tuple[int, int], overlap: float) -> np.ndarray:
     """SAHI's slice windows as an (N, 4) int array of x1, y1, x2, y2 (exclusive ends)."""
@@ -58,8 +55,8 @@ class Merger:
     normalised centre box, which is recomputed for the merged rows.
     """
 
-    merge: str = "greedynmm"
-    metric: str = "ios"
+    merge: str = "greedynmm"  # one of settings.MERGES (the settings check the names)
+    metric: str = "ios"  # one of settings.METRICS
     threshold: float = 0.5
     class_agnostic: bool = False
 

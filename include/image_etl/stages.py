@@ -222,7 +222,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     engine = store.engine_from_url(db_url)
     try:
         store.migrate(engine)
-        run = store.RunInfo(run_key=f"{dag_id}/{discovered['run_id']}", dag_id=dag_id,
+        run = store.RunInfo(run_key=store.run_key(dag_id, discovered["run_id"]), dag_id=dag_id,
                             run_id=discovered["run_id"], drop_date=settings.drop_date,
                             settings=discovered["settings"], infer_seconds=_infer_span_s(shards))
         t0 = time.perf_counter()

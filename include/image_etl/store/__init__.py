@@ -54,6 +54,7 @@ from image_etl.store.schema import (
     images,
     metadata,
     models,
+    run_key,
     runs,
 )
 
@@ -62,6 +63,6 @@ __all__ = [
     "current_revision", "default_url", "detections", "downgrade", "drop_class_totals",
     "drop_summary", "drop_totals", "engine_from_url", "head_revision", "history", "images",
     "latest_run", "load_staged", "loaded_rel_paths", "metadata", "migrate", "model_names",
-    "models", "record_empty_run", "redact_url", "refresh_drop_totals", "results_url", "runs",
+    "models", "record_empty_run", "redact_url", "refresh_drop_totals", "results_url", "run_key", "runs",
     "upsert_model", "url_from_connection", "write_transaction",
 ]

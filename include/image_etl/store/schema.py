@@ -31,6 +31,16 @@ DET_COLS = ("confidence", "x1", "y1", "x2", "y2", "xc", "yc", "w", "h")
 assert DET_FIELDS[:2] == ("cls", "conf") and DET_FIELDS[2:] == DET_COLS[1:]
 
 
+def run_key(dag_id: str, run_id: str) -> str:
+    """A DAG run's identity in ``runs`` and ``images``: ``<dag_id>/<run_id>``."""
+    return f"{dag_id}/{run_id}"
+
+
+def run_id_of(key: str) -> str:
+    """The run_id part of a :func:`run_key` (a DAG id has no "/")."""
+    return key.split("/", 1)[1] if "/" in key else key
+
+
 def _id_type() -> Any:
     # SQLite numbers rows itself only for an INTEGER PRIMARY KEY (its rowid).
     return BigInteger().with_variant(Integer, "sqlite")
@@ -49,7 +59,7 @@ models = Table(
 
 runs = Table(
     "runs", metadata,
-    Column("run_key", Text, primary_key=True),  # "<dag_id>/<run_id>"
+    Column("run_key", Text, primary_key=True),  # run_key(dag_id, run_id)
     Column("dag_id", Text),
     Column("run_id", Text),
     Column("drop_date", Date, nullable=False),
