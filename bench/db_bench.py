@@ -47,7 +47,7 @@ _DELETE_CHUNK = 5_000
 
 def staging_files(rows: int, dets_per_image: int, shards: int) -> list[Path]:
     """Staging files holding ``rows`` detection rows (cached under bench/data/db/)."""
-    from image_etl.outputs import StagingWriter, image_record
+    from image_etl.staging import StagingWriter, image_record
 
     folder = DATA_DIR / "db" / f"rows{rows}-per{dets_per_image}-shards{shards}"
     paths = [folder / f"shard-{k:02d}.jsonl" for k in range(shards)]
@@ -94,7 +94,7 @@ def _random_dets(rng: Any, n: int) -> Any:
 
 
 def _check_rows(paths: list[Path], rows: int) -> None:
-    from image_etl.outputs import read_staging
+    from image_etl.staging import read_staging
 
     total = sum(len(r["detections"]) for p in paths for r in read_staging(p)[1])
     if total != rows:
@@ -115,7 +115,7 @@ def load_executemany(engine: Any, files: list[Path], run: Any) -> tuple[int, int
     from sqlalchemy import delete, insert, select
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-    from image_etl.outputs import DET_FIELDS, read_staging
+    from image_etl.staging import DET_FIELDS, read_staging
     from image_etl.store import detections, images, runs, upsert_model, write_transaction
 
     now = dt.datetime.now(dt.UTC)

@@ -223,7 +223,7 @@ def _child_sahi(variant: Variant, tasks: list[tuple[Path, str]], args: argparse.
 def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
                 args: argparse.Namespace) -> dict[str, Any]:
     from image_etl.model import load_model
-    from image_etl.outputs import OutputLayout
+    from image_etl.output_paths import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
     model = load_model(args.model, args.device, imgsz=args.imgsz, runtime=variant.runtime,

@@ -119,7 +119,7 @@ def compare_with_whole_image(work: Path, day: dt.date) -> None:
 
     from image_etl import synth
     from image_etl.model import load_model
-    from image_etl.outputs import OutputLayout
+    from image_etl.output_paths import OutputLayout
     from image_etl.settings import InferSettings
     from image_etl.worker import ImageTask, run_shard
 

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from image_etl import stages
-from image_etl.outputs import StagingWriter, read_staging
+from image_etl.staging import StagingWriter, read_staging
 
 from .conftest import DEMO_MODEL, DROP_DATE, ROOT
 from .dbrows import result_rows
@@ -139,7 +139,7 @@ def prepare(drop: Path, workdir: Path, runtime: str = "auto") -> Run:
 
 
 def is_temp(name: str) -> bool:
-    """A temp file of outputs.atomic_write (``.<name>.<...>.tmp``)."""
+    """A temp file of atomic_files.atomic_write (``.<name>.<...>.tmp``)."""
     return name.startswith(".") and name.endswith(".tmp")
 
 
@@ -405,7 +405,7 @@ WRITE_BYTES = 16 << 20
 WRITER = r"""
 import sys
 from pathlib import Path
-from image_etl.outputs import atomic_write
+from image_etl.atomic_files import atomic_write
 data = b"x" * int(sys.argv[2])
 stop = Path(sys.argv[3]) if len(sys.argv) > 3 else None
 while stop is None or not stop.exists():

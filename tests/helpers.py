@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from image_etl import synth
-from image_etl.outputs import read_staging
+from image_etl.staging import read_staging
 from image_etl.worker import ImageTask
 
 

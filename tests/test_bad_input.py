@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from image_etl.outputs import OutputLayout, read_staging
+from image_etl.output_paths import OutputLayout
 from image_etl.settings import InferSettings
+from image_etl.staging import read_staging
 from image_etl.worker import ImageTask, run_shard
 
 from .helpers import bad_cases

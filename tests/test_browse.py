@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from image_etl import browse
-from image_etl.outputs import StagingWriter, image_record
+from image_etl.staging import StagingWriter, image_record
 from image_etl.store import RunInfo, engine_from_url, load_staged, migrate
 
 from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)

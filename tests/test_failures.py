@@ -28,10 +28,11 @@ import numpy as np
 import pytest
 
 from image_etl import stages, synth
+from image_etl.atomic_files import OutputWriteError
 from image_etl.devices import DeviceError, cuda_device_count
 from image_etl.model import ModelLoadError
-from image_etl.outputs import OutputWriteError, read_staging
 from image_etl.settings import SettingsError
+from image_etl.staging import read_staging
 from image_etl.store import StoreError
 
 from .conftest import DEMO_MODEL, ROOT
@@ -302,7 +303,7 @@ _NAMESPACE_CHILD = r"""
 import datetime as dt, json, os, subprocess, sys
 from pathlib import Path
 from image_etl import stages
-from image_etl.outputs import read_staging
+from image_etl.staging import read_staging
 
 cfg = json.loads(sys.argv[1])
 out = Path(cfg["out"])

@@ -12,8 +12,9 @@ import pytest
 
 from image_etl import openvino_backend
 from image_etl.model import ModelLoadError, load_model, resolve_precision, resolve_runtime
-from image_etl.outputs import OutputLayout, read_staging
+from image_etl.output_paths import OutputLayout
 from image_etl.settings import InferSettings, RunSettings, SettingsError
+from image_etl.staging import read_staging
 from image_etl.worker import ImageTask, run_shard
 
 from .conftest import DROP_DATE, ROOT

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from image_etl import pipeline
-from image_etl.outputs import OutputLayout, StagingWriter
+from image_etl.output_paths import OutputLayout
 from image_etl.settings import InferSettings
+from image_etl.staging import StagingWriter
 from image_etl.worker import run_shard
 
 from .conftest import DROP_DATE
@@ -140,7 +141,7 @@ def test_txt_writer_error(small_drop, cpu_model, tmp_path, monkeypatch, referenc
     """The rename of the 4th txt fails: its temp file must not stay."""
     import os
 
-    from image_etl import outputs
+    from image_etl import atomic_files
 
     real = os.replace
     txt_renames = Fault(real, 4, OSError(28, "No space left on device (injected)"))
@@ -148,7 +149,7 @@ def test_txt_writer_error(small_drop, cpu_model, tmp_path, monkeypatch, referenc
     def replace(src, dst):
         return (txt_renames if str(dst).endswith(".txt") else real)(src, dst)
 
-    monkeypatch.setattr(outputs.os, "replace", replace)
+    monkeypatch.setattr(atomic_files.os, "replace", replace)
     error = run_with_fault("txt writer", txt_renames, small_drop, cpu_model, tmp_path, reference,
                            OSError)
     assert "No space left" in str(error)

@@ -25,9 +25,10 @@ from sahi.slicing import get_slice_bboxes
 
 from image_etl import synth
 from image_etl.errors import SettingsError
-from image_etl.outputs import OutputLayout, read_staging
+from image_etl.output_paths import OutputLayout
 from image_etl.settings import InferSettings
 from image_etl.slicing import Merger, slice_grid
+from image_etl.staging import read_staging
 from image_etl.worker import ImageTask, run_shard
 
 from .conftest import DEMO_MODEL

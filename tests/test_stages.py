@@ -79,7 +79,7 @@ def test_an_unreadable_staging_file_is_logged_before_the_shard_is_redone(drop, t
     lines = staging.read_text().splitlines(keepends=True)
     staging.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
     shard = stages.partition(discovered)[0]
-    with caplog.at_level(logging.WARNING, logger="image_etl.outputs"):
+    with caplog.at_level(logging.WARNING, logger="image_etl.staging"):
         again = stages.infer(shard)
     assert f"staging file {staging} cannot be read" in caplog.text and "corrupt at line 2" in caplog.text
     assert again["processed"] == shard["images"] and again["resumed"] == 0

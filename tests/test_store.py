@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from image_etl import store
-from image_etl.outputs import StagingWriter, format_txt, image_record, read_staging
+from image_etl import staging, store
+from image_etl.staging import StagingWriter, image_record, read_staging
 from image_etl.store import (
     LoadReport,
     RunInfo,
@@ -31,9 +31,9 @@ from image_etl.store import (
     loaded_rel_paths,
     migrate,
     redact_url,
-    staging,
     upsert_model,
 )
+from image_etl.yolo_txt import format_txt
 
 from .pg import pg_url  # noqa: F401  (session fixture: a fresh PostgreSQL database)
 
@@ -459,7 +459,7 @@ def test_failing_load_leaves_db_exactly_as_before(db, tmp_path, kind):
     ("status", "maybe", "status must be 'ok' or 'failed'"),
     ("bytes", "12", "bytes must be a whole number"),
     ("rel_path", "", "bad rel_path"),
-    ("rel_path", 5, "neither a header nor an image record"),  # as outputs.read_staging says
+    ("rel_path", 5, "neither a header nor an image record"),  # as staging.read_staging says
 ])
 def test_bad_records_are_refused_with_a_precise_message(db, tmp_path, field, value, message):
     rng = np.random.default_rng(13)

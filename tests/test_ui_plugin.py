@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 
 from image_etl import store, synth
-from image_etl.outputs import StagingWriter, image_record
+from image_etl.staging import StagingWriter, image_record
 from image_etl.thumbnails import CACHE_DIR, REGION_MAX_SIDE, THUMB_MAX_SIDE
 
 from .conftest import ROOT

@@ -10,18 +10,14 @@ import numpy as np
 import pytest
 
 from image_etl import synth
+from image_etl.atomic_files import atomic_write
 from image_etl.decode import reduction_factor
 from image_etl.devices import lease, parse_devices
 from image_etl.discover import list_images
-from image_etl.outputs import (
-    OutputLayout,
-    OutputPathError,
-    StagingWriter,
-    atomic_write,
-    format_txt,
-    read_staging,
-)
+from image_etl.output_paths import OutputLayout, OutputPathError
 from image_etl.settings import InferSettings, SettingsError, absolute_path
+from image_etl.staging import StagingWriter, read_staging
+from image_etl.yolo_txt import format_txt
 
 
 @pytest.mark.parametrize(("spec", "gpus", "expected"), [

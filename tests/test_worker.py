@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from image_etl import synth
-from image_etl.outputs import OutputLayout, read_staging
+from image_etl.output_paths import OutputLayout
 from image_etl.settings import InferSettings
+from image_etl.staging import read_staging
 from image_etl.worker import OutputSink, run_shard
 
 from .conftest import DROP_DATE, ROOT
@@ -231,7 +232,7 @@ def test_retry_resumes_from_staging(small_drop, cpu_model, tmp_path):
     layout = OutputLayout(tmp_path / "out")
     staging = tmp_path / "stage.jsonl"
     settings = InferSettings(batch_size=2, write_queue_size=1)
-    from image_etl.outputs import StagingWriter
+    from image_etl.staging import StagingWriter
 
     fp = settings.result_fingerprint(cpu_model.sha256, cpu_model.default_imgsz)
     sink = FailingSink(layout, cpu_model.names, fail_at=5, staging=StagingWriter(staging, fp, {}))
@@ -248,15 +249,34 @@ def test_retry_resumes_from_staging(small_drop, cpu_model, tmp_path):
     assert report.resumed == 0 and report.processed == len(tasks)
 
 
-def test_annotated_images_are_written(small_drop, cpu_model, tmp_path):
+def test_annotated_image_shows_the_staged_box(tmp_path):
+    """The sink draws a known box, scaled from full-size pixels to the decoded (fast-decode,
+    half-size) image: its edges are the class colour, inside and outside stay untouched."""
     import cv2
 
-    images = small_drop / DROP_DATE.isoformat()
-    tasks = tasks_for(images)[:2]
-    run(tasks, cpu_model, tmp_path, save_annotated=True, fast_decode=True)
-    for t in tasks:
-        out = cv2.imread(str(tmp_path / "annotated" / t.rel_path))
-        assert out is not None and out.shape[0] > 100
+    from image_etl.decode import DecodedImage
+
+    gray = np.full((200, 300, 3), 128, np.uint8)  # decoded at 1/2 of a 400 x 600 image
+    item = DecodedImage(index=0, path=tmp_path / "a.jpg", rel_path="a.jpg", bytes=1,
+                        orig_shape=(400, 600), decoded_shape=(200, 300), image=gray)
+    # cls 0, conf, x1 y1 x2 y2 in full-size pixels, then the normalised centre box.
+    dets = np.array([[0, 0.9, 100, 120, 400, 300, 0.4166, 0.525, 0.5, 0.45]])
+    sink = OutputSink(OutputLayout(tmp_path / "out"), {0: "car"}, save_annotated=True)
+    sink.write(item, dets)
+    drawn = cv2.imread(str(tmp_path / "out/annotated/a.jpg")).astype(int)
+    assert drawn.shape == (200, 300, 3)
+    red = np.array([56, 56, 255])  # BGR of class 0
+
+    def near(y: int, x: int, colour) -> bool:
+        return bool(np.abs(drawn[y, x] - colour).max() <= 40)  # JPEG noise
+
+    # The box is at (50, 60)-(200, 150) in the decoded image: its four edges, mid-way along.
+    for y, x in ((105, 50), (105, 200), (150, 125)):
+        assert near(y, x, red), (y, x, drawn[y, x])
+    assert near(60, 190, red)  # the top edge, right of the label
+    for y, x in ((105, 125), (190, 280), (105, 20), (175, 125)):  # inside, outside
+        assert near(y, x, (128, 128, 128)), (y, x, drawn[y, x])
+    assert (tmp_path / "out/labels/a.txt").read_text().startswith("0 ")
 
 
 def test_cli_infer_writes_summary(small_drop, demo_model_path, tmp_path):

@@ -34,6 +34,7 @@ from image_etl.store import (
     night_accounting,
     runs,
 )
+from image_etl.store.schema import run_id_of
 
 MAX_NIGHTS = 366
 MAX_PAGE = 500
@@ -157,7 +158,7 @@ def _files(accounting: dict[str, Any]) -> dict[str, Any]:
             "skipped_links", "skipped_unknown", "skipped_hidden", "checked_at", "settings",
             "mixed_settings")
     out = {k: accounting[k] for k in keep}
-    out["checked_by_run"] = _run_id(accounting["checked_by"]) if accounting["checked_by"] else None
+    out["checked_by_run"] = run_id_of(accounting["checked_by"]) if accounting["checked_by"] else None
     return out
 
 
@@ -225,12 +226,8 @@ def night_failures(engine: Engine, model_sha256: str, drop_date: dt.date, limit:
         rows = conn.execute(query).all()
     return {"total": int(rows[0].total) if rows else 0, "offset": offset,
             "failures": [{"id": int(r.id), "rel_path": r.rel_path, "error": r.error,
-                          "run_id": _run_id(r.run_key), "processed_at": _moment(r.processed_at)}
+                          "run_id": run_id_of(r.run_key), "processed_at": _moment(r.processed_at)}
                          for r in rows]}
-
-
-def _run_id(run_key: str) -> str:
-    return run_key.split("/", 1)[1] if "/" in run_key else run_key
 
 
 # --- one image ------------------------------------------------------------------------------------
@@ -250,7 +247,7 @@ def image_detail(engine: Engine, image_id: int) -> dict[str, Any] | None:
                                    d.c.x1, d.c.y1, d.c.x2, d.c.y2)
                             .where(d.c.image_id == image_id).order_by(d.c.det_index)).all()
     return {"id": int(row.id), "model": row.model_sha256, "model_name": row.name,
-            "date": _day(row.drop_date), "rel_path": row.rel_path, "run_id": _run_id(row.run_key),
+            "date": _day(row.drop_date), "rel_path": row.rel_path, "run_id": run_id_of(row.run_key),
             "bytes": row.bytes, "width": row.width, "height": row.height, "status": row.status,
             "error": row.error, "processed_at": _moment(row.processed_at),
             "detections": [dict(r._mapping) for r in dets]}
@@ -301,6 +298,6 @@ def run_overview(engine: Engine, run_key: str) -> dict[str, Any] | None:
         "images_per_s": run.images_per_s}
     seen = {name for _, _, name, _ in per_class}
     ordered = [c for text in names for c in _class_order(text, set())]
-    return {"run_key": run_key, "run_id": _run_id(run_key), "last_load": last_load,
+    return {"run_key": run_key, "run_id": run_id_of(run_key), "last_load": last_load,
             "classes": list(dict.fromkeys(ordered + sorted(seen - set(ordered)))),
             "nights": nights_}

@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from image_etl.atomic_files import OutputWriteError
     from image_etl.devices import DeviceError
     from image_etl.model import ModelLoadError
-    from image_etl.outputs import OutputWriteError
 
     try:
         if args.command == "make-drop":
@@ -173,7 +173,7 @@ def _db(args: argparse.Namespace) -> int:
 def _infer(args: argparse.Namespace) -> int:
     from image_etl.discover import list_images
     from image_etl.model import load_model
-    from image_etl.outputs import OutputLayout
+    from image_etl.output_paths import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
     settings, device, max_failed = infer_settings(args)
@@ -223,7 +223,7 @@ def _judge_failures(report: ShardReport, staging: Path | None, max_failed: float
     failures = report.failures
     total = report.processed
     if staging is not None:
-        from image_etl.outputs import read_staging
+        from image_etl.staging import read_staging
 
         records = read_staging(staging)[1]
         failures = [{"rel_path": r["rel_path"], "error": r.get("error") or ""}

@@ -37,7 +37,7 @@ class ModelInput:
 
 def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage | ModelInput], conf: float,
                  iou: float, max_det: int = 300) -> list[np.ndarray]:
-    """Letterboxed inputs → per-input detections (rows as ``outputs.DET_FIELDS``).
+    """Letterboxed inputs → per-input detections (rows as ``staging.DET_FIELDS``).
 
     Ultralytics' predictor steps (uint8 to the device, reorder, BGR→RGB, scale; NMS on the
     device; scale_boxes to the letterboxed pixels' own size), then each input's boxes to the

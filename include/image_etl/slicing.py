@@ -26,9 +26,6 @@ import dataclasses
 
 import numpy as np
 
-MERGES = ("greedynmm", "nmm", "nms")
-METRICS = ("ios", "iou")
-
 
 def slice_grid(height: int, width: int, slice_hw: tuple[int, int], overlap: float) -> np.ndarray:
     """SAHI's slice windows as an (N, 4) int array of x1, y1, x2, y2 (exclusive ends)."""
@@ -54,12 +51,12 @@ def slice_grid(height: int, width: int, slice_hw: tuple[int, int], overlap: floa
 class Merger:
     """Merges one image's detections from all its slices (and the full-image pass).
 
-    Rows are ``outputs.DET_FIELDS``: cls, conf, x1, y1, x2, y2 (full-image pixels), then the
+    Rows are ``staging.DET_FIELDS``: cls, conf, x1, y1, x2, y2 (full-image pixels), then the
     normalised centre box, which is recomputed for the merged rows.
     """
 
-    merge: str = "greedynmm"
-    metric: str = "ios"
+    merge: str = "greedynmm"  # one of settings.MERGES (the settings check the names)
+    metric: str = "ios"  # one of settings.METRICS
     threshold: float = 0.5
     class_agnostic: bool = False
 

@@ -24,13 +24,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from image_etl.atomic_files import atomic_write
 from image_etl.errors import (
     MissingStagingError,
     SettingsError,
     TooManyFailedError,
     WeightsChangedError,
 )
-from image_etl.outputs import atomic_write
 from image_etl.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
     """One shard on one (leased) device. Resumes what an earlier attempt finished."""
     from image_etl.devices import check_local_device, lease
     from image_etl.model import load_model
-    from image_etl.outputs import OutputLayout
+    from image_etl.output_paths import OutputLayout
     from image_etl.worker import ImageTask, run_shard
 
     settings = _settings(shard)
@@ -289,7 +289,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     a whole one.
     """
     from image_etl import store
-    from image_etl.outputs import read_staging_header
+    from image_etl.staging import read_staging_header
 
     settings = _settings(discovered)
     results, late = _split_late(discovered, results)
@@ -302,7 +302,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     engine = store.engine_from_url(db_url)
     try:
         store.migrate(engine)
-        run = store.RunInfo(run_key=f"{dag_id}/{discovered['run_id']}", dag_id=dag_id,
+        run = store.RunInfo(run_key=store.run_key(dag_id, discovered["run_id"]), dag_id=dag_id,
                             run_id=discovered["run_id"], drop_date=settings.drop_date,
                             settings=discovered["settings"], infer_seconds=_infer_span_s(shards),
                             **_identity_of(discovered))
@@ -349,7 +349,7 @@ def _load_late(engine: Any, discovered: Mapping[str, Any], late: list[Mapping[st
     """Each earlier night's late files into that night (its date and folders, marked caught
     up), one transaction per night; this run's own ``runs`` row stays its night's."""
     from image_etl import store
-    from image_etl.outputs import read_staging_header
+    from image_etl.staging import read_staging_header
 
     if not late:
         return {}

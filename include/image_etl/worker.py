@@ -36,24 +36,18 @@ from typing import Any
 
 import numpy as np
 
+from image_etl.annotate import draw_annotations, encode_jpeg
+from image_etl.atomic_files import atomic_write, remove_stale_temps
 from image_etl.decode import DecodedImage, Decoder
 from image_etl.forward import ModelInput, detect_batch
 from image_etl.model import LoadedModel
-from image_etl.outputs import (
-    OutputLayout,
-    OutputPathError,
-    StagingWriter,
-    atomic_write,
-    draw_annotations,
-    encode_jpeg,
-    format_txt,
-    image_record,
-    remove_stale_temps,
-)
+from image_etl.output_paths import OutputLayout, OutputPathError
 from image_etl.pipeline import Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
+from image_etl.staging import StagingWriter, image_record
+from image_etl.yolo_txt import format_txt
 
 log = logging.getLogger(__name__)
 

@@ -141,7 +141,9 @@ def _browse() -> Any:
 
 
 def _run_key(run_id: str) -> str:
-    return f"{DAG_ID}/{run_id}"  # as stages.load records it
+    from image_etl.store.schema import run_key  # on first use, as _browse
+
+    return run_key(DAG_ID, run_id)
 
 
 # --- the page ---------------------------------------------------------------------------------

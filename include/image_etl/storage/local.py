@@ -76,7 +76,7 @@ class LocalStorage(Storage):
     def write_atomic(self, rel_path: str, data: bytes | str) -> None:
         # The outputs' own temp-and-rename (its temp names let a later attempt tell a killed
         # writer's leftover from a live one); imported here: it brings OpenCV.
-        from image_etl.outputs import atomic_write
+        from image_etl.atomic_files import atomic_write
 
         atomic_write(self.path(rel_path), data)
 

@@ -8,8 +8,8 @@ never become SQL text: they travel as bound parameters or as COPY data.
     engine.py          URL, engine, write transactions, errors with the password hidden
     schema.py          the tables, declared once
     revisions.py       Alembic migrations (include/image_etl/migrations), run under a lock
-    staging.py         staging files → checked rows
-    load.py            the idempotent replace of a load's rows, the night's totals recounted
+    load.py            the idempotent replace of a load's rows (read by image_etl.staging),
+                       the night's totals recounted
     postgres_copy.py   COPY on PostgreSQL
     queries.py         what the stages (and the Detections page) read back
 """
@@ -61,6 +61,7 @@ from image_etl.store.schema import (
     models,
     night_files,
     result_settings,
+    run_key,
     runs,
 )
 
@@ -70,7 +71,7 @@ __all__ = [
     "current_revision", "default_url", "detections", "downgrade", "drop_class_totals",
     "drop_summary", "drop_totals", "engine_from_url", "head_revision", "history", "images",
     "latest_run", "load_staged", "loaded_rel_paths", "metadata", "migrate", "model_names",
-    "models", "record_empty_run", "redact_url", "refresh_drop_totals", "results_url", "runs",
+    "models", "record_empty_run", "redact_url", "refresh_drop_totals", "results_url", "run_key", "runs",
     "upsert_model", "url_from_connection", "write_transaction", "image_rows",
     "night_accounting", "nights_that_ran", "night_files", "record_night_files", "result_settings",
 ]

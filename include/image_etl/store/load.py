@@ -43,6 +43,7 @@ from sqlalchemy import (
     true,
 )
 
+from image_etl.staging import ImageRow, StagedFile, read_headers, read_staged
 from image_etl.store import postgres_copy
 from image_etl.store.engine import dialect_insert, in_transaction, write_transaction
 from image_etl.store.queries import class_counts, count_if
@@ -56,7 +57,6 @@ from image_etl.store.schema import (
     result_settings,
     runs,
 )
-from image_etl.store.staging import ImageRow, StagedFile, read_headers, read_staged
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,21 @@ from sqlalchemy import (
     false,
 )
 
-from image_etl.outputs import DET_FIELDS
+from image_etl.staging import DET_FIELDS
 
 # A detection's numbers, in the order a staged row holds them after its class (DET_FIELDS).
 DET_COLS = ("confidence", "x1", "y1", "x2", "y2", "xc", "yc", "w", "h")
 assert DET_FIELDS[:2] == ("cls", "conf") and DET_FIELDS[2:] == DET_COLS[1:]
+
+
+def run_key(dag_id: str, run_id: str) -> str:
+    """A DAG run's identity in ``runs`` and ``images``: ``<dag_id>/<run_id>``."""
+    return f"{dag_id}/{run_id}"
+
+
+def run_id_of(key: str) -> str:
+    """The run_id part of a :func:`run_key` (a DAG id has no "/")."""
+    return key.split("/", 1)[1] if "/" in key else key
 
 
 def _id_type() -> Any:
@@ -51,7 +61,7 @@ models = Table(
 
 runs = Table(
     "runs", metadata,
-    Column("run_key", Text, primary_key=True),  # "<dag_id>/<run_id>"
+    Column("run_key", Text, primary_key=True),  # run_key(dag_id, run_id)
     Column("dag_id", Text),
     Column("run_id", Text),
     Column("drop_date", Date, nullable=False),
