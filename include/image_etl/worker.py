@@ -43,6 +43,7 @@ from image_etl.model import LoadedModel
 from image_etl.output_paths import OutputLayout
 from image_etl.pipeline import Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
+from image_etl.progress import Progress
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
 from image_etl.sink import (
@@ -179,7 +180,7 @@ class _Shard:
         self._share_cpu()
         report = self.report
         start = time.perf_counter()
-        progress = _Progress(sum(not p.replay for p in self.picked), report,
+        progress = Progress(sum(not p.replay for p in self.picked), report,
                              self.settings.progress_every_s)
         try:
             with Writers(self._write, count=self.writers, capacity=self.write_capacity) as out, \
@@ -306,44 +307,6 @@ def _count(report: ShardReport, item: DecodedImage, dets: np.ndarray | None) -> 
         report.failed += 1
         report.failures.append({"rel_path": item.rel_path, "error": item.error})
         log.warning("failed: %s: %s", item.rel_path, item.error)
-
-
-class _Progress:
-    """The task log's progress line: images done, img/s, ETA and each stage's busy share."""
-
-    def __init__(self, total: int, report: ShardReport, every_s: float) -> None:
-        self.total, self.report, self.every_s = total, report, every_s
-        self.last = 0.0
-
-    def maybe_log(self, elapsed: float) -> None:
-        if elapsed - self.last < self.every_s:
-            return
-        self.last = elapsed
-        r = self.report
-        done = r.processed
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        busy = r.busy(elapsed)
-        log.info("progress %d/%d images (%d resumed) %.2f img/s, ETA %s | busy: decode %.0f%% "
-                 "infer %.0f%% write %.0f%%", done + r.resumed, self.total + r.resumed,
-                 r.resumed, rate, _eta(eta), 100 * busy["decode"], 100 * busy["infer"],
-                 100 * busy["write"])
-
-    def log_final(self) -> None:
-        r = self.report
-        busy = r.busy()
-        log.info("shard done on %s: %d images (%d ok, %d failed, %d resumed), %d detections, "
-                 "%.1fs, %.2f img/s | busy: decode %.0f%% infer %.0f%% write %.0f%%",
-                 r.device, r.processed, r.ok, r.failed, r.resumed, r.detections, r.wall_s,
-                 r.images_per_s, 100 * busy["decode"], 100 * busy["infer"], 100 * busy["write"])
-
-
-def _eta(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def model_input_size(imgsz: int | str, stride: int) -> tuple[int, int]:
