@@ -139,8 +139,10 @@ def output_key(folder: str, rel_path: str, suffix: str) -> str:
 
 # --- the staging file on object storage -------------------------------------------------------
 
-FLUSH_S = float(os.environ.get("IMAGE_ETL_STAGING_FLUSH_S", "10"))
-FLUSH_IMAGES = int(os.environ.get("IMAGE_ETL_STAGING_FLUSH_IMAGES", "100"))
+# A killed attempt loses at most this much work (inferred again by the retry); each flush PUTs
+# the whole file (~2 KB an image with 10 boxes), so flushing far more often costs bandwidth.
+FLUSH_S = float(os.environ.get("IMAGE_ETL_STAGING_FLUSH_S", "30"))
+FLUSH_IMAGES = int(os.environ.get("IMAGE_ETL_STAGING_FLUSH_IMAGES", "500"))
 
 
 @dataclasses.dataclass(frozen=True)
