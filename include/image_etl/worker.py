@@ -30,9 +30,9 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -57,6 +57,7 @@ from image_etl.settings import InferSettings
 from image_etl.watchdog import Watchdog, stall_limit_s
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +339,7 @@ class _Shard:
                   self.model.runtime, threads, self.threads)
 
 
-def _marked(items: Any, mark: Any, stage: str) -> Any:
+def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iterator[T]:
     """``items``, marking ``stage`` for the watchdog while each next one is waited for."""
     iterator = iter(items)
     while True:
