@@ -327,8 +327,8 @@ class _Shard:
         if self.model.runtime == "openvino":
             # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
             # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
-            # it soaks up the decoders' stalls and the shard's tail. Its results do not depend
-            # on the thread count.
+            # it soaks up the decoders' stalls and the shard's tail (measured with per-image
+            # streams). Always every core: the thread count never differs between attempts.
             threads = cores
         else:
             # From the configured decode threads, not those this attempt runs: a retry with a
