@@ -5,7 +5,8 @@ call that never returns, a read from a hung network mount) never runs Python aga
 exception reaches it, and Airflow's ``execution_timeout`` (a signal handled in Python, in the
 task process) cannot end it either. The task would hold its GPU lease and its pool slot until
 someone killed the worker. Ending the process releases the lease (the OS drops the ``flock``
-with the file descriptor) and the task fails, so Airflow's retry resumes the shard.
+with the file descriptor), and Airflow's task supervisor marks a task whose process exited
+non-zero up for retry, which resumes the shard.
 
 The pipeline's main thread says which stage it is in (:meth:`Watchdog.mark`): waiting for the
 next decoded image, running the forward pass, waiting for a writer, shutting down. Every mark
