@@ -221,9 +221,12 @@ def test_both_modes_agree_and_neither_waits_on_an_async_queue(ov_model, small_dr
     paths = sorted((small_drop / DROP_DATE.isoformat()).glob("*.jpg"))[:3]
     decoder = Decoder(ov_model.default_imgsz, ov_model.stride)
     batch = np.stack([decoder(i, p, p.name).input for i, p in enumerate(paths)])
-    assert ov_model.backend.mode == "sync"  # the default (bench/README.md says why)
-    preds = {mode: openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32", mode=mode)
-             .infer_bgr(batch).numpy() for mode in openvino_backend.MODES}
+    default = openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32")
+    preds = {"default": default.infer_bgr(batch).numpy()}  # old code: AsyncInferQueue
+    assert default.mode == "sync"  # the default (bench/README.md says why)
+    preds.update({mode: openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32", mode=mode)
+                  .infer_bgr(batch).numpy() for mode in openvino_backend.MODES})
+    assert preds["default"].tobytes() == preds["sync"].tobytes()
     assert preds["sync"].shape == preds["streams"].shape and preds["sync"].shape[0] == 3
     boxes, scores = (slice(None, 4), slice(4, None))
     np.testing.assert_allclose(preds["sync"][:, boxes], preds["streams"][:, boxes], atol=0.05)
