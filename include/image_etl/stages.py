@@ -265,7 +265,7 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
         # is not inference, and it is reported beside it.
         started = time.time()
         report = run_shard(tasks, model, settings.infer, OutputLayout(settings.output_dir),
-                           staging_path=staging)
+                           staging_path=staging, timeout_per_image_s=settings.timeout_per_image_s)
     summary = report.to_dict()
     _write_json(run_dir / f"shard-{shard['index']:03d}.report.json", summary)
     return {"index": shard["index"], "date": shard["date"], "device": report.device,

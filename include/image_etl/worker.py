@@ -30,9 +30,9 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -42,14 +42,16 @@ from image_etl.decode import DecodedImage, Decoder
 from image_etl.forward import ModelInput, detect_batch
 from image_etl.model import LoadedModel
 from image_etl.output_paths import OutputLayout, OutputPathError
-from image_etl.pipeline import Writers, ordered_map
+from image_etl.pipeline import StageStuckError, Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
 from image_etl.staging import StagingWriter, image_record
+from image_etl.watchdog import Watchdog, stall_limit_s
 from image_etl.yolo_txt import format_txt
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +185,10 @@ class _Shard:
     """One attempt at a shard: decode → inputs → batches → forward → collect → write."""
 
     def __init__(self, picked: list[_Picked], model: LoadedModel, settings: InferSettings,
-                 sink: ResultSink, report: ShardReport, imgsz: tuple[int, int]) -> None:
+                 sink: ResultSink, report: ShardReport, imgsz: tuple[int, int],
+                 watchdog: Watchdog) -> None:
         self.picked = picked
+        self.watchdog = watchdog
         self.model = model
         self.settings = settings
         self.sink = sink
@@ -220,23 +224,31 @@ class _Shard:
         start = time.perf_counter()
         progress = _Progress(sum(not p.replay for p in self.picked), report,
                              self.settings.progress_every_s)
+        mark = self.watchdog.mark
+        stuck_after = self.watchdog.limit_s  # a join that long without progress is stuck
         try:
-            with Writers(self._write, count=self.writers, capacity=self.write_capacity) as out, \
+            with Writers(self._write, count=self.writers, capacity=self.write_capacity,
+                         join_timeout_s=stuck_after) as out, \
                     ordered_map(self._decode, self.picked, threads=self.threads,
-                                window=self.window, name="decode", abort=out.check) as decoded:
-                for item, inputs in decoded:
-                    report.decode_s += item.seconds
-                    picked = self.picked[item.index]
-                    if item.error is not None:
-                        self._finished(item, None, out)
-                    else:
-                        self.collector.expect(item, len(inputs))
-                        for batch in self.batcher.add(picked.group, inputs):
-                            self._infer(batch, out)
-                    if picked.closes_group:  # its images are written before the next decode
-                        for batch in self.batcher.flush():
-                            self._infer(batch, out)
-                    progress.maybe_log(time.perf_counter() - start)
+                                window=self.window, name="decode", abort=out.check,
+                                join_timeout_s=stuck_after) as decoded:
+                try:
+                    for item, inputs in _marked(decoded, mark, "decode (waiting for the next "
+                                                               "decoded image)"):
+                        report.decode_s += item.seconds
+                        picked = self.picked[item.index]
+                        if item.error is not None:
+                            self._finished(item, None, out)
+                        else:
+                            self.collector.expect(item, len(inputs))
+                            for batch in self.batcher.add(picked.group, inputs):
+                                self._infer(batch, out)
+                        if picked.closes_group:  # its images are written before the next decode
+                            for batch in self.batcher.flush():
+                                self._infer(batch, out)
+                        progress.maybe_log(time.perf_counter() - start)
+                finally:
+                    mark("shutdown (joining the decode threads and the writers)")
         finally:
             report.wall_s = time.perf_counter() - start
             report.batch_size = self.batcher.batch_size
@@ -259,6 +271,7 @@ class _Shard:
 
     def _finished(self, item: DecodedImage, dets: np.ndarray | None, out: Writers) -> None:
         if not self.picked[item.index].replay:  # done by an earlier attempt: only its mates
+            self.watchdog.mark("write (waiting for a free writer)")
             out.put((item, dets))
 
     def infer_batch(self, batch: list[ModelInput]) -> list[np.ndarray]:
@@ -266,21 +279,25 @@ class _Shard:
         import torch
 
         t0 = time.perf_counter()
+        self.watchdog.mark(f"forward (a batch of {len(batch)} model input(s) on "
+                           f"{self.model.device}, runtime {self.model.runtime})")
         try:
             out = self._forward(batch)
+            self.report.infer_s += time.perf_counter() - t0
+            return out
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
-            torch.cuda.empty_cache()
-            self.batcher.batch_size = max(1, min(self.batcher.batch_size, len(batch) // 2))
-            log.warning("GPU out of memory on a batch of %d: batch size is now %d",
-                        len(batch), self.batcher.batch_size)
-            self.report.infer_s += time.perf_counter() - t0
-            out = []
-            while len(out) < len(batch):  # the size may shrink again inside
-                out += self.infer_batch(batch[len(out):len(out) + self.batcher.batch_size])
-            return out
+        # Out of the handler: the error's traceback held the failed forward's frames, hence
+        # its tensors; only now can empty_cache() give their memory back for the retry.
+        torch.cuda.empty_cache()
+        self.batcher.batch_size = max(1, min(self.batcher.batch_size, len(batch) // 2))
+        log.warning("GPU out of memory on a batch of %d: batch size is now %d",
+                    len(batch), self.batcher.batch_size)
         self.report.infer_s += time.perf_counter() - t0
+        out = []
+        while len(out) < len(batch):  # the size may shrink again inside
+            out += self.infer_batch(batch[len(out):len(out) + self.batcher.batch_size])
         return out
 
     def _forward(self, batch: list[ModelInput]) -> list[np.ndarray]:
@@ -304,8 +321,8 @@ class _Shard:
         if self.model.runtime == "openvino":
             # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
             # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
-            # it soaks up the decoders' stalls and the shard's tail. Its results do not depend
-            # on the thread count.
+            # it soaks up the decoders' stalls and the shard's tail (measured with per-image
+            # streams). Always every core: the thread count never differs between attempts.
             threads = cores
         else:
             # From the configured decode threads, not those this attempt runs: a retry with a
@@ -314,6 +331,18 @@ class _Shard:
         self.model.set_cpu_threads(threads)
         log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
                   self.model.runtime, threads, self.threads)
+
+
+def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iterator[T]:
+    """``items``, marking ``stage`` for the watchdog while each next one is waited for."""
+    iterator = iter(items)
+    while True:
+        mark(stage)
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item
 
 
 def _count(report: ShardReport, item: DecodedImage, dets: np.ndarray | None) -> None:
@@ -405,15 +434,35 @@ def _size_text(hw: tuple[int, int]) -> int | str:
     return hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
 
 
+def _default_timeout_per_image_s() -> float:
+    import os
+
+    from image_etl.settings import SETTINGS, check
+
+    spec = SETTINGS["timeout_per_image_s"]
+    raw = os.environ.get(spec.env) if spec.env else None
+    return float(check("timeout_per_image_s", raw if raw else spec.default))
+
+
 def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
               layout: OutputLayout, staging_path: Path | None = None,
-              sink: ResultSink | None = None) -> ShardReport:
+              sink: ResultSink | None = None, watchdog: Watchdog | None = None,
+              timeout_per_image_s: float | None = None) -> ShardReport:
     """Run ``tasks`` through ``model`` and write every result; return what happened.
 
     With ``staging_path`` the shard is resumable: images an earlier attempt finished (same
     model and result-relevant settings) are skipped. Raises the first pipeline error.
+
+    ``watchdog`` (default: one that ends the process, its limit from ``timeout_per_image_s``,
+    default the setting's, from ``IMAGE_ETL_TIMEOUT_PER_IMAGE_S`` where set; see
+    ``watchdog.py``) watches the pipeline's stages while it runs, and after it when a thread
+    could not be joined.
     """
     imgsz = model_input_size(settings.imgsz or model.default_imgsz, model.stride)
+    if watchdog is None:
+        per_image = timeout_per_image_s or _default_timeout_per_image_s()
+        watchdog = Watchdog(stall_limit_s(per_image, settings.batch_size),
+                            what=f"shard on {model.device}")
     if sink is None:
         staging = None
         if staging_path is not None:
@@ -427,17 +476,23 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
         sink = OutputSink(layout, model.names, settings.save_annotated, staging)
     report = ShardReport(device=str(model.device), images=len(tasks),
                          staging_path=str(staging_path) if staging_path else None)
-    try:
-        done = sink.open()
-        _remove_stale_temps(tasks, layout, settings.save_annotated)
-        todo = [t for t in tasks if t.rel_path not in done]
-        report.resumed = len(tasks) - len(todo)
-        if report.resumed:
-            log.info("resuming: %d of %d images already done by an earlier attempt",
-                     report.resumed, len(tasks))
-        if todo:
-            _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink, report,
-                   imgsz).run()
-    finally:
-        sink.close()
+    with watchdog:
+        try:
+            done = sink.open()
+            _remove_stale_temps(tasks, layout, settings.save_annotated)
+            todo = [t for t in tasks if t.rel_path not in done]
+            report.resumed = len(tasks) - len(todo)
+            if report.resumed:
+                log.info("resuming: %d of %d images already done by an earlier attempt",
+                         report.resumed, len(tasks))
+            if todo:
+                _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink,
+                       report, imgsz, watchdog).run()
+        except StageStuckError as exc:
+            # The stuck thread would keep the process alive at exit (and its lease held):
+            # the watchdog ends it unless it exits by itself first.
+            watchdog.linger(f"exit (after the error: {exc})")
+            raise
+        finally:
+            sink.close()
     return report
