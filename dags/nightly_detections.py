@@ -150,13 +150,16 @@ def nightly_detections():
     @task(trigger_rule="none_failed", retries=3, retry_delay=timedelta(seconds=30),
           retry_exponential_backoff=True, multiple_outputs=False,
           execution_timeout=timedelta(hours=2), outlets=[DETECTIONS])
-    def load(discovered: dict, results: list[dict]) -> dict:
+    def load(discovered: dict, results: list[dict], plan: list[dict]) -> dict:
         from image_etl import stages
 
         # One slice fetches every shard's result in one request; iterating would ask item by
         # item until one is missing, which Airflow logs as a warning ("XCom not found").
         shard_results = list(results[:]) if results else []
-        return stages.load(discovered, shard_results, db_url=_db_url(), dag_id=DAG_ID)
+        # partition's shards: a shard whose infer left no result (marked success or skipped
+        # by hand) is found and named, never silently left out of the night.
+        return stages.load(discovered, shard_results, db_url=_db_url(), dag_id=DAG_ID,
+                           plan=list(plan or []))
 
     @task(trigger_rule="none_failed", multiple_outputs=False,
           execution_timeout=timedelta(minutes=15))
@@ -168,7 +171,7 @@ def nightly_detections():
     found = discover()
     shards = partition(found)
     results = infer.expand(shard=shards)
-    loaded = load(found, results)
+    loaded = load(found, results, shards)
     report(found, loaded)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from image_etl.atomic_files import atomic_write
+from image_etl.completeness import staging_path
 from image_etl.errors import (
     MissingStagingError,
     SettingsError,
@@ -246,7 +247,7 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
     drop_dir = Path(data["drop_dir"])
     tasks = [ImageTask(drop_dir / rel, rel) for rel, _ in data["images"]]
     run_dir = Path(shard["run_dir"])
-    staging = run_dir / f"shard-{shard['index']:03d}.staged.jsonl"
+    staging = staging_path(run_dir, shard["index"])
     check_local_device(shard["device"])  # a worker without that GPU fails now, naming it
     holder = f"run {run_dir.name}, {shard_label(shard)}"  # whoever waits for this GPU reads it
     with lease(shard["device"], holder=holder) as device:
@@ -281,12 +282,13 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
 # --- load -----------------------------------------------------------------------------------------
 
 def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | None], *,
-         db_url: str, dag_id: str) -> dict[str, Any]:
+         db_url: str, dag_id: str, plan: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Every shard's staged rows into the results DB, in one transaction, replacing old rows.
 
     Fails, naming each file and the host that wrote it, when a shard's staging file is not
     here: loading the rest would commit a partial night that ``report`` could not tell from
-    a whole one.
+    a whole one. Fails too, naming the shard and its images, when an image discover listed
+    has no outcome (``plan``: partition's shards, to find the shards that left no result).
     """
     from image_etl import store
     from image_etl.staging import read_staging_header
@@ -295,7 +297,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     results, late = _split_late(discovered, results)
     shards: list[Mapping[str, Any]] = [r for r in results if r]
     _check_staging_present(shards)
-    staging = [Path(r["staging"]) for r in shards]
+    staging = _whole_night(discovered, plan, shards)
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
     names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
@@ -382,6 +384,14 @@ def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str) -> N
     for day, files in manifest.get("files", {}).items():
         store.record_night_files(engine, discovered["model_sha256"], dt.date.fromisoformat(day),
                                  run_key, files)
+
+
+def _whole_night(discovered: Mapping[str, Any], plan: list[Mapping[str, Any]] | None,
+                 results: list[Mapping[str, Any]]) -> list[Path]:
+    """The staging files holding one outcome for every image discover listed (or an error)."""
+    from image_etl.completeness import staging_to_load
+
+    return staging_to_load(Path(discovered["manifest"]), plan, results)
 
 
 def _check_staging_present(results: list[Mapping[str, Any]]) -> None:
