@@ -106,6 +106,14 @@ def _infer_time_limit(context) -> None:
     print(f"infer time limit: {limit} for {context['task'].op_kwargs['shard']['images']} image(s)")
 
 
+def _wait_for_drop():
+    """The optional drop-ready gate (``drop_ready_marker``): waits in the triggerer."""
+    from image_etl_airflow.drop_gate import WaitForDrop
+
+    return WaitForDrop(task_id="wait_for_drop", run_date=_run_date, allowed_roots=D["allowed_roots"],
+                       execution_timeout=timedelta(minutes=10))
+
+
 @dag(
     dag_id=DAG_ID,
     schedule=D["schedule"],
@@ -168,7 +176,9 @@ def nightly_detections():
 
         return stages.report(discovered, loaded, db_url=_db_url())
 
+    ready = _wait_for_drop()
     found = discover()
+    ready >> found
     shards = partition(found)
     results = infer.expand(shard=shards)
     loaded = load(found, results, shards)

@@ -70,7 +70,8 @@ def staging_to_load(manifest: Path, plan: list[Mapping[str, Any]] | None,
     gaps: list[ShardGap] = []
     seen: dict[str, int] = {}
     problems: list[str] = []
-    shards = plan if plan is not None else [{"index": i} for i in sorted(by_index)]
+    shards: list[Mapping[str, Any]] = (plan if plan is not None
+                                       else [{"index": i} for i in sorted(by_index)])
     for shard in shards:
         index = int(shard["index"])
         result = by_index.get(index)
