@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from image_etl import stages, synth
-from image_etl.completeness import staging_path, staging_to_load
+from image_etl.completeness import staging_by_night, staging_path
 from image_etl.errors import NOT_RETRYABLE, IncompleteNightError
 
 from .conftest import DEMO_MODEL
@@ -26,6 +26,11 @@ DAY = dt.date(2026, 4, 11)
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def staging_to_load(manifest: Path, plan: list[dict] | None, results: list[dict]) -> list[Path]:
+    """The staging files of the run's own night (hand-made manifests name no date)."""
+    return staging_by_night(manifest, plan, results)[None]
 
 
 def run_folder(tmp_path: Path, shards: list[list[str]], staged: dict[int, list[tuple[str, str]]]
@@ -115,6 +120,27 @@ def test_long_lists_are_cut_with_a_count(tmp_path):
     manifest, plan, results = run_folder(tmp_path, [["a.jpg"], names], {0: [("a.jpg", "ok")]})
     with pytest.raises(IncompleteNightError, match=r"img09.jpg and 15 more"):
         staging_to_load(manifest, plan, results)
+
+
+def test_late_nights_are_checked_and_returned_night_by_night(tmp_path):
+    """Earlier nights' late files (shards of their own, dated) must be whole too."""
+    manifest, plan, results = run_folder(tmp_path, [["a.jpg"], ["late1.jpg"], ["late2.jpg"]],
+                                         {0: [("a.jpg", "ok")], 1: [("late1.jpg", "ok")]})
+    data = json.loads(manifest.read_text())
+    data["images"] = [["a.jpg", 100]]
+    data["late"] = [{"date": "2026-04-09", "images": [["late1.jpg", 100], ["late2.jpg", 100]]}]
+    manifest.write_text(json.dumps(data))
+    for shard in plan[1:]:
+        shard["date"] = "2026-04-09"
+    results[1]["date"] = "2026-04-09"
+    with pytest.raises(IncompleteNightError, match=r"night 2026-04-09: shard 2 .*never ran.*: "
+                                                    r"1 image\(s\) without an outcome: late2.jpg"):
+        staging_by_night(manifest, plan, results)
+    plan.pop()
+    data["late"][0]["images"].pop()
+    manifest.write_text(json.dumps(data))
+    assert staging_by_night(manifest, plan, results) == {
+        None: [Path(results[0]["staging"])], "2026-04-09": [Path(results[1]["staging"])]}
 
 
 # --- through the real stages ------------------------------------------------------------------

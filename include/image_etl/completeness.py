@@ -1,11 +1,12 @@
 """A night is loaded whole or not at all: every image discover listed has exactly one outcome.
 
-``load`` asks :func:`staging_to_load` which staging files to load. It compares the images of
-the run's manifest (what discover listed) with the outcomes (``ok`` or ``failed``) the shards
-staged. A shard whose ``infer`` left no result (marked success or skipped by hand in the UI
-before it ran, an XCom lost) is loaded from what it wrote if it staged every one of its images;
-otherwise the load is refused, naming the shard and its images, and nothing is committed.
-Plain Python; the staging format is read through ``staging``.
+``load`` asks :func:`staging_by_night` which staging files to load. It compares the images of
+the run's manifest (what discover listed: the run's night, and earlier nights' late files) with
+the outcomes (``ok`` or ``failed``) the shards staged, night by night. A shard whose ``infer``
+left no result (marked success or skipped by hand in the UI before it ran, an XCom lost) is
+loaded from what it wrote if it staged every one of its images; otherwise the load is
+refused, naming the shard and its images, and nothing is committed. Plain Python; the
+staging format is read through ``staging``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from image_etl.errors import IncompleteNightError
 from image_etl.staging import read_staging
 
-__all__ = ["staging_to_load", "staging_path", "ShardGap", "IncompleteNightError"]
+__all__ = ["staging_by_night", "staging_path", "ShardGap", "IncompleteNightError"]
 
 OUTCOMES = ("ok", "failed")
 NAMES_SHOWN = 10  # image names an error lists per shard; the count says how many more
@@ -56,15 +57,41 @@ def _outcomes(path: Path) -> dict[str, str]:
     return {r["rel_path"]: str(r.get("status")) for r in records}
 
 
-def staging_to_load(manifest: Path, plan: list[Mapping[str, Any]] | None,
-                    results: list[Mapping[str, Any]]) -> list[Path]:
-    """The staging files that hold the whole night, or IncompleteNightError naming what is not.
+def staging_by_night(manifest: Path, plan: list[Mapping[str, Any]] | None,
+                     results: list[Mapping[str, Any]]) -> dict[str | None, list[Path]]:
+    """The staging files of each night the run listed (its own, and earlier nights' late
+    files), each night whole; or IncompleteNightError naming every shard and image that is not.
 
-    ``plan``: partition's shards (index, shard_file, run_dir); None when the caller has no
-    plan (then only the shards that returned a result are looked at). ``results``: what the
-    ``infer`` tasks returned (index, staging); a shard may be absent.
+    ``plan``: partition's shards (index, shard_file, run_dir, date); None when the caller has
+    no plan (then only the shards that returned a result are looked at). ``results``: what the
+    ``infer`` tasks returned (index, staging, date); a shard may be absent.
     """
-    listed = _names(json.loads(manifest.read_text())["images"])
+    data = json.loads(manifest.read_text())
+    own = data.get("date")
+    listed = {own: _names(data["images"])}
+    for night in data.get("late", []):
+        listed[night["date"]] = _names(night["images"])
+    files: dict[str | None, list[Path]] = {}
+    problems: list[str] = []
+    for night, names in listed.items():
+        mine = [r for r in results if r.get("date", own) == night]
+        shards = (None if plan is None else
+                  [s for s in plan if s.get("date", own) == night])
+        files[night], found = _night(names, shards, mine)
+        if found:
+            problems.append((f"night {night}: " if len(listed) > 1 else "") + "; ".join(found))
+    if problems:
+        total = sum(len(n) for n in listed.values())
+        raise IncompleteNightError(
+            f"load refused, nothing was committed: {total} image(s) listed by discover "
+            f"(manifest {manifest}), but " + "; ".join(problems)
+            + ". Clear the infer task(s) named (or the whole run) to process them.")
+    return files
+
+
+def _night(listed: list[str], plan: list[Mapping[str, Any]] | None,
+           results: list[Mapping[str, Any]]) -> tuple[list[Path], list[str]]:
+    """One night's staging files, and what keeps it from being whole (empty: nothing)."""
     by_index = {int(r["index"]): r for r in results}
     files: list[Path] = []
     gaps: list[ShardGap] = []
@@ -109,10 +136,4 @@ def staging_to_load(manifest: Path, plan: list[Mapping[str, Any]] | None,
     if extra:
         problems.append(f"{len(extra)} staged image(s) discover did not list: "
                         + ", ".join(extra[:NAMES_SHOWN]))
-    if gaps or problems:
-        raise IncompleteNightError(
-            f"load refused, nothing was committed: {len(listed)} image(s) listed by discover "
-            f"(manifest {manifest}), but "
-            + "; ".join([g.describe() for g in gaps] + problems)
-            + ". Clear the infer task(s) named (or the whole run) to process them.")
-    return files
+    return files, [g.describe() for g in gaps] + problems

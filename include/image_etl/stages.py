@@ -294,10 +294,12 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
     from image_etl.staging import read_staging_header
 
     settings = _settings(discovered)
-    results, late = _split_late(discovered, results)
-    shards: list[Mapping[str, Any]] = [r for r in results if r]
-    _check_staging_present(shards)
-    staging = _whole_night(discovered, plan, shards)
+    results = list(results)
+    _check_staging_present([r for r in results if r])
+    staging_of = _whole_nights(discovered, plan, [r for r in results if r])
+    staging = staging_of.pop(discovered["date"], [])
+    own, _ = _split_late(discovered, results)  # the late nights' files are in staging_of
+    shards: list[Mapping[str, Any]] = [r for r in own if r]
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
     names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
@@ -318,7 +320,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
             store.upsert_model(engine, discovered["model_sha256"], str(settings.model_path), names)
             store.record_empty_run(engine, run, discovered["model_sha256"])
             loaded = {"images": 0, "ok": 0, "failed": 0, "detections": 0}
-        caught_up = _load_late(engine, discovered, late, run)
+        caught_up = _load_late(engine, discovered, staging_of, run)
         _record_files(engine, discovered, run.run_key)
     finally:
         engine.dispose()
@@ -346,23 +348,19 @@ def _identity_of(discovered: Mapping[str, Any]) -> dict[str, Any]:
             "result_settings": discovered.get("result_settings")}
 
 
-def _load_late(engine: Any, discovered: Mapping[str, Any], late: list[Mapping[str, Any]],
+def _load_late(engine: Any, discovered: Mapping[str, Any], by_night: Mapping[str, list[Path]],
                run: Any) -> dict[str, dict[str, int]]:
     """Each earlier night's late files into that night (its date and folders, marked caught
     up), one transaction per night; this run's own ``runs`` row stays its night's."""
     from image_etl import store
     from image_etl.staging import read_staging_header
 
-    if not late:
-        return {}
-    _check_staging_present(late)
     manifest = json.loads(Path(discovered["manifest"]).read_text())
     settings_of = {night["date"]: night["settings"] for night in manifest.get("late", [])}
-    by_night: dict[str, list[Path]] = {}
-    for r in late:
-        by_night.setdefault(r["date"], []).append(Path(r["staging"]))
     caught_up = {}
     for day, staging in sorted(by_night.items()):
+        if not staging:
+            continue
         header = read_staging_header(staging[0])
         names = ({int(k): v for k, v in header["names"].items()}
                  if header and "names" in header else None)
@@ -386,12 +384,13 @@ def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str) -> N
                                  run_key, files)
 
 
-def _whole_night(discovered: Mapping[str, Any], plan: list[Mapping[str, Any]] | None,
-                 results: list[Mapping[str, Any]]) -> list[Path]:
-    """The staging files holding one outcome for every image discover listed (or an error)."""
-    from image_etl.completeness import staging_to_load
+def _whole_nights(discovered: Mapping[str, Any], plan: list[Mapping[str, Any]] | None,
+                  results: list[Mapping[str, Any]]) -> dict[Any, list[Path]]:
+    """Per night (the run's own, earlier nights' late files), the staging files holding one
+    outcome for every image discover listed; or an error naming what has none."""
+    from image_etl.completeness import staging_by_night
 
-    return staging_to_load(Path(discovered["manifest"]), plan, results)
+    return staging_by_night(Path(discovered["manifest"]), plan, results)
 
 
 def _check_staging_present(results: list[Mapping[str, Any]]) -> None:
