@@ -47,6 +47,12 @@ image and detection into the results database (connection `{DB_CONN_ID}`, else a
   run at D 02:00 processes drop D; set the offset to -1 for folders named by capture day.
 * **Backfills** pick runs by logical date, and the runs tick at 02:00: a range of whole days
   must end at 23:59 of its last day (`--to-date 2026-11-07T23:59:59`), or that day is left out.
+* **Drop-ready gate** (optional): with **drop_ready_marker** set (e.g. `_SUCCESS`),
+  `wait_for_drop` waits in the triggerer (no worker slot) until that file is in the night's
+  drop folder, up to **drop_wait_timeout** seconds; then it fails naming the folder and the
+  marker, or goes on if **drop_wait_on_timeout** is `proceed`.
+* **Complete loads**: `load` commits a night only if every listed image has an outcome; an
+  `infer` marked success or skipped before it ran fails the load, naming its shard and images.
 * **Re-runs are safe**: a run, a cleared task or a backfill replaces the rows of each
   (image, model) in one transaction. Images already loaded for this model with these result
   settings are skipped unless **reprocess** is on. A retried `infer` resumes where the failed
