@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from image_etl.atomic_files import atomic_write
+from image_etl.completeness import staging_path
 from image_etl.errors import (
     MissingStagingError,
     SettingsError,
@@ -246,7 +247,7 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
     drop_dir = Path(data["drop_dir"])
     tasks = [ImageTask(drop_dir / rel, rel) for rel, _ in data["images"]]
     run_dir = Path(shard["run_dir"])
-    staging = run_dir / f"shard-{shard['index']:03d}.staged.jsonl"
+    staging = staging_path(run_dir, shard["index"])
     check_local_device(shard["device"])  # a worker without that GPU fails now, naming it
     holder = f"run {run_dir.name}, {shard_label(shard)}"  # whoever waits for this GPU reads it
     with lease(shard["device"], holder=holder) as device:
@@ -281,21 +282,24 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
 # --- load -----------------------------------------------------------------------------------------
 
 def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | None], *,
-         db_url: str, dag_id: str) -> dict[str, Any]:
+         db_url: str, dag_id: str, plan: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Every shard's staged rows into the results DB, in one transaction, replacing old rows.
 
     Fails, naming each file and the host that wrote it, when a shard's staging file is not
     here: loading the rest would commit a partial night that ``report`` could not tell from
-    a whole one.
+    a whole one. Fails too, naming the shard and its images, when an image discover listed
+    has no outcome (``plan``: partition's shards, to find the shards that left no result).
     """
     from image_etl import store
     from image_etl.staging import read_staging_header
 
     settings = _settings(discovered)
-    results, late = _split_late(discovered, results)
-    shards: list[Mapping[str, Any]] = [r for r in results if r]
-    _check_staging_present(shards)
-    staging = [Path(r["staging"]) for r in shards]
+    results = list(results)
+    _check_staging_present([r for r in results if r])
+    staging_of = _whole_nights(discovered, plan, [r for r in results if r])
+    staging = staging_of.pop(discovered["date"], [])
+    own, _ = _split_late(discovered, results)  # the late nights' files are in staging_of
+    shards: list[Mapping[str, Any]] = [r for r in own if r]
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
     names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
@@ -316,7 +320,7 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
             store.upsert_model(engine, discovered["model_sha256"], str(settings.model_path), names)
             store.record_empty_run(engine, run, discovered["model_sha256"])
             loaded = {"images": 0, "ok": 0, "failed": 0, "detections": 0}
-        caught_up = _load_late(engine, discovered, late, run)
+        caught_up = _load_late(engine, discovered, staging_of, run)
         _record_files(engine, discovered, run.run_key)
     finally:
         engine.dispose()
@@ -344,23 +348,19 @@ def _identity_of(discovered: Mapping[str, Any]) -> dict[str, Any]:
             "result_settings": discovered.get("result_settings")}
 
 
-def _load_late(engine: Any, discovered: Mapping[str, Any], late: list[Mapping[str, Any]],
+def _load_late(engine: Any, discovered: Mapping[str, Any], by_night: Mapping[str, list[Path]],
                run: Any) -> dict[str, dict[str, int]]:
     """Each earlier night's late files into that night (its date and folders, marked caught
     up), one transaction per night; this run's own ``runs`` row stays its night's."""
     from image_etl import store
     from image_etl.staging import read_staging_header
 
-    if not late:
-        return {}
-    _check_staging_present(late)
     manifest = json.loads(Path(discovered["manifest"]).read_text())
     settings_of = {night["date"]: night["settings"] for night in manifest.get("late", [])}
-    by_night: dict[str, list[Path]] = {}
-    for r in late:
-        by_night.setdefault(r["date"], []).append(Path(r["staging"]))
     caught_up = {}
     for day, staging in sorted(by_night.items()):
+        if not staging:
+            continue
         header = read_staging_header(staging[0])
         names = ({int(k): v for k, v in header["names"].items()}
                  if header and "names" in header else None)
@@ -382,6 +382,15 @@ def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str) -> N
     for day, files in manifest.get("files", {}).items():
         store.record_night_files(engine, discovered["model_sha256"], dt.date.fromisoformat(day),
                                  run_key, files)
+
+
+def _whole_nights(discovered: Mapping[str, Any], plan: list[Mapping[str, Any]] | None,
+                  results: list[Mapping[str, Any]]) -> dict[Any, list[Path]]:
+    """Per night (the run's own, earlier nights' late files), the staging files holding one
+    outcome for every image discover listed; or an error naming what has none."""
+    from image_etl.completeness import staging_by_night
+
+    return staging_by_night(Path(discovered["manifest"]), plan, results)
 
 
 def _check_staging_present(results: list[Mapping[str, Any]]) -> None:
