@@ -7,6 +7,7 @@ own process group:
 * ``airflow api-server`` (REST API, UI, execution API for the workers),
 * ``airflow scheduler`` (CeleryExecutor, broker = the local Redis under a private key prefix),
 * ``airflow dag-processor``,
+* ``airflow triggerer`` (runs deferred tasks' triggers: the drop-ready gate waits there),
 * ``airflow celery worker -q gpu -c 1`` and ``airflow celery worker -q default -c 1``.
 
 Every process and every process they start carries the marker variable ``IMAGE_ETL_E2E_STACK``
@@ -206,6 +207,7 @@ class AirflowStack:
                     "--workers", "1")
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
+        self._spawn("triggerer", "triggerer", "--skip-serve-logs")
         for queue in (GPU_QUEUE, DEFAULT_QUEUE):
             self._spawn(f"worker-{queue}", "celery", "worker", "--queues", queue, "--concurrency", "1",
                         "--celery-hostname", f"{queue}-{self.stack_id}@%h", "--skip-serve-logs",
@@ -215,7 +217,7 @@ class AirflowStack:
             return max(5.0, deadline - time.monotonic())
 
         wait_for("the API server", self._api_up, left(), on_timeout=self.diagnostics)
-        wait_for("scheduler and DAG processor heartbeats", self._healthy, left(),
+        wait_for("scheduler, DAG processor and triggerer heartbeats", self._healthy, left(),
                  on_timeout=self.diagnostics)
         for queue in (GPU_QUEUE, DEFAULT_QUEUE):
             wait_for(f"the celery worker on queue {queue!r}",
@@ -235,7 +237,7 @@ class AirflowStack:
         self._check_alive()
         health = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
         return all(health.get(part, {}).get("status") == "healthy"
-                   for part in ("metadatabase", "scheduler", "dag_processor"))
+                   for part in ("metadatabase", "scheduler", "dag_processor", "triggerer"))
 
     def stop(self, grace_s: float = 20) -> None:
         """Terminate every process group, then kill anything left that carries the marker."""

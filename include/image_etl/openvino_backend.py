@@ -84,6 +84,24 @@ def cpu_computes_bf16() -> bool:
     return "BF16" in openvino.Core().get_property("CPU", device_props.capabilities)
 
 
+MODES = ("sync", "streams")
+REQUEST_TIMEOUT_S = 300.0  # the longest one image may take in "streams" mode (a last bound:
+# the pipeline's stall watchdog, sized from timeout_per_image_s, normally ends a stuck run first)
+
+
+class OpenVINOStuckError(RuntimeError):
+    """An inference request did not finish within its bound."""
+
+
+def default_mode() -> str:
+    """``IMAGE_ETL_OPENVINO_MODE`` (``sync`` or ``streams``), else ``sync`` (see the class)."""
+    mode = os.environ.get("IMAGE_ETL_OPENVINO_MODE", "").strip() or "sync"
+    if mode not in MODES:
+        raise ValueError(f"invalid parameter IMAGE_ETL_OPENVINO_MODE: {mode!r}; use one of "
+                         f"{', '.join(MODES)}")
+    return mode
+
+
 class OpenVINOBackend:
     """Runs the exported model on the CPU; raw predictions come back as a torch tensor.
 
@@ -92,33 +110,42 @@ class OpenVINOBackend:
     inference thread several passes over every batch.
 
     Compiled lazily with the thread count set by :meth:`set_threads` (default: every core this
-    process may use), as that many parallel streams of one thread (OpenVINO's THROUGHPUT
-    mode): each image of a batch is its own request, run side by side, so no convolution waits
-    for its slowest thread. Measured on 2 cores, batches of 8: alone on the machine the two
-    ways are close (640 x 640 slices 26.6 vs 24.5 per second, 640 x 128 inputs 117 vs 121),
-    in the sliced pipeline, beside the decode threads, streams did 0.25 vs 0.24 images/s, and
-    with another process on one core 20.6 vs 11.1 slices/s: a thread that loses its core
-    stalls only its own image. Inference releases the GIL, so decoding goes on meanwhile.
+    process may use), in one of two modes, neither of which waits without a bound in Python:
+
+    - ``sync`` (the default): the whole batch as one synchronous request in LATENCY mode, as
+      Ultralytics' own backend runs since it dropped ``AsyncInferQueue``, which "can hang
+      indefinitely on Intel and AMD CPUs" (ultralytics#25923). A request that never returns
+      is the stall watchdog's to end (``watchdog.py``).
+    - ``streams``: as many single-thread streams as threads (THROUGHPUT), each image its own
+      request, each request waited for in short ``wait_for`` steps up to
+      :data:`REQUEST_TIMEOUT_S` (then cancelled and reported): a thread that loses its core
+      stalls only its own image.
+
+    bench/README.md has the measurement behind the default. Inference releases the GIL, so
+    decoding goes on meanwhile.
     """
 
-    def __init__(self, xml: Path, precision: str = "fp32") -> None:
+    def __init__(self, xml: Path, precision: str = "fp32", mode: str | None = None) -> None:
         import openvino
 
         self.xml = xml
         self.precision = {"fp32": "f32", "bf16": "bf16"}[precision]
+        self.mode = mode or default_mode()
+        if self.mode not in MODES:
+            raise ValueError(f"invalid parameter mode: {self.mode!r}; use one of {MODES}")
         self._core = openvino.Core()
         self._model = self._core.read_model(str(xml))
         from image_etl.resources import cpu_count
 
         self._threads = cpu_count()  # until set_threads says otherwise
-        self._queue: Any = None
+        self._requests: list[Any] | None = None
         self._lock = threading.Lock()
         self.compiled_precision: str | None = None  # what OpenVINO chose, once compiled
 
     def set_threads(self, threads: int) -> None:
         if threads != self._threads:
             self._threads = max(1, threads)
-            self._queue = None
+            self._requests = None
 
     def _bgr_model(self) -> Any:
         import openvino
@@ -133,18 +160,21 @@ class OpenVINOBackend:
         steps.convert_element_type(openvino.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
         return ppp.build()
 
-    def _compile(self) -> Any:
-        import openvino
+    def _compile(self) -> list[Any]:
         import openvino.properties as props
         import openvino.properties.hint as hints
 
         config: dict[str, Any] = {hints.inference_precision: self.precision,
-                                  hints.performance_mode: hints.PerformanceMode.THROUGHPUT,
-                                  props.num_streams: self._threads,
                                   props.inference_num_threads: self._threads}
+        if self.mode == "sync":
+            config[hints.performance_mode] = hints.PerformanceMode.LATENCY
+            streams = 1
+        else:
+            config[hints.performance_mode] = hints.PerformanceMode.THROUGHPUT
+            config[props.num_streams] = streams = self._threads
         compiled = self._core.compile_model(self._bgr_model(), "CPU", config)
         self.compiled_precision = compiled.get_property(hints.inference_precision).to_string()
-        return openvino.AsyncInferQueue(compiled, self._threads)
+        return [compiled.create_infer_request() for _ in range(streams)]
 
     def infer_bgr(self, batch: Any) -> Any:
         """uint8 NHWC BGR letterboxed images (numpy) → raw predictions, in batch order."""
@@ -152,16 +182,48 @@ class OpenVINOBackend:
         import torch
 
         with self._lock:
-            if self._queue is None:
-                self._queue = self._compile()
-            outputs: list[Any] = [None] * len(batch)
+            if self._requests is None:
+                self._requests = self._compile()
+            if self.mode == "sync":
+                request = self._requests[0]
+                request.infer({0: batch})
+                # Copy out: the request reuses its output buffer for the next batch.
+                return torch.from_numpy(request.get_output_tensor(0).data.copy())
+            return torch.from_numpy(np.concatenate(self._per_image(batch)))
 
-            def done(request: Any, k: int) -> None:
-                # Copy out: the request reuses its output buffer for its next image.
-                outputs[k] = request.get_output_tensor(0).data.copy()
+    def _per_image(self, batch: Any) -> list[Any]:
+        """``streams`` mode: each image on the next free request, collected in order, every
+        wait bounded."""
+        import collections
 
-            self._queue.set_callback(done)
-            for k in range(len(batch)):
-                self._queue.start_async({0: batch[k:k + 1]}, k)
-            self._queue.wait_all()
-            return torch.from_numpy(np.concatenate(outputs))
+        assert self._requests is not None
+        free = list(self._requests)
+        running: collections.deque[tuple[int, Any]] = collections.deque()
+        outputs: list[Any] = [None] * len(batch)
+        start = 0
+        while start < len(batch) or running:
+            while free and start < len(batch):
+                request = free.pop()
+                request.start_async({0: batch[start:start + 1]})
+                running.append((start, request))
+                start += 1
+            k, request = running.popleft()
+            _wait_bounded(request, [request, *(r for _, r in running)])
+            # Copy out: the request reuses its output buffer for its next image.
+            outputs[k] = request.get_output_tensor(0).data.copy()
+            free.append(request)
+        return outputs
+
+
+def _wait_bounded(request: Any, running: list[Any], step_ms: int = 1000) -> None:
+    """Wait for ``request`` in ``step_ms`` steps (``wait_for`` releases the GIL), at most
+    :data:`REQUEST_TIMEOUT_S`; past it cancel every running request and raise."""
+    import time
+
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    while not request.wait_for(step_ms):
+        if time.monotonic() > deadline:
+            for other in running:
+                other.cancel()
+            raise OpenVINOStuckError(f"an OpenVINO inference request did not finish within "
+                                     f"{REQUEST_TIMEOUT_S:.0f} s (runtime openvino, mode streams)")

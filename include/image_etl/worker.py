@@ -31,9 +31,9 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Collection, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from image_etl.decode import DecodedImage, Decoder
 from image_etl.forward import ModelInput, detect_batch
 from image_etl.model import LoadedModel
 from image_etl.output_paths import OutputLayout
-from image_etl.pipeline import Writers, ordered_map
+from image_etl.pipeline import StageStuckError, Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.progress import Progress
 from image_etl.resources import cpu_count
@@ -64,8 +64,10 @@ from image_etl.storage import (
     StorageNotFoundError,
     read_ahead,
 )
+from image_etl.watchdog import Watchdog, stall_limit_s
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Object reads ahead of the decoders: enough concurrent GETs that decoding, not the network, is
 # the bound; at most READ_WINDOW files held (a 2048 x 12000 JPEG is a few MB).
@@ -144,8 +146,9 @@ class _Shard:
 
     def __init__(self, picked: list[_Picked], model: LoadedModel, settings: InferSettings,
                  sink: ResultSink, report: ShardReport, imgsz: tuple[int, int],
-                 source: Storage | None = None) -> None:
+                 watchdog: Watchdog, source: Storage | None = None) -> None:
         self.picked = picked
+        self.watchdog = watchdog
         self.source = source
         self.model = model
         self.settings = settings
@@ -182,24 +185,32 @@ class _Shard:
         start = time.perf_counter()
         progress = Progress(sum(not p.replay for p in self.picked), report,
                              self.settings.progress_every_s)
+        mark = self.watchdog.mark
+        stuck_after = self.watchdog.limit_s  # a join that long without progress is stuck
         try:
-            with Writers(self._write, count=self.writers, capacity=self.write_capacity) as out, \
+            with Writers(self._write, count=self.writers, capacity=self.write_capacity,
+                         join_timeout_s=stuck_after) as out, \
                     contextlib.closing(self._jobs()) as jobs, \
                     ordered_map(self._decode, jobs, threads=self.threads,
-                                window=self.window, name="decode", abort=out.check) as decoded:
-                for item, inputs in decoded:
-                    report.decode_s += item.seconds
-                    picked = self.picked[item.index]
-                    if item.error is not None:
-                        self._finished(item, None, out)
-                    else:
-                        self.collector.expect(item, len(inputs))
-                        for batch in self.batcher.add(picked.group, inputs):
-                            self._infer(batch, out)
-                    if picked.closes_group:  # its images are written before the next decode
-                        for batch in self.batcher.flush():
-                            self._infer(batch, out)
-                    progress.maybe_log(time.perf_counter() - start)
+                                window=self.window, name="decode", abort=out.check,
+                                join_timeout_s=stuck_after) as decoded:
+                try:
+                    for item, inputs in _marked(decoded, mark, "decode (waiting for the next "
+                                                               "decoded image)"):
+                        report.decode_s += item.seconds
+                        picked = self.picked[item.index]
+                        if item.error is not None:
+                            self._finished(item, None, out)
+                        else:
+                            self.collector.expect(item, len(inputs))
+                            for batch in self.batcher.add(picked.group, inputs):
+                                self._infer(batch, out)
+                        if picked.closes_group:  # its images are written before the next decode
+                            for batch in self.batcher.flush():
+                                self._infer(batch, out)
+                        progress.maybe_log(time.perf_counter() - start)
+                finally:
+                    mark("shutdown (joining the decode threads and the writers)")
         finally:
             report.wall_s = time.perf_counter() - start
             report.batch_size = self.batcher.batch_size
@@ -241,6 +252,7 @@ class _Shard:
 
     def _finished(self, item: DecodedImage, dets: np.ndarray | None, out: Writers) -> None:
         if not self.picked[item.index].replay:  # done by an earlier attempt: only its mates
+            self.watchdog.mark("write (waiting for a free writer)")
             out.put((item, dets))
 
     def infer_batch(self, batch: list[ModelInput]) -> list[np.ndarray]:
@@ -248,21 +260,25 @@ class _Shard:
         import torch
 
         t0 = time.perf_counter()
+        self.watchdog.mark(f"forward (a batch of {len(batch)} model input(s) on "
+                           f"{self.model.device}, runtime {self.model.runtime})")
         try:
             out = self._forward(batch)
+            self.report.infer_s += time.perf_counter() - t0
+            return out
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
-            torch.cuda.empty_cache()
-            self.batcher.batch_size = max(1, min(self.batcher.batch_size, len(batch) // 2))
-            log.warning("GPU out of memory on a batch of %d: batch size is now %d",
-                        len(batch), self.batcher.batch_size)
-            self.report.infer_s += time.perf_counter() - t0
-            out = []
-            while len(out) < len(batch):  # the size may shrink again inside
-                out += self.infer_batch(batch[len(out):len(out) + self.batcher.batch_size])
-            return out
+        # Out of the handler: the error's traceback held the failed forward's frames, hence
+        # its tensors; only now can empty_cache() give their memory back for the retry.
+        torch.cuda.empty_cache()
+        self.batcher.batch_size = max(1, min(self.batcher.batch_size, len(batch) // 2))
+        log.warning("GPU out of memory on a batch of %d: batch size is now %d",
+                    len(batch), self.batcher.batch_size)
         self.report.infer_s += time.perf_counter() - t0
+        out = []
+        while len(out) < len(batch):  # the size may shrink again inside
+            out += self.infer_batch(batch[len(out):len(out) + self.batcher.batch_size])
         return out
 
     def _forward(self, batch: list[ModelInput]) -> list[np.ndarray]:
@@ -286,8 +302,8 @@ class _Shard:
         if self.model.runtime == "openvino":
             # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
             # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
-            # it soaks up the decoders' stalls and the shard's tail. Its results do not depend
-            # on the thread count.
+            # it soaks up the decoders' stalls and the shard's tail (measured with per-image
+            # streams). Always every core: the thread count never differs between attempts.
             threads = cores
         else:
             # From the configured decode threads, not those this attempt runs: a retry with a
@@ -296,6 +312,18 @@ class _Shard:
         self.model.set_cpu_threads(threads)
         log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
                   self.model.runtime, threads, self.threads)
+
+
+def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iterator[T]:
+    """``items``, marking ``stage`` for the watchdog while each next one is waited for."""
+    iterator = iter(items)
+    while True:
+        mark(stage)
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item
 
 
 def _count(report: ShardReport, item: DecodedImage, dets: np.ndarray | None) -> None:
@@ -330,9 +358,21 @@ def _size_text(hw: tuple[int, int]) -> int | str:
     return hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
 
 
+def _default_timeout_per_image_s() -> float:
+    import os
+
+    from image_etl.settings import SETTINGS, check
+
+    spec = SETTINGS["timeout_per_image_s"]
+    raw = os.environ.get(spec.env) if spec.env else None
+    return float(check("timeout_per_image_s", raw if raw else spec.default))
+
+
 def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
               layout: OutputLayout | Storage, staging_path: Path | StagingObject | None = None,
-              sink: ResultSink | None = None, *, source: Storage | None = None) -> ShardReport:
+              sink: ResultSink | None = None, watchdog: Watchdog | None = None,
+              timeout_per_image_s: float | None = None, *,
+              source: Storage | None = None) -> ShardReport:
     """Run ``tasks`` through ``model`` and write every result; return what happened.
 
     ``layout``: a local output folder, or an object-storage output (``open_storage``).
@@ -340,12 +380,21 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
     ``path`` is not used). With ``staging_path`` (a file, or an object) the shard is
     resumable: images an earlier attempt finished (same model and result-relevant settings)
     are skipped. Raises the first pipeline error.
+
+    ``watchdog`` (default: one that ends the process, its limit from ``timeout_per_image_s``,
+    default the setting's, from ``IMAGE_ETL_TIMEOUT_PER_IMAGE_S`` where set; see
+    ``watchdog.py``) watches the pipeline's stages while it runs, and after it when a thread
+    could not be joined.
     """
     if isinstance(layout, LocalStorage):
         layout = OutputLayout(layout.root)
     if isinstance(source, LocalStorage):
         source = None  # the decode threads read local files themselves, as always
     imgsz = model_input_size(settings.imgsz or model.default_imgsz, model.stride)
+    if watchdog is None:
+        per_image = timeout_per_image_s or _default_timeout_per_image_s()
+        watchdog = Watchdog(stall_limit_s(per_image, settings.batch_size),
+                            what=f"shard on {model.device}")
     if sink is None:
         staging = None
         if staging_path is not None:
@@ -364,18 +413,24 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
     shown = staging_path.display() if isinstance(staging_path, StagingObject) else staging_path
     report = ShardReport(device=str(model.device), images=len(tasks),
                          staging_path=str(shown) if shown else None)
-    try:
-        done = sink.open()
-        if isinstance(layout, OutputLayout):
-            remove_stale_output_temps(tasks, layout, settings.save_annotated)
-        todo = [t for t in tasks if t.rel_path not in done]
-        report.resumed = len(tasks) - len(todo)
-        if report.resumed:
-            log.info("resuming: %d of %d images already done by an earlier attempt",
-                     report.resumed, len(tasks))
-        if todo:
-            _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink, report,
-                   imgsz, source).run()
-    finally:
-        sink.close()
+    with watchdog:
+        try:
+            done = sink.open()
+            if isinstance(layout, OutputLayout):
+                remove_stale_output_temps(tasks, layout, settings.save_annotated)
+            todo = [t for t in tasks if t.rel_path not in done]
+            report.resumed = len(tasks) - len(todo)
+            if report.resumed:
+                log.info("resuming: %d of %d images already done by an earlier attempt",
+                         report.resumed, len(tasks))
+            if todo:
+                _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink,
+                       report, imgsz, watchdog, source).run()
+        except StageStuckError as exc:
+            # The stuck thread would keep the process alive at exit (and its lease held):
+            # the watchdog ends it unless it exits by itself first.
+            watchdog.linger(f"exit (after the error: {exc})")
+            raise
+        finally:
+            sink.close()
     return report
