@@ -229,3 +229,17 @@ def remove_stale_output_temps(tasks: Sequence[Any], layout: OutputLayout, annota
     if removed:
         log.info("removed %d temp file(s) a killed earlier attempt left beside the outputs",
                  removed)
+
+
+def output_sink(output: OutputLayout | Storage, names: dict[int, str], save_annotated: bool,
+                staging: Path | StagingObject | None, fingerprint: str,
+                meta: dict[str, Any]) -> OutputSink:
+    """The sink for a local output folder or an object-storage prefix, with its staging file
+    (a local file or an object; None: not resumable)."""
+    writer: Staging | None = None
+    if staging is not None:
+        writer = (StagingWriter(staging, fingerprint, meta) if isinstance(staging, Path)
+                  else ObjectStagingWriter(staging, fingerprint, meta))
+    if isinstance(output, OutputLayout):
+        return OutputSink(output, names, save_annotated, writer)
+    return ObjectOutputSink(output, names, save_annotated, writer)

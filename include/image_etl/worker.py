@@ -47,14 +47,12 @@ from image_etl.progress import Progress
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
 from image_etl.sink import (
-    ObjectOutputSink,
-    ObjectStagingWriter,
     OutputSink,
     ResultSink,
     StagingObject,
+    output_sink,
     remove_stale_output_temps,
 )
-from image_etl.staging import StagingWriter
 from image_etl.storage import (
     BucketNotFoundError,
     LocalStorage,
@@ -396,20 +394,14 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
         watchdog = Watchdog(stall_limit_s(per_image, settings.batch_size),
                             what=f"shard on {model.device}")
     if sink is None:
-        staging = None
-        if staging_path is not None:
-            fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
-                                                      model.runtime, model.precision)
-            meta = {"model_sha256": model.sha256, "model_path": str(model.path),
-                    "imgsz": _size_text(imgsz), "device": str(model.device),
-                    "runtime": model.runtime, "precision": model.precision,
-                    "names": {str(k): v for k, v in model.names.items()}}
-            staging = (StagingWriter(staging_path, fingerprint, meta)
-                       if isinstance(staging_path, Path)
-                       else ObjectStagingWriter(staging_path, fingerprint, meta))
-        sink = (OutputSink(layout, model.names, settings.save_annotated, staging)
-                if isinstance(layout, OutputLayout)
-                else ObjectOutputSink(layout, model.names, settings.save_annotated, staging))
+        fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
+                                                  model.runtime, model.precision)
+        meta = {"model_sha256": model.sha256, "model_path": str(model.path),
+                "imgsz": _size_text(imgsz), "device": str(model.device),
+                "runtime": model.runtime, "precision": model.precision,
+                "names": {str(k): v for k, v in model.names.items()}}
+        sink = output_sink(layout, model.names, settings.save_annotated, staging_path,
+                           fingerprint, meta)
     shown = staging_path.display() if isinstance(staging_path, StagingObject) else staging_path
     report = ShardReport(device=str(model.device), images=len(tasks),
                          staging_path=str(shown) if shown else None)
