@@ -212,10 +212,10 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "auto",
                                  f"{openvino_backend.cache_root()} (IMAGE_ETL_CACHE_DIR): {why}; "
                                  "runtime 'torch' needs no copy") from exc
     if warmup and model.is_cuda:
-        from image_etl.settings import size_hw
+        from image_etl.sizes import size_hw, stride_multiple
 
-        h, w = size_hw(imgsz or model.default_imgsz) or (model.default_imgsz,) * 2
-        backend.warmup(imgsz=(1, 3, -(-h // stride) * stride, -(-w // stride) * stride))
+        hw = size_hw(imgsz or model.default_imgsz) or (model.default_imgsz,) * 2
+        backend.warmup(imgsz=(1, 3, *stride_multiple(hw, stride)))
     log.info("loaded %s (sha256 %s…, %d classes) on %s in %s with %s", path.name, sha[:12],
              len(names), device, precision, model.runtime)
     return model

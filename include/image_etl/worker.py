@@ -46,6 +46,7 @@ from image_etl.pipeline import StageStuckError, Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
+from image_etl.sizes import model_input_size, size_text
 from image_etl.staging import StagingWriter, image_record
 from image_etl.watchdog import Watchdog, stall_limit_s
 from image_etl.yolo_txt import format_txt
@@ -413,27 +414,6 @@ def _remove_stale_temps(tasks: Sequence[ImageTask], layout: OutputLayout, annota
                  removed)
 
 
-def model_input_size(imgsz: int | str, stride: int) -> tuple[int, int]:
-    """The letterbox target (h, w): a square for a number; each side of ``"HxW"`` rounded up to
-    a multiple of the model's stride, as Ultralytics' check_imgsz does (with a warning)."""
-    import math
-
-    from image_etl.settings import size_hw
-
-    hw = size_hw(imgsz)
-    assert hw is not None
-    rounded = tuple(max(math.ceil(x / stride) * stride, stride) for x in hw)
-    if rounded != hw:
-        log.warning("imgsz %s is not a multiple of the model's stride %d: using %dx%d", imgsz,
-                    stride, *rounded)
-    return rounded[0], rounded[1]
-
-
-def _size_text(hw: tuple[int, int]) -> int | str:
-    """As the settings write a size: the number for a square, else ``"HxW"``."""
-    return hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
-
-
 def _default_timeout_per_image_s() -> float:
     import os
 
@@ -466,11 +446,11 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
     if sink is None:
         staging = None
         if staging_path is not None:
-            fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
+            fingerprint = settings.result_fingerprint(model.sha256, size_text(imgsz),
                                                       model.runtime, model.precision)
             staging = StagingWriter(staging_path, fingerprint,
                                     {"model_sha256": model.sha256, "model_path": str(model.path),
-                                     "imgsz": _size_text(imgsz), "device": str(model.device),
+                                     "imgsz": size_text(imgsz), "device": str(model.device),
                                      "runtime": model.runtime, "precision": model.precision,
                                      "names": {str(k): v for k, v in model.names.items()}})
         sink = OutputSink(layout, model.names, settings.save_annotated, staging)
