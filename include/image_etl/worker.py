@@ -314,24 +314,12 @@ class _Shard:
             _count(self.report, item, dets)
 
     def _share_cpu(self) -> None:
-        """On a CPU device the model competes with the decode threads for the same cores:
-        give it the cores the decoders leave (at least one) instead of oversubscribing."""
-        if self.model.is_cuda:
-            return
-        cores = cpu_count()
-        if self.model.runtime == "openvino":
-            # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
-            # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
-            # it soaks up the decoders' stalls and the shard's tail (measured with per-image
-            # streams). Always every core: the thread count never differs between attempts.
-            threads = cores
-        else:
-            # From the configured decode threads, not those this attempt runs: a retry with a
-            # few images left must not get more threads (other numbers) than the first attempt.
-            threads = max(1, cores - self.configured_threads)
-        self.model.set_cpu_threads(threads)
-        log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
-                  self.model.runtime, threads, self.threads)
+        """On a CPU device the model competes with the decode threads for the same cores: its
+        backend takes its share of them (``image_etl.backends``)."""
+        threads = self.model.backend.share_cpu(cpu_count(), self.configured_threads)
+        if threads is not None:
+            log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
+                      self.model.runtime, threads, self.threads)
 
 
 def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iterator[T]:
