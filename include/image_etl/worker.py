@@ -190,7 +190,7 @@ class _Shard:
         report = self.report
         start = time.perf_counter()
         progress = ProgressLog(sum(not p.replay for p in self.picked), report,
-                             self.settings.progress_every_s)
+                               self.settings.progress_every_s)
         mark = self.watchdog.mark
         stuck_after = self.watchdog.limit_s  # a join that long without progress is stuck
         try:
