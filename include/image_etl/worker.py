@@ -46,6 +46,8 @@ from image_etl.pipeline import StageStuckError, Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
+from image_etl.shard_report import ProgressLog, ShardReport
+from image_etl.sizes import model_input_size, size_text
 from image_etl.staging import StagingWriter, image_record
 from image_etl.watchdog import Watchdog, stall_limit_s
 from image_etl.yolo_txt import format_txt
@@ -58,41 +60,6 @@ T = TypeVar("T")
 class ImageTask:
     path: Path  # absolute path to read
     rel_path: str  # identity: path relative to the drop root, used for outputs and rows
-
-
-@dataclasses.dataclass
-class ShardReport:
-    device: str
-    images: int = 0  # in the shard
-    resumed: int = 0  # already done by an earlier attempt, skipped
-    processed: int = 0  # written by this attempt
-    ok: int = 0
-    failed: int = 0
-    detections: int = 0
-    wall_s: float = 0.0
-    decode_s: float = 0.0  # summed over decode threads
-    infer_s: float = 0.0
-    write_s: float = 0.0
-    decode_threads: int = 0
-    writers: int = 0
-    batch_size: int = 0  # final (halved after a GPU out-of-memory)
-    failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    staging_path: str | None = None
-
-    @property
-    def images_per_s(self) -> float:
-        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
-
-    def busy(self, elapsed: float | None = None) -> dict[str, float]:
-        """Each stage's busy fraction of ``elapsed`` (default: the shard's wall time)."""
-        wall = (elapsed if elapsed is not None else self.wall_s) or float("nan")
-        return {"decode": self.decode_s / wall / max(self.decode_threads, 1),
-                "infer": self.infer_s / wall,
-                "write": self.write_s / wall / max(self.writers, 1)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 3),
-                "busy": {k: round(v, 3) for k, v in self.busy().items()}}
 
 
 # --- the sink: what happens to a finished image --------------------------------------------------
@@ -222,8 +189,8 @@ class _Shard:
         self._share_cpu()
         report = self.report
         start = time.perf_counter()
-        progress = _Progress(sum(not p.replay for p in self.picked), report,
-                             self.settings.progress_every_s)
+        progress = ProgressLog(sum(not p.replay for p in self.picked), report,
+                               self.settings.progress_every_s)
         mark = self.watchdog.mark
         stuck_after = self.watchdog.limit_s  # a join that long without progress is stuck
         try:
@@ -310,27 +277,15 @@ class _Shard:
         self.sink.write(item, dets)
         with self._count_lock:
             self.report.write_s += time.perf_counter() - t0
-            _count(self.report, item, dets)
+            self.report.count(item, dets)
 
     def _share_cpu(self) -> None:
-        """On a CPU device the model competes with the decode threads for the same cores:
-        give it the cores the decoders leave (at least one) instead of oversubscribing."""
-        if self.model.is_cuda:
-            return
-        cores = cpu_count()
-        if self.model.runtime == "openvino":
-            # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
-            # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
-            # it soaks up the decoders' stalls and the shard's tail (measured with per-image
-            # streams). Always every core: the thread count never differs between attempts.
-            threads = cores
-        else:
-            # From the configured decode threads, not those this attempt runs: a retry with a
-            # few images left must not get more threads (other numbers) than the first attempt.
-            threads = max(1, cores - self.configured_threads)
-        self.model.set_cpu_threads(threads)
-        log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
-                  self.model.runtime, threads, self.threads)
+        """On a CPU device the model competes with the decode threads for the same cores: its
+        backend takes its share of them (``image_etl.backends``)."""
+        threads = self.model.backend.share_cpu(cpu_count(), self.configured_threads)
+        if threads is not None:
+            log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
+                      self.model.runtime, threads, self.threads)
 
 
 def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iterator[T]:
@@ -343,55 +298,6 @@ def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iter
         except StopIteration:
             return
         yield item
-
-
-def _count(report: ShardReport, item: DecodedImage, dets: np.ndarray | None) -> None:
-    report.processed += 1
-    if item.error is None:
-        report.ok += 1
-        report.detections += 0 if dets is None else len(dets)
-    else:
-        report.failed += 1
-        report.failures.append({"rel_path": item.rel_path, "error": item.error})
-        log.warning("failed: %s: %s", item.rel_path, item.error)
-
-
-class _Progress:
-    """The task log's progress line: images done, img/s, ETA and each stage's busy share."""
-
-    def __init__(self, total: int, report: ShardReport, every_s: float) -> None:
-        self.total, self.report, self.every_s = total, report, every_s
-        self.last = 0.0
-
-    def maybe_log(self, elapsed: float) -> None:
-        if elapsed - self.last < self.every_s:
-            return
-        self.last = elapsed
-        r = self.report
-        done = r.processed
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        busy = r.busy(elapsed)
-        log.info("progress %d/%d images (%d resumed) %.2f img/s, ETA %s | busy: decode %.0f%% "
-                 "infer %.0f%% write %.0f%%", done + r.resumed, self.total + r.resumed,
-                 r.resumed, rate, _eta(eta), 100 * busy["decode"], 100 * busy["infer"],
-                 100 * busy["write"])
-
-    def log_final(self) -> None:
-        r = self.report
-        busy = r.busy()
-        log.info("shard done on %s: %d images (%d ok, %d failed, %d resumed), %d detections, "
-                 "%.1fs, %.2f img/s | busy: decode %.0f%% infer %.0f%% write %.0f%%",
-                 r.device, r.processed, r.ok, r.failed, r.resumed, r.detections, r.wall_s,
-                 r.images_per_s, 100 * busy["decode"], 100 * busy["infer"], 100 * busy["write"])
-
-
-def _eta(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def _remove_stale_temps(tasks: Sequence[ImageTask], layout: OutputLayout, annotated: bool) -> None:
@@ -411,27 +317,6 @@ def _remove_stale_temps(tasks: Sequence[ImageTask], layout: OutputLayout, annota
     if removed:
         log.info("removed %d temp file(s) a killed earlier attempt left beside the outputs",
                  removed)
-
-
-def model_input_size(imgsz: int | str, stride: int) -> tuple[int, int]:
-    """The letterbox target (h, w): a square for a number; each side of ``"HxW"`` rounded up to
-    a multiple of the model's stride, as Ultralytics' check_imgsz does (with a warning)."""
-    import math
-
-    from image_etl.settings import size_hw
-
-    hw = size_hw(imgsz)
-    assert hw is not None
-    rounded = tuple(max(math.ceil(x / stride) * stride, stride) for x in hw)
-    if rounded != hw:
-        log.warning("imgsz %s is not a multiple of the model's stride %d: using %dx%d", imgsz,
-                    stride, *rounded)
-    return rounded[0], rounded[1]
-
-
-def _size_text(hw: tuple[int, int]) -> int | str:
-    """As the settings write a size: the number for a square, else ``"HxW"``."""
-    return hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
 
 
 def _default_timeout_per_image_s() -> float:
@@ -466,11 +351,11 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
     if sink is None:
         staging = None
         if staging_path is not None:
-            fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
+            fingerprint = settings.result_fingerprint(model.sha256, size_text(imgsz),
                                                       model.runtime, model.precision)
             staging = StagingWriter(staging_path, fingerprint,
                                     {"model_sha256": model.sha256, "model_path": str(model.path),
-                                     "imgsz": _size_text(imgsz), "device": str(model.device),
+                                     "imgsz": size_text(imgsz), "device": str(model.device),
                                      "runtime": model.runtime, "precision": model.precision,
                                      "names": {str(k): v for k, v in model.names.items()}})
         sink = OutputSink(layout, model.names, settings.save_annotated, staging)
