@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from image_etl import openvino_backend
+from image_etl.backends import openvino_backend
 from image_etl.model import ModelLoadError, load_model, resolve_precision, resolve_runtime
 from image_etl.output_paths import OutputLayout
 from image_etl.settings import InferSettings, RunSettings, SettingsError
@@ -223,10 +223,10 @@ def test_both_modes_agree_and_neither_waits_on_an_async_queue(ov_model, small_dr
     decoder = Decoder(ov_model.default_imgsz, ov_model.stride)
     batch = np.stack([decoder(i, p, p.name).input for i, p in enumerate(paths)])
     default = openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32")
-    preds = {"default": default.infer_bgr(batch).numpy()}  # old code: AsyncInferQueue
+    preds = {"default": default.infer(batch).numpy()}  # old code: AsyncInferQueue
     assert default.mode == "sync"  # the default (bench/README.md says why)
     preds.update({mode: openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32", mode=mode)
-                  .infer_bgr(batch).numpy() for mode in openvino_backend.MODES})
+                  .infer(batch).numpy() for mode in openvino_backend.MODES})
     assert preds["default"].tobytes() == preds["sync"].tobytes()
     assert preds["sync"].shape == preds["streams"].shape and preds["sync"].shape[0] == 3
     boxes, scores = (slice(None, 4), slice(4, None))

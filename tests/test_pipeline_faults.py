@@ -11,12 +11,14 @@ hang fails the test instead of stalling the suite.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +70,13 @@ class Fault:
             self.fired_at = time.perf_counter()
             raise self.error
         return self.fn(*args, **kwargs)
+
+
+def with_infer(model: Any, infer: Callable) -> Any:
+    """``model`` with its backend's forward pass replaced by ``infer`` (on a copy)."""
+    backend = copy.copy(model.backend)
+    backend.infer = infer
+    return dataclasses.replace(model, backend=backend)
 
 
 def stage_threads() -> list[str]:
@@ -124,8 +133,8 @@ def test_decoder_error(at, small_drop, cpu_model, tmp_path, monkeypatch, referen
 
 
 def test_forward_pass_error(small_drop, cpu_model, tmp_path, reference):
-    fault = Fault(cpu_model.backend, 3, Injected("forward pass bug"))
-    model = dataclasses.replace(cpu_model, backend=fault)
+    fault = Fault(cpu_model.backend.infer, 3, Injected("forward pass bug"))
+    model = with_infer(cpu_model, fault)
     run_with_fault("forward pass", fault, small_drop, model, tmp_path, reference, Injected)
 
 
@@ -173,8 +182,8 @@ def test_sink_open_error(small_drop, cpu_model, tmp_path, monkeypatch, reference
 @pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit], ids=lambda e: e.__name__)
 def test_interrupt_in_the_main_thread_stops_the_workers(error, small_drop, cpu_model, tmp_path,
                                                         reference):
-    fault = Fault(cpu_model.backend, 2, error())
-    model = dataclasses.replace(cpu_model, backend=fault)
+    fault = Fault(cpu_model.backend.infer, 2, error())
+    model = with_infer(cpu_model, fault)
     run_with_fault(error.__name__, fault, small_drop, model, tmp_path, reference, error)
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from image_etl.errors import SettingsError
-from image_etl.setting import MAX_SIDE, MIN_SIDE, Setting, absolute_path, size_hw, slice_count
+from image_etl.setting import Setting, absolute_path
+from image_etl.sizes import MAX_SIDE, MIN_SIDE, REFERENCE_FRAME_HW, size_hw, slice_count
 from image_etl.storage.location import ObjectLocation, is_url, location_text, parse_object_url
 from image_etl.weights import confine_model_path
 
 __all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings", "RunSettings",
            "check", "env_defaults", "absolute_path", "size_hw", "MIN_SIDE", "MAX_SIDE",
-           "MAX_SLICES_PER_IMAGE"]
+           "MAX_SLICES_PER_IMAGE", "REFERENCE_FRAME_HW"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = PROJECT_ROOT / "models" / "demo-yolo11n-2cls.pt"
@@ -192,10 +193,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 
 DAG_PARAMS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if s.section)
 
-# The most slices one image may become: what a 2048 x 12000 line scan gives at the smallest
-# slice side and the default overlap (36,498). Bounds the work slice_size and slice_overlap
-# can ask for together (32 px slices at overlap 0.9 would be 1.5 M per image).
-REFERENCE_FRAME_HW = (12000, 2048)
+# The most slices one image may become: what the reference frame (a 2048 x 12000 line scan)
+# gives at the smallest slice side and the default overlap (36,498). Bounds the work
+# slice_size and slice_overlap can ask for together (32 px slices at overlap 0.9 would be
+# 1.5 M per image).
 MAX_SLICES_PER_IMAGE = slice_count(*REFERENCE_FRAME_HW, (MIN_SIDE, MIN_SIDE),
                                    SETTINGS["slice_overlap"].default)
 

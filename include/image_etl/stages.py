@@ -228,16 +228,16 @@ def shard_label(shard: Mapping[str, Any], device: str | None = None) -> str:
 
 def infer_time_limit_s(shard: Mapping[str, Any]) -> float:
     """infer's execution_timeout: a model-load budget plus ``timeout_per_image_s`` per image,
-    per 8 model inputs of a 2048 x 12000 frame in sliced mode (97 at 640 px: x 12)."""
+    per 8 model inputs of the reference frame (2048 x 12000) in sliced mode (97 at 640 px: x 12)."""
     settings = _settings(shard)
     per_image = settings.timeout_per_image_s
     if settings.infer.sliced:
-        from image_etl.settings import size_hw
+        from image_etl.sizes import REFERENCE_FRAME_HW, size_hw
         from image_etl.slicing import slice_grid
 
         slice_hw = size_hw(settings.infer.slice_size)
         assert slice_hw is not None
-        inputs = len(slice_grid(12000, 2048, slice_hw, settings.infer.slice_overlap))
+        inputs = len(slice_grid(*REFERENCE_FRAME_HW, slice_hw, settings.infer.slice_overlap))
         per_image *= max(1.0, (inputs + settings.infer.full_image_pass) / 8)
     return MODEL_LOAD_BUDGET_S + per_image * shard["images"]
 

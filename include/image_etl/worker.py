@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -43,9 +43,9 @@ from image_etl.model import LoadedModel
 from image_etl.output_paths import OutputLayout
 from image_etl.pipeline import StageStuckError, Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
-from image_etl.progress import Progress
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
+from image_etl.shard_report import ProgressLog, ShardReport
 from image_etl.sink import (
     OutputSink,
     ResultSink,
@@ -53,6 +53,7 @@ from image_etl.sink import (
     output_sink,
     remove_stale_output_temps,
 )
+from image_etl.sizes import model_input_size, size_text
 from image_etl.storage import (
     BucketNotFoundError,
     LocalStorage,
@@ -81,39 +82,6 @@ class ImageTask:
     rel_path: str  # identity: path relative to the drop root, used for outputs and rows
 
 
-@dataclasses.dataclass
-class ShardReport:
-    device: str
-    images: int = 0  # in the shard
-    resumed: int = 0  # already done by an earlier attempt, skipped
-    processed: int = 0  # written by this attempt
-    ok: int = 0
-    failed: int = 0
-    detections: int = 0
-    wall_s: float = 0.0
-    decode_s: float = 0.0  # summed over decode threads
-    infer_s: float = 0.0
-    write_s: float = 0.0
-    decode_threads: int = 0
-    writers: int = 0
-    batch_size: int = 0  # final (halved after a GPU out-of-memory)
-    failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    staging_path: str | None = None
-
-    @property
-    def images_per_s(self) -> float:
-        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
-
-    def busy(self, elapsed: float | None = None) -> dict[str, float]:
-        """Each stage's busy fraction of ``elapsed`` (default: the shard's wall time)."""
-        wall = (elapsed if elapsed is not None else self.wall_s) or float("nan")
-        return {"decode": self.decode_s / wall / max(self.decode_threads, 1),
-                "infer": self.infer_s / wall,
-                "write": self.write_s / wall / max(self.writers, 1)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 3),
-                "busy": {k: round(v, 3) for k, v in self.busy().items()}}
 
 
 # --- the shard's pipeline ------------------------------------------------------------------------
@@ -181,8 +149,8 @@ class _Shard:
         self._share_cpu()
         report = self.report
         start = time.perf_counter()
-        progress = Progress(sum(not p.replay for p in self.picked), report,
-                             self.settings.progress_every_s)
+        progress = ProgressLog(sum(not p.replay for p in self.picked), report,
+                               self.settings.progress_every_s)
         mark = self.watchdog.mark
         stuck_after = self.watchdog.limit_s  # a join that long without progress is stuck
         try:
@@ -289,27 +257,15 @@ class _Shard:
         self.sink.write(item, dets)
         with self._count_lock:
             self.report.write_s += time.perf_counter() - t0
-            _count(self.report, item, dets)
+            self.report.count(item, dets)
 
     def _share_cpu(self) -> None:
-        """On a CPU device the model competes with the decode threads for the same cores:
-        give it the cores the decoders leave (at least one) instead of oversubscribing."""
-        if self.model.is_cuda:
-            return
-        cores = cpu_count()
-        if self.model.runtime == "openvino":
-            # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
-            # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
-            # it soaks up the decoders' stalls and the shard's tail (measured with per-image
-            # streams). Always every core: the thread count never differs between attempts.
-            threads = cores
-        else:
-            # From the configured decode threads, not those this attempt runs: a retry with a
-            # few images left must not get more threads (other numbers) than the first attempt.
-            threads = max(1, cores - self.configured_threads)
-        self.model.set_cpu_threads(threads)
-        log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
-                  self.model.runtime, threads, self.threads)
+        """On a CPU device the model competes with the decode threads for the same cores: its
+        backend takes its share of them (``image_etl.backends``)."""
+        threads = self.model.backend.share_cpu(cpu_count(), self.configured_threads)
+        if threads is not None:
+            log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
+                      self.model.runtime, threads, self.threads)
 
 
 def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iterator[T]:
@@ -324,36 +280,6 @@ def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iter
         yield item
 
 
-def _count(report: ShardReport, item: DecodedImage, dets: np.ndarray | None) -> None:
-    report.processed += 1
-    if item.error is None:
-        report.ok += 1
-        report.detections += 0 if dets is None else len(dets)
-    else:
-        report.failed += 1
-        report.failures.append({"rel_path": item.rel_path, "error": item.error})
-        log.warning("failed: %s: %s", item.rel_path, item.error)
-
-
-def model_input_size(imgsz: int | str, stride: int) -> tuple[int, int]:
-    """The letterbox target (h, w): a square for a number; each side of ``"HxW"`` rounded up to
-    a multiple of the model's stride, as Ultralytics' check_imgsz does (with a warning)."""
-    import math
-
-    from image_etl.settings import size_hw
-
-    hw = size_hw(imgsz)
-    assert hw is not None
-    rounded = tuple(max(math.ceil(x / stride) * stride, stride) for x in hw)
-    if rounded != hw:
-        log.warning("imgsz %s is not a multiple of the model's stride %d: using %dx%d", imgsz,
-                    stride, *rounded)
-    return rounded[0], rounded[1]
-
-
-def _size_text(hw: tuple[int, int]) -> int | str:
-    """As the settings write a size: the number for a square, else ``"HxW"``."""
-    return hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
 
 
 def _default_timeout_per_image_s() -> float:
@@ -394,10 +320,10 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
         watchdog = Watchdog(stall_limit_s(per_image, settings.batch_size),
                             what=f"shard on {model.device}")
     if sink is None:
-        fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
+        fingerprint = settings.result_fingerprint(model.sha256, size_text(imgsz),
                                                   model.runtime, model.precision)
         meta = {"model_sha256": model.sha256, "model_path": str(model.path),
-                "imgsz": _size_text(imgsz), "device": str(model.device),
+                "imgsz": size_text(imgsz), "device": str(model.device),
                 "runtime": model.runtime, "precision": model.precision,
                 "names": {str(k): v for k, v in model.names.items()}}
         sink = output_sink(layout, model.names, settings.save_annotated, staging_path,
