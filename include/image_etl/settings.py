@@ -236,7 +236,8 @@ def storage_location(name: str, value: Any, allowed_roots: tuple[Path | ObjectLo
     # whoever triggers a run must not reach an allowed bucket with another connection's
     # credentials.
     if allowed_roots and not any(location.is_relative_to(root)
-                                 and location.conn_id in (None, root.conn_id)
+                                 and (root.conn_id is None
+                                      or location.conn_id in (None, root.conn_id))
                                  for root in allowed_roots if isinstance(root, ObjectLocation)):
         roots = ", ".join(str(r) for r in allowed_roots)
         raise SettingsError(name, f"{location.url!r} is not under an allowed root ({roots})")
