@@ -26,103 +26,62 @@ the txt text.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
-from image_etl.annotate import draw_annotations, encode_jpeg
-from image_etl.atomic_files import atomic_write, remove_stale_temps
 from image_etl.decode import DecodedImage, Decoder
 from image_etl.forward import ModelInput, detect_batch
 from image_etl.model import LoadedModel
-from image_etl.output_paths import OutputLayout, OutputPathError
+from image_etl.output_paths import OutputLayout
 from image_etl.pipeline import StageStuckError, Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
 from image_etl.shard_report import ProgressLog, ShardReport
+from image_etl.sink import (
+    OutputSink,
+    ResultSink,
+    StagingObject,
+    output_sink,
+    remove_stale_output_temps,
+)
 from image_etl.sizes import model_input_size, size_text
-from image_etl.staging import StagingWriter, image_record
+from image_etl.storage import (
+    BucketNotFoundError,
+    LocalStorage,
+    Storage,
+    StorageAccessError,
+    StorageError,
+    StorageNotFoundError,
+    read_ahead,
+)
 from image_etl.watchdog import Watchdog, stall_limit_s
-from image_etl.yolo_txt import format_txt
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Object reads ahead of the decoders: enough concurrent GETs that decoding, not the network, is
+# the bound; at most READ_WINDOW files held (a 2048 x 12000 JPEG is a few MB).
+READ_THREADS = 8
+READ_WINDOW = 16
+
+__all__ = ["ImageTask", "OutputSink", "ResultSink", "ShardReport", "run_shard"]
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageTask:
-    path: Path  # absolute path to read
+    path: Path | None  # absolute path to read; None: read rel_path from the shard's source
     rel_path: str  # identity: path relative to the drop root, used for outputs and rows
 
 
-# --- the sink: what happens to a finished image --------------------------------------------------
-
-class ResultSink:
-    """Receives each finished image on a writer thread. Subclass to add outputs.
-
-    With annotated images on there are several writer threads: ``write`` must be thread-safe.
-    """
-
-    def open(self) -> dict[str, dict[str, Any]]:
-        """Prepare; return the records of images already done (skipped by this attempt)."""
-        return {}
-
-    def write(self, item: DecodedImage, dets: np.ndarray | None) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class OutputSink(ResultSink):
-    """txt files, annotated images and the shard's staging file (safe for several writers)."""
-
-    def __init__(self, layout: OutputLayout, names: dict[int, str], save_annotated: bool = False,
-                 staging: StagingWriter | None = None) -> None:
-        self.layout = layout
-        self.names = names
-        self.save_annotated = save_annotated
-        self.staging = staging
-        self._staging_lock = threading.Lock()
-
-    def open(self) -> dict[str, dict[str, Any]]:
-        if self.staging is None:
-            return {}
-        done = self.staging.resume()
-        # Done means staged AND its txt on disk (the txt is renamed into place first).
-        return {rel: rec for rel, rec in done.items() if rec["status"] == "ok"}
-
-    def write(self, item: DecodedImage, dets: np.ndarray | None) -> None:
-        txt = self.layout.txt_path(item.rel_path, item.path)
-        h, w = item.orig_shape
-        if item.error is None:
-            assert dets is not None
-            atomic_write(txt, format_txt(dets))
-            if self.save_annotated and item.image is not None:
-                scale = (item.decoded_shape[1] / w, item.decoded_shape[0] / h)
-                # The decoded image is ours alone now: draw on it instead of on a 74 MB copy.
-                annotated = draw_annotations(item.image, dets, self.names, scale, inplace=True)
-                item.image = None
-                atomic_write(self.layout.annotated_path(item.rel_path), encode_jpeg(annotated))
-        else:
-            # A failed image has no txt: an empty one would claim "nothing detected".
-            txt.unlink(missing_ok=True)
-        if self.staging is not None:
-            record = image_record(item.rel_path, status="ok" if item.error is None else "failed",
-                                  bytes_=item.bytes, width=w, height=h, error=item.error, dets=dets)
-            with self._staging_lock:
-                self.staging.append(record)
-
-    def close(self) -> None:
-        if self.staging is not None:
-            self.staging.close()
 
 
 # --- the shard's pipeline ------------------------------------------------------------------------
@@ -153,9 +112,10 @@ class _Shard:
 
     def __init__(self, picked: list[_Picked], model: LoadedModel, settings: InferSettings,
                  sink: ResultSink, report: ShardReport, imgsz: tuple[int, int],
-                 watchdog: Watchdog) -> None:
+                 watchdog: Watchdog, source: Storage | None = None) -> None:
         self.picked = picked
         self.watchdog = watchdog
+        self.source = source
         self.model = model
         self.settings = settings
         self.sink = sink
@@ -167,7 +127,7 @@ class _Shard:
         # Annotated images are full-size frames drawn and JPEG-encoded on the writer side:
         # as costly as a decode, so they get as many threads, and shorter queues (each queued
         # item then holds the whole decoded image).
-        self.writers = self.threads if settings.save_annotated else 1
+        self.writers = max(self.threads if settings.save_annotated else 1, sink.min_writers)
         batch = settings.batch_size
         # Decoded items in flight: a model input each; a whole 74 MB image each when annotating
         # or slicing, hence fewer of them.
@@ -196,7 +156,8 @@ class _Shard:
         try:
             with Writers(self._write, count=self.writers, capacity=self.write_capacity,
                          join_timeout_s=stuck_after) as out, \
-                    ordered_map(self._decode, self.picked, threads=self.threads,
+                    contextlib.closing(self._jobs()) as jobs, \
+                    ordered_map(self._decode, jobs, threads=self.threads,
                                 window=self.window, name="decode", abort=out.check,
                                 join_timeout_s=stuck_after) as decoded:
                 try:
@@ -221,9 +182,28 @@ class _Shard:
             report.batch_size = self.batcher.batch_size
         progress.log_final()
 
-    def _decode(self, p: _Picked) -> tuple[DecodedImage, list[ModelInput]]:
+    def _jobs(self) -> Generator[tuple[_Picked, bytes | Exception | None], None, None]:
+        """The images to decode: local files are read by the decode threads themselves; objects
+        are fetched ahead, concurrently (a GET waits on the network, not on a core), at most
+        READ_WINDOW of them in memory beyond the decode window."""
+        if self.source is None:
+            yield from ((p, None) for p in self.picked)
+            return
+        rel_paths = [p.task.rel_path for p in self.picked]
+        with contextlib.closing(read_ahead(self.source.read_bytes, rel_paths,
+                                           threads=READ_THREADS, window=READ_WINDOW)) as reads:
+            for p, (_, data) in zip(self.picked, reads, strict=True):
+                yield p, data
+
+    def _decode(self, job: tuple[_Picked, bytes | Exception | None]
+                ) -> tuple[DecodedImage, list[ModelInput]]:
         """On a decode thread: the image and its model inputs (slicing included)."""
-        item = self.decoder(p.index, p.task.path, p.task.rel_path)
+        p, data = job
+        if isinstance(data, BucketNotFoundError) or (
+                isinstance(data, StorageError)
+                and not isinstance(data, StorageNotFoundError | StorageAccessError)):
+            raise data  # the storage, not this image (unreachable, no bucket): stop the shard
+        item = self.decoder(p.index, p.task.path, p.task.rel_path, data)
         start = time.perf_counter()
         inputs = self.plan.inputs(item) if item.error is None else []
         item.seconds += time.perf_counter() - start
@@ -300,23 +280,6 @@ def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iter
         yield item
 
 
-def _remove_stale_temps(tasks: Sequence[ImageTask], layout: OutputLayout, annotated: bool) -> None:
-    """Temp files an earlier, killed attempt left beside this shard's outputs: its images' txt
-    (and annotated) files are this shard's to write, so no other shard is looked at."""
-    folders: dict[Path, set[str]] = {}
-    for t in tasks:
-        try:
-            paths = [layout.txt_path(t.rel_path, t.path)]
-            if annotated:
-                paths.append(layout.annotated_path(t.rel_path))
-        except OutputPathError:
-            continue  # refused with its reason when the image is written
-        for path in paths:
-            folders.setdefault(path.parent, set()).add(path.name)
-    removed = sum(remove_stale_temps(folder, names) for folder, names in folders.items())
-    if removed:
-        log.info("removed %d temp file(s) a killed earlier attempt left beside the outputs",
-                 removed)
 
 
 def _default_timeout_per_image_s() -> float:
@@ -330,41 +293,49 @@ def _default_timeout_per_image_s() -> float:
 
 
 def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
-              layout: OutputLayout, staging_path: Path | None = None,
+              layout: OutputLayout | Storage, staging_path: Path | StagingObject | None = None,
               sink: ResultSink | None = None, watchdog: Watchdog | None = None,
-              timeout_per_image_s: float | None = None) -> ShardReport:
+              timeout_per_image_s: float | None = None, *,
+              source: Storage | None = None) -> ShardReport:
     """Run ``tasks`` through ``model`` and write every result; return what happened.
 
-    With ``staging_path`` the shard is resumable: images an earlier attempt finished (same
-    model and result-relevant settings) are skipped. Raises the first pipeline error.
+    ``layout``: a local output folder, or an object-storage output (``open_storage``).
+    ``source``: the drop on object storage; the tasks' images are read from it (their
+    ``path`` is not used). With ``staging_path`` (a file, or an object) the shard is
+    resumable: images an earlier attempt finished (same model and result-relevant settings)
+    are skipped. Raises the first pipeline error.
 
     ``watchdog`` (default: one that ends the process, its limit from ``timeout_per_image_s``,
     default the setting's, from ``IMAGE_ETL_TIMEOUT_PER_IMAGE_S`` where set; see
     ``watchdog.py``) watches the pipeline's stages while it runs, and after it when a thread
     could not be joined.
     """
+    if isinstance(layout, LocalStorage):
+        layout = OutputLayout(layout.root)
+    if isinstance(source, LocalStorage):
+        source = None  # the decode threads read local files themselves, as always
     imgsz = model_input_size(settings.imgsz or model.default_imgsz, model.stride)
     if watchdog is None:
         per_image = timeout_per_image_s or _default_timeout_per_image_s()
         watchdog = Watchdog(stall_limit_s(per_image, settings.batch_size),
                             what=f"shard on {model.device}")
     if sink is None:
-        staging = None
-        if staging_path is not None:
-            fingerprint = settings.result_fingerprint(model.sha256, size_text(imgsz),
-                                                      model.runtime, model.precision)
-            staging = StagingWriter(staging_path, fingerprint,
-                                    {"model_sha256": model.sha256, "model_path": str(model.path),
-                                     "imgsz": size_text(imgsz), "device": str(model.device),
-                                     "runtime": model.runtime, "precision": model.precision,
-                                     "names": {str(k): v for k, v in model.names.items()}})
-        sink = OutputSink(layout, model.names, settings.save_annotated, staging)
+        fingerprint = settings.result_fingerprint(model.sha256, size_text(imgsz),
+                                                  model.runtime, model.precision)
+        meta = {"model_sha256": model.sha256, "model_path": str(model.path),
+                "imgsz": size_text(imgsz), "device": str(model.device),
+                "runtime": model.runtime, "precision": model.precision,
+                "names": {str(k): v for k, v in model.names.items()}}
+        sink = output_sink(layout, model.names, settings.save_annotated, staging_path,
+                           fingerprint, meta)
+    shown = staging_path.display() if isinstance(staging_path, StagingObject) else staging_path
     report = ShardReport(device=str(model.device), images=len(tasks),
-                         staging_path=str(staging_path) if staging_path else None)
+                         staging_path=str(shown) if shown else None)
     with watchdog:
         try:
             done = sink.open()
-            _remove_stale_temps(tasks, layout, settings.save_annotated)
+            if isinstance(layout, OutputLayout):
+                remove_stale_output_temps(tasks, layout, settings.save_annotated)
             todo = [t for t in tasks if t.rel_path not in done]
             report.resumed = len(tasks) - len(todo)
             if report.resumed:
@@ -372,7 +343,7 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
                          report.resumed, len(tasks))
             if todo:
                 _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink,
-                       report, imgsz, watchdog).run()
+                       report, imgsz, watchdog, source).run()
         except StageStuckError as exc:
             # The stuck thread would keep the process alive at exit (and its lease held):
             # the watchdog ends it unless it exits by itself first.
