@@ -471,7 +471,16 @@ def load_case(clean: Clean, workdir: Path) -> LoadCase:
                 writer.append({**record, "rel_path": f"bulk-{j:04d}/{record['rel_path']}"})
     finally:
         writer.close()
-    discovered = {**clean.run.discovered, "run_id": "manual__big_reload"}
+    # The bulk copies are listed in the run's manifest too: load refuses staged images that
+    # discover did not list (complete loads).
+    manifest = json.loads(Path(clean.run.discovered["manifest"]).read_text())
+    originals = list(manifest["images"])
+    manifest["images"] = originals + [
+        [f"bulk-{j:04d}/{entry[0]}", *entry[1:]] for j in range(BULK_COPIES) for entry in originals]
+    big_manifest = workdir / "bulk.manifest.json"
+    big_manifest.write_text(json.dumps(manifest))
+    discovered = {**clean.run.discovered, "run_id": "manual__big_reload",
+                  "manifest": str(big_manifest)}
     return LoadCase(clean.run, clean.infer, discovered, [{**clean.infer, "staging": str(big)}])
 
 
