@@ -2,7 +2,8 @@
 
 The DAG's retry policy fails a task at once on these (by their dotted names): a bad parameter,
 weights that cannot be used or changed under a run, a staging file that is not where the load
-looks, a drop with too many unreadable images. Everything else (a database that is down, a
+looks, a drop with too many unreadable images, a storage that
+answers "no such bucket" or "access denied". Everything else (a database that is down, a
 full disk, a GPU busy with another job) may pass and is retried. Standard library only: the
 DAG file imports this at parse time.
 """
@@ -35,5 +36,18 @@ class TooManyFailedError(RuntimeError):
     """More of the drop's images failed than ``max_failed_fraction`` allows."""
 
 
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    # A missing bucket, object or folder, refused credentials and an unusable storage URL or
+    # connection: a retry meets the same answer. (Standard library only, like this module.)
+    from image_etl.storage.errors import (
+        StorageAccessError,
+        StorageConfigError,
+        StorageNotFoundError,
+    )
+
+    return StorageNotFoundError, StorageAccessError, StorageConfigError
+
+
 NOT_RETRYABLE: tuple[type[BaseException], ...] = (SettingsError, ModelLoadError,
-                                                  MissingStagingError, TooManyFailedError)
+                                                  MissingStagingError, TooManyFailedError,
+                                                  *_storage_errors())

@@ -24,7 +24,7 @@ from typing import Any
 
 from image_etl.errors import SettingsError
 from image_etl.setting import MAX_SIDE, MIN_SIDE, Setting, absolute_path, size_hw, slice_count
-from image_etl.storage.location import ObjectLocation, is_url, parse_object_url
+from image_etl.storage.location import ObjectLocation, is_url, location_text, parse_object_url
 from image_etl.weights import confine_model_path
 
 __all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings", "RunSettings",
@@ -58,10 +58,13 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                         "the day they were captured."),
     Setting("drop_dir", str, "/data/drops/{date}", "Drop folder", section=_S,
             env="IMAGE_ETL_DROP_DIR",
-            description="Absolute path; {date} is replaced by the drop date."),
+            description="Absolute path, or s3://[conn_id@]bucket/prefix (object storage, "
+                        "through that Airflow connection); {date} is replaced by the drop "
+                        "date."),
     Setting("output_dir", str, "/data/outputs/{model}/{date}", "Output folder", section=_S,
             env="IMAGE_ETL_OUTPUT_DIR",
-            description="Absolute path for labels/, annotated/ and run files; {date} and "
+            description="Absolute path or s3://[conn_id@]bucket/prefix for labels/, "
+                        "annotated/ and run files; {date} and "
                         "{model} (weights file name + first 8 hex digits of its sha256) are "
                         "replaced."),
     Setting("reprocess", bool, False, "Reprocess", section=_S,
@@ -376,8 +379,8 @@ def drop_date_for(params: Mapping[str, Any], run_date: dt.date) -> dt.date:
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
     drop_date: dt.date
-    drop_dir: Path
-    output_dir: Path
+    drop_dir: Path | ObjectLocation
+    output_dir: Path | ObjectLocation
     model_path: Path
     devices: str
     infer: InferSettings
@@ -390,7 +393,7 @@ class RunSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], run_date: dt.date,
-                    allowed_roots: tuple[Path, ...] = (), *, model_sha256: str | None = None,
+                    allowed_roots: tuple[Path | ObjectLocation, ...] = (), *, model_sha256: str | None = None,
                     check_files: bool = True) -> RunSettings:
         """Validate DAG params / CLI options; raise SettingsError naming the first bad one.
 
@@ -419,8 +422,8 @@ class RunSettings:
 
             return model_folder_name(model_path, model_sha256 or weights_sha256(model_path))
 
-        paths = {name: absolute_path(name, _fill(values[name], drop_date, model_name),
-                                     allowed_roots) for name in ("drop_dir", "output_dir")}
+        paths = {name: storage_location(name, _fill(values[name], drop_date, model_name),
+                                        allowed_roots) for name in ("drop_dir", "output_dir")}
         return cls(drop_date=drop_date, model_path=model_path, devices=values["devices"],
                    infer=InferSettings.from_params(values), drop_dir=paths["drop_dir"],
                    output_dir=paths["output_dir"], reprocess=values["reprocess"],
@@ -438,8 +441,9 @@ class RunSettings:
     def to_dict(self) -> dict[str, Any]:
         """The run's params, resolved: the drop date, no templates (XCom- and JSON-sized)."""
         infer = self.infer.to_dict()
-        values = {"date": self.drop_date.isoformat(), "drop_dir": str(self.drop_dir),
-                  "output_dir": str(self.output_dir), "model_path": str(self.model_path),
+        values = {"date": self.drop_date.isoformat(),
+                  "drop_dir": location_text(self.drop_dir),
+                  "output_dir": location_text(self.output_dir), "model_path": str(self.model_path),
                   "devices": self.devices, "reprocess": self.reprocess,
                   "settle_seconds": self.settle_seconds,
                   "max_failed_fraction": self.max_failed_fraction,

@@ -36,20 +36,20 @@ from typing import Any
 
 import numpy as np
 
-from image_etl.annotate import draw_annotations, encode_jpeg
-from image_etl.atomic_files import atomic_write, remove_stale_temps
 from image_etl.decode import DecodedImage, Decoder
 from image_etl.forward import ModelInput, detect_batch
 from image_etl.model import LoadedModel
-from image_etl.output_paths import OutputLayout, OutputPathError
+from image_etl.output_paths import OutputLayout
 from image_etl.pipeline import Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
-from image_etl.staging import StagingWriter, image_record
-from image_etl.yolo_txt import format_txt
+from image_etl.sink import OutputSink, ResultSink, remove_stale_output_temps
+from image_etl.staging import StagingWriter
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ImageTask", "OutputSink", "ResultSink", "ShardReport", "run_shard"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,69 +91,6 @@ class ShardReport:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 3),
                 "busy": {k: round(v, 3) for k, v in self.busy().items()}}
-
-
-# --- the sink: what happens to a finished image --------------------------------------------------
-
-class ResultSink:
-    """Receives each finished image on a writer thread. Subclass to add outputs.
-
-    With annotated images on there are several writer threads: ``write`` must be thread-safe.
-    """
-
-    def open(self) -> dict[str, dict[str, Any]]:
-        """Prepare; return the records of images already done (skipped by this attempt)."""
-        return {}
-
-    def write(self, item: DecodedImage, dets: np.ndarray | None) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class OutputSink(ResultSink):
-    """txt files, annotated images and the shard's staging file (safe for several writers)."""
-
-    def __init__(self, layout: OutputLayout, names: dict[int, str], save_annotated: bool = False,
-                 staging: StagingWriter | None = None) -> None:
-        self.layout = layout
-        self.names = names
-        self.save_annotated = save_annotated
-        self.staging = staging
-        self._staging_lock = threading.Lock()
-
-    def open(self) -> dict[str, dict[str, Any]]:
-        if self.staging is None:
-            return {}
-        done = self.staging.resume()
-        # Done means staged AND its txt on disk (the txt is renamed into place first).
-        return {rel: rec for rel, rec in done.items() if rec["status"] == "ok"}
-
-    def write(self, item: DecodedImage, dets: np.ndarray | None) -> None:
-        txt = self.layout.txt_path(item.rel_path, item.path)
-        h, w = item.orig_shape
-        if item.error is None:
-            assert dets is not None
-            atomic_write(txt, format_txt(dets))
-            if self.save_annotated and item.image is not None:
-                scale = (item.decoded_shape[1] / w, item.decoded_shape[0] / h)
-                # The decoded image is ours alone now: draw on it instead of on a 74 MB copy.
-                annotated = draw_annotations(item.image, dets, self.names, scale, inplace=True)
-                item.image = None
-                atomic_write(self.layout.annotated_path(item.rel_path), encode_jpeg(annotated))
-        else:
-            # A failed image has no txt: an empty one would claim "nothing detected".
-            txt.unlink(missing_ok=True)
-        if self.staging is not None:
-            record = image_record(item.rel_path, status="ok" if item.error is None else "failed",
-                                  bytes_=item.bytes, width=w, height=h, error=item.error, dets=dets)
-            with self._staging_lock:
-                self.staging.append(record)
-
-    def close(self) -> None:
-        if self.staging is not None:
-            self.staging.close()
 
 
 # --- the shard's pipeline ------------------------------------------------------------------------
@@ -365,25 +302,6 @@ def _eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _remove_stale_temps(tasks: Sequence[ImageTask], layout: OutputLayout, annotated: bool) -> None:
-    """Temp files an earlier, killed attempt left beside this shard's outputs: its images' txt
-    (and annotated) files are this shard's to write, so no other shard is looked at."""
-    folders: dict[Path, set[str]] = {}
-    for t in tasks:
-        try:
-            paths = [layout.txt_path(t.rel_path, t.path)]
-            if annotated:
-                paths.append(layout.annotated_path(t.rel_path))
-        except OutputPathError:
-            continue  # refused with its reason when the image is written
-        for path in paths:
-            folders.setdefault(path.parent, set()).add(path.name)
-    removed = sum(remove_stale_temps(folder, names) for folder, names in folders.items())
-    if removed:
-        log.info("removed %d temp file(s) a killed earlier attempt left beside the outputs",
-                 removed)
-
-
 def model_input_size(imgsz: int | str, stride: int) -> tuple[int, int]:
     """The letterbox target (h, w): a square for a number; each side of ``"HxW"`` rounded up to
     a multiple of the model's stride, as Ultralytics' check_imgsz does (with a warning)."""
@@ -429,7 +347,7 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
                          staging_path=str(staging_path) if staging_path else None)
     try:
         done = sink.open()
-        _remove_stale_temps(tasks, layout, settings.save_annotated)
+        remove_stale_output_temps(tasks, layout, settings.save_annotated)
         todo = [t for t in tasks if t.rel_path not in done]
         report.resumed = len(tasks) - len(todo)
         if report.resumed:

@@ -31,6 +31,7 @@ from image_etl.storage.location import (
     ObjectLocation,
     check_rel_path,
     is_url,
+    location_text,
     parse_location,
     parse_object_url,
 )
@@ -38,7 +39,7 @@ from image_etl.storage.readahead import read_ahead
 
 __all__ = ["BucketNotFoundError", "Entry", "LocalStorage", "ObjectLocation", "Storage",
            "StorageAccessError", "StorageConfigError", "StorageError", "StorageNotFoundError",
-           "Walk", "check_rel_path", "is_url", "open_storage", "parse_location",
+           "Walk", "check_rel_path", "is_url", "location_text", "open_storage", "parse_location",
            "parse_object_url", "read_ahead"]
 
 

@@ -41,6 +41,14 @@ class ObjectLocation:
         """The URL without the connection id: what messages, records and logs show."""
         return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
 
+    @property
+    def spec(self) -> str:
+        """The URL with its connection id (never a credential): how settings carry it between
+        tasks, so that every task reaches the bucket through the same connection."""
+        if self.conn_id is None:
+            return self.url
+        return f"{self.scheme}://{self.conn_id}@{self.bucket}/{self.prefix}".rstrip("/")
+
     def key(self, rel_path: str = "") -> str:
         """The object key of ``rel_path`` under the prefix."""
         return "/".join(p for p in (self.prefix, rel_path) if p)
@@ -89,6 +97,11 @@ def check_rel_path(rel_path: str, *, allow_empty: bool = False) -> str:
             or "\0" in rel_path:
         raise StorageConfigError(f"not a plain relative path: {rel_path!r}")
     return posixpath.normpath(rel_path)
+
+
+def location_text(location: Path | ObjectLocation) -> str:
+    """A location as settings and XCom carry it: the path, or the URL with its connection id."""
+    return location.spec if isinstance(location, ObjectLocation) else str(location)
 
 
 def parse_location(text: str | Path) -> Path | ObjectLocation:
