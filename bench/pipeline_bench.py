@@ -903,6 +903,8 @@ def main(argv: list[str] | None = None) -> int:
     if whole:
         print(f"{args.count} images, {args.reps} repetition(s), device {args.device}, medians:")
         print(table(summary, whole))
+        print("  % dec.limit: vs limit-decode (exact) or, for (f) fast variants, vs "
+              "limit-decode-fast; busy: fraction of the wall time each stage was working")
     if any(VARIANTS[v].storage == "s3" for v in variants):
         print(f"\nobject storage (a local SeaweedFS, weed mini) beside the local disk, "
               f"load average {machine.get('load_avg_1m', '?')} at the start, "
@@ -910,8 +912,6 @@ def main(argv: list[str] | None = None) -> int:
         print(storage_table(summary))
         print("  client CPU: this process (decode, forward, the S3 client's threads); weed CPU: "
               "the server's /proc time in the same window; per image")
-        print("  % dec.limit: vs limit-decode (exact) or, for (f) fast variants, vs "
-              "limit-decode-fast; busy: fraction of the wall time each stage was working")
     if sliced:
         print(f"\nsliced: {args.sliced_count} images, {args.slice_size} px slices, overlap "
               f"{args.slice_overlap}, {args.reps} repetition(s), medians:")
