@@ -12,12 +12,13 @@ Exit status: 0 done; 1 the run could not go on (model, device, output; one line 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from image_etl.settings import SETTINGS, InferSettings, SettingsError, check, env_defaults
 
@@ -89,15 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="run one worker over every image under a folder",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    infer.add_argument("images_dir", type=Path)
-    infer.add_argument("--out", type=Path, help="output root (labels/, annotated/)")
+    infer.add_argument("images_dir", help="a folder, or s3://bucket/prefix (credentials and "
+                       "endpoint from the AWS_* environment, as boto reads them)")
+    infer.add_argument("--out", help="output root (labels/, annotated/): a folder or s3://...")
     infer.add_argument("--beside-images", action="store_true",
                        help="write each .txt next to its image instead of under --out")
     infer.add_argument("--model", type=Path, default=DEFAULTS["model_path"],
                        help="Ultralytics .pt weights file (env IMAGE_ETL_MODEL)")
     _setting_flags(infer)
-    infer.add_argument("--staging", type=Path, default=None,
-                       help="JSONL of finished images; makes the run resumable")
+    infer.add_argument("--staging", default=None,
+                       help="JSONL of finished images (a file or an s3:// object); makes the run "
+                            "resumable")
     infer.add_argument("--summary", type=Path, default=None, help="write a JSON summary here")
     db = sub.add_parser("db", help="the results database's schema (Alembic): upgrade it, "
                                    "show its revision, list the revisions")
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from image_etl.atomic_files import OutputWriteError
     from image_etl.devices import DeviceError
     from image_etl.model import ModelLoadError
+    from image_etl.storage import StorageError
 
     try:
         if args.command == "make-drop":
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ModelLoadError, DeviceError, OutputWriteError) as exc:
+    except (ModelLoadError, DeviceError, OutputWriteError, StorageError) as exc:
         # Expected failures say everything in one line; a traceback would only bury it
         # (-v shows it).
         log.debug("traceback", exc_info=True)
@@ -174,24 +178,48 @@ def _infer(args: argparse.Namespace) -> int:
     from image_etl.discover import list_images
     from image_etl.model import load_model
     from image_etl.output_paths import OutputLayout
+    from image_etl.storage import open_storage, parse_location
     from image_etl.worker import ImageTask, run_shard
 
     settings, device, max_failed = infer_settings(args)
-    root = args.images_dir.resolve()
-    listing = list_images(root)
-    tasks = [ImageTask(root / f.rel_path, f.rel_path) for f in listing.images]
+    drop = parse_location(args.images_dir)
+    root = drop.resolve() if isinstance(drop, Path) else None
+    source = open_storage(root or drop)
+    listing = list_images(root or source)
+    tasks = [ImageTask(root / f.rel_path if root else None, f.rel_path) for f in listing.images]
+    out = parse_location(args.out) if args.out else root
+    if args.beside_images and not isinstance(drop, Path):
+        raise SettingsError("beside-images", "needs a local drop folder")
     model = load_model(args.model, device, precision=settings.precision, imgsz=settings.imgsz,
                        runtime=settings.runtime)
-    layout = OutputLayout((args.out or root).resolve(), beside_images=args.beside_images)
-    report = run_shard(tasks, model, settings, layout, staging_path=args.staging)
-    summary = {"images_dir": str(root), "model": str(args.model), "model_sha256": model.sha256,
+    layout = (OutputLayout(out.resolve(), beside_images=args.beside_images)
+              if isinstance(out, Path) else open_storage(out))
+    staging = _staging_target(args.staging)
+    report = run_shard(tasks, model, settings, layout, staging_path=staging, source=source)
+    summary = {"images_dir": source.url, "model": str(args.model), "model_sha256": model.sha256,
                "settings": settings.to_dict(), **report.to_dict()}
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print(f"{report.processed} images ({report.failed} failed, {report.resumed} resumed), "
           f"{report.detections} detections, {report.images_per_s:.2f} images/s")
-    return _judge_failures(report, args.staging, max_failed)
+    return _judge_failures(report, staging, max_failed)
+
+
+def _staging_target(text: str | None) -> Any:
+    """``--staging``: a local file, or an object (its folder's storage and its name)."""
+    from image_etl.sink import StagingObject
+    from image_etl.storage import open_storage, parse_location
+
+    if text is None:
+        return None
+    where = parse_location(text)
+    if isinstance(where, Path):
+        return where
+    folder, _, name = where.prefix.rpartition("/")
+    if not name:
+        raise SettingsError("staging", f"{where.url}: name an object, not a bucket")
+    return StagingObject(open_storage(dataclasses.replace(where, prefix=folder)), name)
 
 
 def infer_settings(args: argparse.Namespace) -> tuple[InferSettings, str, float]:
@@ -217,7 +245,7 @@ def _one_device(spec: str) -> str:
     return devices[0]
 
 
-def _judge_failures(report: ShardReport, staging: Path | None, max_failed: float) -> int:
+def _judge_failures(report: ShardReport, staging: Any, max_failed: float) -> int:
     """Status 3 when too many images failed. With a staging file every image done so far
     counts, so a resumed run that retries a few bad images is judged on the whole folder."""
     failures = report.failures
@@ -225,7 +253,7 @@ def _judge_failures(report: ShardReport, staging: Path | None, max_failed: float
     if staging is not None:
         from image_etl.staging import read_staging
 
-        records = read_staging(staging)[1]
+        records = _staged_records(staging, read_staging)
         failures = [{"rel_path": r["rel_path"], "error": r.get("error") or ""}
                     for r in records if r["status"] == "failed"]
         total = len(records)
@@ -236,3 +264,15 @@ def _judge_failures(report: ShardReport, staging: Path | None, max_failed: float
     print(f"error: {len(failures)} of {total} images failed, more than --max-failed-fraction="
           f"{max_failed}: {first}{more}", file=sys.stderr)
     return 3
+
+
+def _staged_records(staging: Any, read: Any) -> list[dict[str, Any]]:
+    """The staging file's records; an object is read into a temporary file first."""
+    import tempfile
+
+    if isinstance(staging, Path):
+        return read(staging)[1]
+    with tempfile.TemporaryDirectory(prefix="image_etl_staging_") as tmp:
+        local = Path(tmp) / "staged.jsonl"
+        local.write_bytes(staging.storage.read_bytes(staging.rel_path))
+        return read(local)[1]

@@ -49,7 +49,7 @@ _EXIF_ORIENTATION = 0x0112
 @dataclasses.dataclass
 class DecodedImage:
     index: int  # position in the shard, keeps batches and outputs in manifest order
-    path: Path
+    path: Path | None  # None: read from object storage (see Decoder.__call__)
     rel_path: str
     bytes: int = 0
     orig_shape: tuple[int, int] = (0, 0)  # (h, w) of the full-size image
@@ -96,11 +96,14 @@ class Decoder:
                                    stride=stride)
         self._local = threading.local()  # per decode thread: its reusable full-size buffer
 
-    def __call__(self, index: int, path: Path, rel_path: str) -> DecodedImage:
+    def __call__(self, index: int, path: Path | None, rel_path: str,
+                 data: bytes | Exception | None = None) -> DecodedImage:
+        """Decode the file at ``path``, or ``data``: the bytes read from object storage (or
+        the error the read raised), for an image that has no local path."""
         start = time.perf_counter()
         item = DecodedImage(index=index, path=path, rel_path=rel_path)
         try:
-            self._decode(item)
+            self._decode(item, data)
         except MemoryError:
             item.error = "out of memory while decoding"
         except cv2.error as exc:
@@ -108,11 +111,16 @@ class Decoder:
         item.seconds = time.perf_counter() - start
         return item
 
-    def _decode(self, item: DecodedImage) -> None:
-        path = item.path
+    def _decode(self, item: DecodedImage, raw: bytes | Exception | None = None) -> None:
         try:
-            st = os.stat(path, follow_symlinks=False)
-            data = np.fromfile(path, np.uint8)
+            if raw is None:
+                assert item.path is not None, "an image without a path comes with its bytes"
+                size = os.stat(item.path, follow_symlinks=False).st_size
+                data = np.fromfile(item.path, np.uint8)
+            elif isinstance(raw, Exception):
+                raise raw
+            else:
+                size, data = len(raw), np.frombuffer(raw, np.uint8)
         except PermissionError:
             item.error = "unreadable: permission denied"
             return
@@ -125,7 +133,7 @@ class Decoder:
         except OSError as exc:
             item.error = f"unreadable: {exc.strerror or exc}"
             return
-        item.bytes = st.st_size
+        item.bytes = size
         if data.size == 0:
             item.error = "empty file (0 bytes)"
             return

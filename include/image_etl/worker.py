@@ -26,11 +26,12 @@ the txt text.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +45,38 @@ from image_etl.pipeline import Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
-from image_etl.sink import OutputSink, ResultSink, remove_stale_output_temps
+from image_etl.sink import (
+    ObjectOutputSink,
+    ObjectStagingWriter,
+    OutputSink,
+    ResultSink,
+    StagingObject,
+    remove_stale_output_temps,
+)
 from image_etl.staging import StagingWriter
+from image_etl.storage import (
+    BucketNotFoundError,
+    LocalStorage,
+    Storage,
+    StorageAccessError,
+    StorageError,
+    StorageNotFoundError,
+    read_ahead,
+)
 
 log = logging.getLogger(__name__)
+
+# Object reads ahead of the decoders: enough concurrent GETs that decoding, not the network, is
+# the bound; at most READ_WINDOW files held (a 2048 x 12000 JPEG is a few MB).
+READ_THREADS = 8
+READ_WINDOW = 16
 
 __all__ = ["ImageTask", "OutputSink", "ResultSink", "ShardReport", "run_shard"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageTask:
-    path: Path  # absolute path to read
+    path: Path | None  # absolute path to read; None: read rel_path from the shard's source
     rel_path: str  # identity: path relative to the drop root, used for outputs and rows
 
 
@@ -120,8 +142,10 @@ class _Shard:
     """One attempt at a shard: decode → inputs → batches → forward → collect → write."""
 
     def __init__(self, picked: list[_Picked], model: LoadedModel, settings: InferSettings,
-                 sink: ResultSink, report: ShardReport, imgsz: tuple[int, int]) -> None:
+                 sink: ResultSink, report: ShardReport, imgsz: tuple[int, int],
+                 source: Storage | None = None) -> None:
         self.picked = picked
+        self.source = source
         self.model = model
         self.settings = settings
         self.sink = sink
@@ -133,7 +157,7 @@ class _Shard:
         # Annotated images are full-size frames drawn and JPEG-encoded on the writer side:
         # as costly as a decode, so they get as many threads, and shorter queues (each queued
         # item then holds the whole decoded image).
-        self.writers = self.threads if settings.save_annotated else 1
+        self.writers = max(self.threads if settings.save_annotated else 1, sink.min_writers)
         batch = settings.batch_size
         # Decoded items in flight: a model input each; a whole 74 MB image each when annotating
         # or slicing, hence fewer of them.
@@ -159,7 +183,8 @@ class _Shard:
                              self.settings.progress_every_s)
         try:
             with Writers(self._write, count=self.writers, capacity=self.write_capacity) as out, \
-                    ordered_map(self._decode, self.picked, threads=self.threads,
+                    contextlib.closing(self._inputs()) as inputs, \
+                    ordered_map(self._decode, inputs, threads=self.threads,
                                 window=self.window, name="decode", abort=out.check) as decoded:
                 for item, inputs in decoded:
                     report.decode_s += item.seconds
@@ -179,9 +204,28 @@ class _Shard:
             report.batch_size = self.batcher.batch_size
         progress.log_final()
 
-    def _decode(self, p: _Picked) -> tuple[DecodedImage, list[ModelInput]]:
+    def _inputs(self) -> Iterator[tuple[_Picked, bytes | Exception | None]]:
+        """The images to decode: local files are read by the decode threads themselves; objects
+        are fetched ahead, concurrently (a GET waits on the network, not on a core), at most
+        READ_WINDOW of them in memory beyond the decode window."""
+        if self.source is None:
+            yield from ((p, None) for p in self.picked)
+            return
+        rel_paths = [p.task.rel_path for p in self.picked]
+        with contextlib.closing(read_ahead(self.source.read_bytes, rel_paths,
+                                           threads=READ_THREADS, window=READ_WINDOW)) as reads:
+            for p, (_, data) in zip(self.picked, reads, strict=True):
+                yield p, data
+
+    def _decode(self, job: tuple[_Picked, bytes | Exception | None]
+                ) -> tuple[DecodedImage, list[ModelInput]]:
         """On a decode thread: the image and its model inputs (slicing included)."""
-        item = self.decoder(p.index, p.task.path, p.task.rel_path)
+        p, data = job
+        if isinstance(data, BucketNotFoundError) or (
+                isinstance(data, StorageError)
+                and not isinstance(data, StorageNotFoundError | StorageAccessError)):
+            raise data  # the storage, not this image (unreachable, no bucket): stop the shard
+        item = self.decoder(p.index, p.task.path, p.task.rel_path, data)
         start = time.perf_counter()
         inputs = self.plan.inputs(item) if item.error is None else []
         item.seconds += time.perf_counter() - start
@@ -324,30 +368,43 @@ def _size_text(hw: tuple[int, int]) -> int | str:
 
 
 def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
-              layout: OutputLayout, staging_path: Path | None = None,
-              sink: ResultSink | None = None) -> ShardReport:
+              layout: OutputLayout | Storage, staging_path: Path | StagingObject | None = None,
+              sink: ResultSink | None = None, *, source: Storage | None = None) -> ShardReport:
     """Run ``tasks`` through ``model`` and write every result; return what happened.
 
-    With ``staging_path`` the shard is resumable: images an earlier attempt finished (same
-    model and result-relevant settings) are skipped. Raises the first pipeline error.
+    ``layout``: a local output folder, or an object-storage output (``open_storage``).
+    ``source``: the drop on object storage; the tasks' images are read from it (their
+    ``path`` is not used). With ``staging_path`` (a file, or an object) the shard is
+    resumable: images an earlier attempt finished (same model and result-relevant settings)
+    are skipped. Raises the first pipeline error.
     """
+    if isinstance(layout, LocalStorage):
+        layout = OutputLayout(layout.root)
+    if isinstance(source, LocalStorage):
+        source = None  # the decode threads read local files themselves, as always
     imgsz = model_input_size(settings.imgsz or model.default_imgsz, model.stride)
     if sink is None:
         staging = None
         if staging_path is not None:
             fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
                                                       model.runtime, model.precision)
-            staging = StagingWriter(staging_path, fingerprint,
-                                    {"model_sha256": model.sha256, "model_path": str(model.path),
-                                     "imgsz": _size_text(imgsz), "device": str(model.device),
-                                     "runtime": model.runtime, "precision": model.precision,
-                                     "names": {str(k): v for k, v in model.names.items()}})
-        sink = OutputSink(layout, model.names, settings.save_annotated, staging)
+            meta = {"model_sha256": model.sha256, "model_path": str(model.path),
+                    "imgsz": _size_text(imgsz), "device": str(model.device),
+                    "runtime": model.runtime, "precision": model.precision,
+                    "names": {str(k): v for k, v in model.names.items()}}
+            staging = (StagingWriter(staging_path, fingerprint, meta)
+                       if isinstance(staging_path, Path)
+                       else ObjectStagingWriter(staging_path, fingerprint, meta))
+        sink = (OutputSink(layout, model.names, settings.save_annotated, staging)
+                if isinstance(layout, OutputLayout)
+                else ObjectOutputSink(layout, model.names, settings.save_annotated, staging))
+    shown = staging_path.display() if isinstance(staging_path, StagingObject) else staging_path
     report = ShardReport(device=str(model.device), images=len(tasks),
-                         staging_path=str(staging_path) if staging_path else None)
+                         staging_path=str(shown) if shown else None)
     try:
         done = sink.open()
-        remove_stale_output_temps(tasks, layout, settings.save_annotated)
+        if isinstance(layout, OutputLayout):
+            remove_stale_output_temps(tasks, layout, settings.save_annotated)
         todo = [t for t in tasks if t.rel_path not in done]
         report.resumed = len(tasks) - len(todo)
         if report.resumed:
@@ -355,7 +412,7 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
                      report.resumed, len(tasks))
         if todo:
             _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink, report,
-                   imgsz).run()
+                   imgsz, source).run()
     finally:
         sink.close()
     return report

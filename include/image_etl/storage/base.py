@@ -83,5 +83,9 @@ class Storage(abc.ABC):
         """The file exists (a drop-ready marker). Errors other than "not there" raise."""
 
     @abc.abstractmethod
+    def remove_file(self, rel_path: str) -> None:
+        """Remove one file / object; not there is not an error."""
+
+    @abc.abstractmethod
     def remove_tree(self, rel_path: str = "") -> None:
         """Remove the folder / every key under the prefix; nothing there is not an error."""

@@ -83,6 +83,9 @@ class LocalStorage(Storage):
     def exists(self, rel_path: str) -> bool:
         return self.path(rel_path).exists()
 
+    def remove_file(self, rel_path: str) -> None:
+        self.path(rel_path).unlink(missing_ok=True)
+
     def remove_tree(self, rel_path: str = "") -> None:
         target = self.path(rel_path) if rel_path else self.root
         if target.is_symlink() or target.is_file():

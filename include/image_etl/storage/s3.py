@@ -147,6 +147,15 @@ class S3Storage(Storage):
             return False
         return True
 
+    def remove_file(self, rel_path: str) -> None:
+        try:
+            with self._errors(rel_path):
+                self._fs.rm_file(self._path(check_rel_path(rel_path)))
+        except BucketNotFoundError:
+            raise
+        except StorageNotFoundError:
+            pass
+
     def remove_tree(self, rel_path: str = "") -> None:
         target = self._path(rel_path)
         under = target + "/" if (self.location.prefix or rel_path) else target
