@@ -90,6 +90,14 @@ def _db_url() -> str:
     return results_url(conn)
 
 
+def _open_storage(location: str):
+    """A drop or output location's storage, with options from its Airflow connection
+    (plugins/image_etl_storage.py), inside the task: options hold secrets, never in XCom."""
+    from image_etl_storage import open_storage_for
+
+    return open_storage_for(location)
+
+
 def _run_date(context) -> dt.date:
     """The run's date in the DAG's timezone: its logical date, or when it was triggered for a
     run without one (REST and CLI triggers by default, asset-triggered runs)."""
@@ -124,13 +132,14 @@ def nightly_detections():
 
         ctx = get_current_context()
         return stages.discover(dict(ctx["params"]), run_id=ctx["run_id"], run_date=_run_date(ctx),
-                               db_url=_db_url(), allowed_roots=D["allowed_roots"])
+                               db_url=_db_url(), allowed_roots=D["allowed_roots"],
+                               open_storage=_open_storage)
 
     @task(execution_timeout=timedelta(minutes=10))
     def partition(discovered: dict) -> list[dict]:
         from image_etl import stages
 
-        return stages.partition(discovered)
+        return stages.partition(discovered, open_storage=_open_storage)
 
     @task(queue=GPU_QUEUE, pool=GPU_POOL, retries=2, retry_delay=timedelta(minutes=1),
           retry_exponential_backoff=True, multiple_outputs=False,
@@ -142,7 +151,7 @@ def nightly_detections():
 
         context = get_current_context()
         context["shard_label"] = stages.shard_label(shard)
-        result = stages.infer(shard)
+        result = stages.infer(shard, open_storage=_open_storage)
         # The label is rendered when the task ends: show the GPU actually leased ('cuda' → 'cuda:1').
         context["shard_label"] = stages.shard_label(shard, result["device"])
         return result
@@ -156,7 +165,8 @@ def nightly_detections():
         # One slice fetches every shard's result in one request; iterating would ask item by
         # item until one is missing, which Airflow logs as a warning ("XCom not found").
         shard_results = list(results[:]) if results else []
-        return stages.load(discovered, shard_results, db_url=_db_url(), dag_id=DAG_ID)
+        return stages.load(discovered, shard_results, db_url=_db_url(), dag_id=DAG_ID,
+                           open_storage=_open_storage)
 
     @task(trigger_rule="none_failed", multiple_outputs=False,
           execution_timeout=timedelta(minutes=15))

@@ -188,6 +188,8 @@ def _infer(args: argparse.Namespace) -> int:
     listing = list_images(root or source)
     tasks = [ImageTask(root / f.rel_path if root else None, f.rel_path) for f in listing.images]
     out = parse_location(args.out) if args.out else root
+    if out is None:
+        raise SettingsError("out", "give an output folder or s3:// prefix for a bucket drop")
     if args.beside_images and not isinstance(drop, Path):
         raise SettingsError("beside-images", "needs a local drop folder")
     model = load_model(args.model, device, precision=settings.precision, imgsz=settings.imgsz,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,8 @@ def look_back_dates(drop_date: dt.date, nights: int) -> list[dt.date]:
 
 
 def look_back(params: Mapping[str, Any], settings: RunSettings, *, run_date: dt.date,
-              allowed_roots: tuple[Path, ...], sha: str, engine: Any) -> list[Night]:
+              allowed_roots: tuple[Any, ...], sha: str, engine: Any,
+              open_storage: Callable[[str], Any] | None = None) -> list[Night]:
     """The earlier nights (``settings.catchup_nights``) that ran, each listed again: their
     late images (see ``late``) and their files as they are now, nearest first."""
     from image_etl import store
@@ -104,10 +105,16 @@ def look_back(params: Mapping[str, Any], settings: RunSettings, *, run_date: dt.
             log.info("look-back off: drop_dir %s is the same folder for every night (no {date})",
                      settings.drop_dir)
             return []
-        if not night.drop_dir.is_dir():
-            log.warning("look-back: the folder of night %s is gone: %s", day, night.drop_dir)
+        drop = night.drop_dir
+        if isinstance(drop, Path) and not drop.is_dir():
+            log.warning("look-back: the folder of night %s is gone: %s", day, drop)
             continue
-        listing = list_images(night.drop_dir, settle_s=settings.settle_seconds)
+        from image_etl.run_files import default_opener, storage_at
+
+        # A prefix with no objects left lists empty.
+        listing = list_images(drop if isinstance(drop, Path)
+                              else storage_at(drop, open_storage or default_opener),
+                              settle_s=settings.settle_seconds)
         todo = late(listing, store.image_rows(engine, sha, day))
         found.append(Night(night, listing, todo))
         if todo:

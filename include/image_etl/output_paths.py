@@ -28,8 +28,10 @@ class OutputLayout:
             raise OutputPathError(f"refusing output path for {rel_path!r}: escapes {base}")
         return target
 
-    def txt_path(self, rel_path: str, image_path: Path) -> Path:
+    def txt_path(self, rel_path: str, image_path: Path | None) -> Path:
         if self.beside_images:
+            if image_path is None:
+                raise OutputPathError(f"no txt beside {rel_path!r}: it is not a local file")
             return image_path.with_suffix(".txt")
         return self._inside(self.root / "labels", rel_path, ".txt")
 

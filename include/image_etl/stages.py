@@ -24,14 +24,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from image_etl.atomic_files import atomic_write
+from image_etl import run_files
 from image_etl.errors import (
     MissingStagingError,
     SettingsError,
     TooManyFailedError,
     WeightsChangedError,
 )
+from image_etl.run_files import Opener, default_opener
 from image_etl.settings import RunSettings
+from image_etl.storage import location_text
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,9 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
 
 
-def run_dir_for(settings: RunSettings, run_id: str) -> Path:
-    return settings.output_dir / "_runs" / safe_name(run_id)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, ensure_ascii=False, indent=1))
+def run_dir_for(settings: RunSettings, run_id: str) -> str:
+    """The run folder: a path, or a URL under an object-storage output folder."""
+    return run_files.join(location_text(settings.output_dir), f"_runs/{safe_name(run_id)}")
 
 
 def _settings(stage_input: Mapping[str, Any]) -> RunSettings:
@@ -64,34 +63,40 @@ def _settings(stage_input: Mapping[str, Any]) -> RunSettings:
 # --- discover --------------------------------------------------------------------------------------
 
 def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
-             db_url: str | None, allowed_roots: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Validate the params, list the drop, skip what is loaded already, write the manifest."""
+             db_url: str | None, allowed_roots: tuple[Any, ...] = (),
+             open_storage: Opener = default_opener) -> dict[str, Any]:
+    """Validate the params, list the drop, skip what is loaded already, write the manifest.
+
+    ``open_storage`` opens an object-storage location (the DAG's derives the options from the
+    Airflow connection); every stage takes one."""
     from image_etl.devices import parse_devices
     from image_etl.discover import list_images
     from image_etl.weights import check_weights_file, weights_sha256
 
     settings = RunSettings.from_params(params, run_date, allowed_roots)
     parse_devices(settings.devices)  # refuse bad devices now (GPUs counted without torch)
-    if not settings.drop_dir.is_dir():
+    if isinstance(settings.drop_dir, Path) and not settings.drop_dir.is_dir():
         raise SettingsError("drop_dir", f"no such folder: {settings.drop_dir}")
     # Corrupt, truncated or placeholder weights fail here, once, not in every infer task.
     check_weights_file(settings.model_path)
     sha = weights_sha256(settings.model_path)
-    listing = list_images(settings.drop_dir, settle_s=settings.settle_seconds)
+    drop = settings.drop_dir
+    listing = list_images(drop if isinstance(drop, Path) else run_files.storage_at(drop, open_storage),
+                          settle_s=settings.settle_seconds)
     identity = _result_identity(settings)
     own, late = _own_and_late_nights(params, settings, listing, identity["result_key"],
                                      run_date=run_date, allowed_roots=allowed_roots, sha=sha,
-                                     db_url=db_url)
+                                     db_url=db_url, open_storage=open_storage)
     todo = own.todo
     run_dir = run_dir_for(settings, run_id)
-    manifest = run_dir / "manifest.json"
-    _write_json(manifest, {"run_id": run_id, "date": settings.drop_date.isoformat(),
-                           "drop_dir": str(settings.drop_dir), "model_sha256": sha,
-                           "images": [[f.rel_path, f.bytes] for f in todo],
-                           **_late_manifest(own, late)})
+    manifest = run_files.join(run_dir, "manifest.json")
+    run_files.write_json(manifest, {"run_id": run_id, "date": settings.drop_date.isoformat(),
+                                    "drop_dir": location_text(drop), "model_sha256": sha,
+                                    "images": [[f.rel_path, f.bytes] for f in todo],
+                                    **_late_manifest(own, late)}, open_storage)
     result = {"run_id": run_id, "date": settings.drop_date.isoformat(),
-              "settings": settings.to_dict(), "model_sha256": sha, "run_dir": str(run_dir),
-              "manifest": str(manifest), "images": len(todo), "bytes": sum(f.bytes for f in todo),
+              "settings": settings.to_dict(), "model_sha256": sha, "run_dir": run_dir,
+              "manifest": manifest, "images": len(todo), "bytes": sum(f.bytes for f in todo),
               "already_loaded": len(listing.images) - len(todo),
               "unsettled": len(listing.unsettled), "skipped_links": len(listing.skipped_links),
               **identity, "other_settings": own.other_settings, "files": own.files(),
@@ -111,8 +116,9 @@ def _result_identity(settings: RunSettings) -> dict[str, Any]:
 
 
 def _own_and_late_nights(params: Mapping[str, Any], settings: RunSettings, listing: Any,
-                         key: str, *, run_date: dt.date, allowed_roots: tuple[Path, ...],
-                         sha: str, db_url: str | None) -> tuple[Any, list[Any]]:
+                         key: str, *, run_date: dt.date, allowed_roots: tuple[Any, ...],
+                         sha: str, db_url: str | None, open_storage: Opener
+                         ) -> tuple[Any, list[Any]]:
     """The run's own night (what is left to do under this result identity) and the earlier
     nights the look-back listed again (image_etl.nights)."""
     from image_etl import nights
@@ -127,7 +133,7 @@ def _own_and_late_nights(params: Mapping[str, Any], settings: RunSettings, listi
         rows = {} if settings.reprocess else store.image_rows(engine, sha, settings.drop_date)
         todo, other = nights.to_do(listing, rows, key, settings.reprocess)
         late = nights.look_back(params, settings, run_date=run_date, allowed_roots=allowed_roots,
-                                sha=sha, engine=engine)
+                                sha=sha, engine=engine, open_storage=open_storage)
     finally:
         engine.dispose()
     return nights.Night(settings, listing, todo, other), late
@@ -157,27 +163,30 @@ def _log_identity(found: Mapping[str, Any]) -> None:
 
 # --- partition ------------------------------------------------------------------------------------
 
-def partition(discovered: Mapping[str, Any]) -> list[dict[str, Any]]:
+def partition(discovered: Mapping[str, Any], *, open_storage: Opener = default_opener
+              ) -> list[dict[str, Any]]:
     """Byte-balanced shards, one per device (never more than images); one file each."""
     from image_etl.devices import shard_devices
     from image_etl.partition import balance
 
     settings = _settings(discovered)
-    manifest = json.loads(Path(discovered["manifest"]).read_text())
+    manifest = run_files.read_json(discovered["manifest"], open_storage)
     images = manifest["images"]
     devices = shard_devices(settings.devices)
-    run_dir = Path(discovered["run_dir"])
+    run_dir = discovered["run_dir"]
     groups = balance(images, [size for _, size in images], len(devices))
     shards = []
     for k, (device, group) in enumerate(zip(devices, groups)):
-        shard_file = run_dir / f"shard-{k:03d}.json"
-        _write_json(shard_file, {"drop_dir": manifest["drop_dir"], "images": group})
+        shard_file = run_files.join(run_dir, f"shard-{k:03d}.json")
+        run_files.write_json(shard_file, {"drop_dir": manifest["drop_dir"], "images": group},
+                             open_storage)
         shards.append({"index": k, "shards": len(groups), "device": device, "images": len(group),
-                       "bytes": sum(size for _, size in group), "shard_file": str(shard_file),
-                       "run_dir": str(run_dir), "date": discovered["date"],
+                       "bytes": sum(size for _, size in group), "shard_file": shard_file,
+                       "run_dir": run_dir, "date": discovered["date"],
                        "settings": discovered["settings"],
                        "model_sha256": discovered["model_sha256"]})
-    shards += _late_shards(discovered, manifest.get("late", []), devices, run_dir, len(shards))
+    shards += _late_shards(discovered, manifest.get("late", []), devices, run_dir, len(shards),
+                           open_storage)
     for shard in shards:
         shard["shards"] = len(shards)
     log.info("%d image(s) in %d shard(s): %s", len(images), len(shards),
@@ -186,7 +195,7 @@ def partition(discovered: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _late_shards(discovered: Mapping[str, Any], late: list[Mapping[str, Any]], devices: list[str],
-                 run_dir: Path, first: int) -> list[dict[str, Any]]:
+                 run_dir: str, first: int, open_storage: Opener) -> list[dict[str, Any]]:
     """Shards of earlier nights' late images: their own (a shard is one night: one drop
     folder, one output folder, one staging file loaded into that night), byte-balanced."""
     from image_etl.partition import balance
@@ -197,11 +206,12 @@ def _late_shards(discovered: Mapping[str, Any], late: list[Mapping[str, Any]], d
         for device, group in zip(devices, balance(images, [size for _, size in images],
                                                   len(devices))):
             k = first + len(shards)
-            shard_file = run_dir / f"shard-{k:03d}.json"
-            _write_json(shard_file, {"drop_dir": night["settings"]["drop_dir"], "images": group})
+            shard_file = run_files.join(run_dir, f"shard-{k:03d}.json")
+            run_files.write_json(shard_file, {"drop_dir": night["settings"]["drop_dir"],
+                                              "images": group}, open_storage)
             shards.append({"index": k, "device": device, "images": len(group),
-                           "bytes": sum(size for _, size in group), "shard_file": str(shard_file),
-                           "run_dir": str(run_dir), "date": night["date"], "late": True,
+                           "bytes": sum(size for _, size in group), "shard_file": shard_file,
+                           "run_dir": run_dir, "date": night["date"], "late": True,
                            "settings": night["settings"],
                            "model_sha256": discovered["model_sha256"]})
     return shards
@@ -234,21 +244,33 @@ def infer_time_limit_s(shard: Mapping[str, Any]) -> float:
 
 # --- infer ------------------------------------------------------------------------------------------
 
-def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
-    """One shard on one (leased) device. Resumes what an earlier attempt finished."""
+def infer(shard: Mapping[str, Any], *, open_storage: Opener = default_opener) -> dict[str, Any]:
+    """One shard on one (leased) device. Resumes what an earlier attempt finished (from the
+    staging file, or the staging object it PUT on object storage)."""
     from image_etl.devices import check_local_device, lease
     from image_etl.model import load_model
     from image_etl.output_paths import OutputLayout
+    from image_etl.sink import StagingObject
+    from image_etl.storage import parse_location
     from image_etl.worker import ImageTask, run_shard
 
     settings = _settings(shard)
-    data = json.loads(Path(shard["shard_file"]).read_text())
-    drop_dir = Path(data["drop_dir"])
-    tasks = [ImageTask(drop_dir / rel, rel) for rel, _ in data["images"]]
-    run_dir = Path(shard["run_dir"])
-    staging = run_dir / f"shard-{shard['index']:03d}.staged.jsonl"
+    data = run_files.read_json(shard["shard_file"], open_storage)
+    drop = parse_location(data["drop_dir"])
+    # A local drop's files are read by the decode threads; a bucket's, by read-ahead (source).
+    tasks = [ImageTask(drop / rel if isinstance(drop, Path) else None, rel)
+             for rel, _ in data["images"]]
+    source = None if isinstance(drop, Path) else run_files.storage_at(drop, open_storage)
+    run_dir = shard["run_dir"]
+    staging_name = f"shard-{shard['index']:03d}.staged.jsonl"
+    staging = run_files.join(run_dir, staging_name)
+    staging_target = (Path(staging) if run_files.is_local(staging)
+                      else StagingObject(run_files.storage_at(run_dir, open_storage), staging_name))
+    output = (OutputLayout(settings.output_dir) if isinstance(settings.output_dir, Path)
+              else run_files.storage_at(settings.output_dir, open_storage))
     check_local_device(shard["device"])  # a worker without that GPU fails now, naming it
-    holder = f"run {run_dir.name}, {shard_label(shard)}"  # whoever waits for this GPU reads it
+    # whoever waits for this GPU reads it
+    holder = f"run {run_dir.rstrip('/').rsplit('/', 1)[-1]}, {shard_label(shard)}"
     with lease(shard["device"], holder=holder) as device:
         load_started = time.time()
         model = load_model(settings.model_path, device, precision=settings.infer.precision,
@@ -264,13 +286,14 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
         # The run's throughput counts from here: a model load (or a first OpenVINO export)
         # is not inference, and it is reported beside it.
         started = time.time()
-        report = run_shard(tasks, model, settings.infer, OutputLayout(settings.output_dir),
-                           staging_path=staging)
+        report = run_shard(tasks, model, settings.infer, output, staging_path=staging_target,
+                           source=source)
     summary = report.to_dict()
-    _write_json(run_dir / f"shard-{shard['index']:03d}.report.json", summary)
+    run_files.write_json(run_files.join(run_dir, f"shard-{shard['index']:03d}.report.json"),
+                         summary, open_storage)
     return {"index": shard["index"], "date": shard["date"], "device": report.device,
             "host": socket.gethostname(),
-            "staging": str(staging), "images": report.images, "processed": report.processed,
+            "staging": staging, "images": report.images, "processed": report.processed,
             "resumed": report.resumed, "ok": report.ok, "failed": report.failed,
             "detections": report.detections, "seconds": round(report.wall_s, 3),
             "images_per_s": round(report.images_per_s, 3),
@@ -281,21 +304,29 @@ def infer(shard: Mapping[str, Any]) -> dict[str, Any]:
 # --- load -----------------------------------------------------------------------------------------
 
 def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | None], *,
-         db_url: str, dag_id: str) -> dict[str, Any]:
+         db_url: str, dag_id: str, open_storage: Opener = default_opener) -> dict[str, Any]:
     """Every shard's staged rows into the results DB, in one transaction, replacing old rows.
 
     Fails, naming each file and the host that wrote it, when a shard's staging file is not
     here: loading the rest would commit a partial night that ``report`` could not tell from
     a whole one.
     """
-    from image_etl import store
-    from image_etl.staging import read_staging_header
-
     settings = _settings(discovered)
     results, late = _split_late(discovered, results)
     shards: list[Mapping[str, Any]] = [r for r in results if r]
-    _check_staging_present(shards)
-    staging = [Path(r["staging"]) for r in shards]
+    _check_staging_present(shards, open_storage)
+    # Staging objects are copied to a temporary folder: the loaders read files.
+    with run_files.local_copies([r["staging"] for r in shards], open_storage) as staging:
+        return _load(discovered, settings, shards, staging, late, db_url=db_url, dag_id=dag_id,
+                     open_storage=open_storage)
+
+
+def _load(discovered: Mapping[str, Any], settings: RunSettings, shards: list[Mapping[str, Any]],
+          staging: list[Path], late: list[Mapping[str, Any]], *, db_url: str, dag_id: str,
+          open_storage: Opener) -> dict[str, Any]:
+    from image_etl import store
+    from image_etl.staging import read_staging_header
+
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
     names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
@@ -316,8 +347,8 @@ def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | No
             store.upsert_model(engine, discovered["model_sha256"], str(settings.model_path), names)
             store.record_empty_run(engine, run, discovered["model_sha256"])
             loaded = {"images": 0, "ok": 0, "failed": 0, "detections": 0}
-        caught_up = _load_late(engine, discovered, late, run)
-        _record_files(engine, discovered, run.run_key)
+        caught_up = _load_late(engine, discovered, late, run, open_storage)
+        _record_files(engine, discovered, run.run_key, open_storage)
     finally:
         engine.dispose()
     loaded["seconds"] = round(time.perf_counter() - t0, 3)
@@ -345,47 +376,56 @@ def _identity_of(discovered: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _load_late(engine: Any, discovered: Mapping[str, Any], late: list[Mapping[str, Any]],
-               run: Any) -> dict[str, dict[str, int]]:
+               run: Any, open_storage: Opener) -> dict[str, dict[str, int]]:
     """Each earlier night's late files into that night (its date and folders, marked caught
     up), one transaction per night; this run's own ``runs`` row stays its night's."""
-    from image_etl import store
-    from image_etl.staging import read_staging_header
 
     if not late:
         return {}
-    _check_staging_present(late)
-    manifest = json.loads(Path(discovered["manifest"]).read_text())
+    _check_staging_present(late, open_storage)
+    manifest = run_files.read_json(discovered["manifest"], open_storage)
     settings_of = {night["date"]: night["settings"] for night in manifest.get("late", [])}
-    by_night: dict[str, list[Path]] = {}
+    by_night: dict[str, list[str]] = {}
     for r in late:
-        by_night.setdefault(r["date"], []).append(Path(r["staging"]))
+        by_night.setdefault(r["date"], []).append(r["staging"])
     caught_up = {}
-    for day, staging in sorted(by_night.items()):
-        header = read_staging_header(staging[0])
-        names = ({int(k): v for k, v in header["names"].items()}
-                 if header and "names" in header else None)
-        night = store.RunInfo(run_key=run.run_key, dag_id=run.dag_id, run_id=run.run_id,
-                              drop_date=dt.date.fromisoformat(day), settings=settings_of[day],
-                              caught_up=True, **_identity_of(discovered))
-        report = store.load_staged(engine, staging, night, names=names)
-        caught_up[day] = {"images": report.images, "ok": report.ok, "failed": report.failed}
-        log.info("caught up %d late image(s) of night %s (%d failed)", report.images, day,
-                 report.failed)
+    for day, texts in sorted(by_night.items()):
+        with run_files.local_copies(texts, open_storage) as staging:
+            caught_up[day] = _load_night(engine, discovered, run, day, staging, settings_of[day])
     return caught_up
 
 
-def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str) -> None:
+def _load_night(engine: Any, discovered: Mapping[str, Any], run: Any, day: str,
+                staging: list[Path], settings: dict[str, Any]) -> dict[str, int]:
+    """One earlier night's late files into that night."""
+    from image_etl import store
+    from image_etl.staging import read_staging_header
+
+    header = read_staging_header(staging[0])
+    names = ({int(k): v for k, v in header["names"].items()}
+             if header and "names" in header else None)
+    night = store.RunInfo(run_key=run.run_key, dag_id=run.dag_id, run_id=run.run_id,
+                          drop_date=dt.date.fromisoformat(day), settings=settings,
+                          caught_up=True, **_identity_of(discovered))
+    report = store.load_staged(engine, staging, night, names=names)
+    log.info("caught up %d late image(s) of night %s (%d failed)", report.images, day,
+             report.failed)
+    return {"images": report.images, "ok": report.ok, "failed": report.failed}
+
+
+def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str,
+                  open_storage: Opener) -> None:
     """Every night this run listed: its files as listed (the report's accounting)."""
     from image_etl import store
 
-    manifest = json.loads(Path(discovered["manifest"]).read_text())
+    manifest = run_files.read_json(discovered["manifest"], open_storage)
     for day, files in manifest.get("files", {}).items():
         store.record_night_files(engine, discovered["model_sha256"], dt.date.fromisoformat(day),
                                  run_key, files)
 
 
-def _check_staging_present(results: list[Mapping[str, Any]]) -> None:
-    missing = [r for r in results if not Path(r["staging"]).is_file()]
+def _check_staging_present(results: list[Mapping[str, Any]], open_storage: Opener) -> None:
+    missing = [r for r in results if not run_files.exists(r["staging"], open_storage)]
     if missing:
         detail = "; ".join(f"shard {r['index']}: {r['staging']} (written on host "
                            f"{r.get('host', 'unknown')})" for r in missing)
@@ -425,7 +465,8 @@ def report(discovered: Mapping[str, Any], loaded: Mapping[str, Any], *, db_url: 
     log.info("drop %s, model %s…, all runs: %s", settings.drop_date, discovered["model_sha256"][:12],
              json.dumps(drop, ensure_ascii=False))
     night = _account_for_night(discovered, loaded, db_url)
-    prune_run_dirs(Path(discovered["run_dir"]))
+    if run_files.is_local(discovered["run_dir"]):  # object storage: its lifecycle rules prune
+        prune_run_dirs(Path(discovered["run_dir"]))
     # Judged on the whole drop, not on this run alone: a re-run retries only the failed images
     # (plus late arrivals) and must not turn a healthy drop red because of them.
     if drop["images"] and drop["failed"] / drop["images"] > settings.max_failed_fraction:

@@ -8,7 +8,8 @@
 - ``thumbnail``: the image at most ``THUMB_MAX_SIDE`` pixels on its long side, decoded at
   1/2-1/8 scale in libjpeg's DCT domain when it is that much bigger (a 2048 x 12000 JPEG
   decodes straight to 256 x 1500, ~20 ms), as JPEG; ``cached_thumbnail`` keeps it under the
-  output folder (``<output_dir>/_thumbnails/``) keyed by the source's size and mtime.
+  output folder (``<output_dir>/_thumbnails/``) keyed by the source's size and mtime; for an
+  image in object storage, in a local folder of the api-server, keyed by size and checksum.
 - ``region``: a crop at native resolution, at most ``REGION_MAX_SIDE`` on a side, as JPEG.
 
 Pixels come from ``cv2.imdecode``, which also applies EXIF orientation: the frame the model's
@@ -26,6 +27,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +230,21 @@ def region(data: bytes, x: int, y: int, w: int, h: int) -> tuple[bytes, tuple[in
 
 # --- the thumbnail cache ------------------------------------------------------------------------
 
-def cache_name(image_id: int, st: os.stat_result, max_side: int = THUMB_MAX_SIDE) -> str:
+class ContentVersion(NamedTuple):
+    """What identifies an object's content for the cache, as a file's stat does (size and a
+    checksum in place of the mtime)."""
+
+    st_size: int
+    st_mtime_ns: int
+
+
+def cache_name(image_id: int, st: os.stat_result | ContentVersion,
+               max_side: int = THUMB_MAX_SIDE) -> str:
     """Changes whenever the source file does (size, mtime)."""
     return f"{int(image_id)}-{st.st_size:x}-{st.st_mtime_ns:x}-{max_side}.jpg"
 
 
-def cached_thumbnail(output_dir: object, image_id: int, st: os.stat_result,
+def cached_thumbnail(output_dir: object, image_id: int, st: os.stat_result | ContentVersion,
                      make: Callable[[], bytes]) -> tuple[bytes, bool]:
     """(thumbnail, whether it came from the cache). The cache lives in
     ``<output_dir>/_thumbnails`` when the output folder exists and is writable here; otherwise

@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +183,8 @@ class _Shard:
                              self.settings.progress_every_s)
         try:
             with Writers(self._write, count=self.writers, capacity=self.write_capacity) as out, \
-                    contextlib.closing(self._inputs()) as inputs, \
-                    ordered_map(self._decode, inputs, threads=self.threads,
+                    contextlib.closing(self._jobs()) as jobs, \
+                    ordered_map(self._decode, jobs, threads=self.threads,
                                 window=self.window, name="decode", abort=out.check) as decoded:
                 for item, inputs in decoded:
                     report.decode_s += item.seconds
@@ -204,7 +204,7 @@ class _Shard:
             report.batch_size = self.batcher.batch_size
         progress.log_final()
 
-    def _inputs(self) -> Iterator[tuple[_Picked, bytes | Exception | None]]:
+    def _jobs(self) -> Generator[tuple[_Picked, bytes | Exception | None], None, None]:
         """The images to decode: local files are read by the decode threads themselves; objects
         are fetched ahead, concurrently (a GET waits on the network, not on a core), at most
         READ_WINDOW of them in memory beyond the decode window."""

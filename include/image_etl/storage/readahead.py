@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
 def read_ahead(read: Callable[[T], bytes], items: Iterable[T], *, threads: int = 8,
-               window: int = 16) -> Iterator[tuple[T, bytes | Exception]]:
+               window: int = 16) -> Generator[tuple[T, bytes | Exception], None, None]:
     """``(item, data)`` for each item, in order; ``data`` is the exception if its read failed
     (one bad file is the caller's to record, not the end of the drop).
 

@@ -1,0 +1,105 @@
+"""The run folder's files (manifest, shard lists, staging files, reports) wherever the output
+folder is: a local path or an object-storage prefix.
+
+Stages hand each other these files' locations as text (XCom): an absolute path, exactly as
+always, or an ``s3://[conn_id@]bucket/key`` URL (a connection id, never a credential). Every
+access goes through an ``Opener``: the DAG passes one that derives the storage options from the
+Airflow connection inside the task (``plugins/image_etl_storage.py``), so options, which hold
+secrets, never travel between tasks; the default reaches a bucket with boto's own credential
+chain (the CLI and the tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from image_etl.atomic_files import atomic_write
+from image_etl.storage import (
+    LocalStorage,
+    ObjectLocation,
+    Storage,
+    location_text,
+    open_storage,
+    parse_location,
+)
+
+Opener = Callable[[str], Storage]
+
+
+def default_opener(text: str) -> Storage:
+    return open_storage(text)
+
+
+def storage_at(location: Path | ObjectLocation | str, open_: Opener) -> Storage:
+    """The storage rooted at ``location`` (a folder or a prefix)."""
+    where = parse_location(location) if isinstance(location, str) else location
+    return LocalStorage(where) if isinstance(where, Path) else open_(location_text(where))
+
+
+def join(folder: str, name: str) -> str:
+    """``folder/name`` for a path or a URL."""
+    where = parse_location(folder)
+    return str(where / name) if isinstance(where, Path) else f"{folder.rstrip('/')}/{name}"
+
+
+def is_local(text: str) -> bool:
+    return isinstance(parse_location(text), Path)
+
+
+def file_at(text: str, open_: Opener) -> tuple[Storage, str]:
+    """The storage holding the file ``text`` and the file's name there."""
+    where = parse_location(text)
+    if isinstance(where, Path):
+        return LocalStorage(where.parent), where.name
+    folder, _, name = where.prefix.rpartition("/")
+    return open_(location_text(dataclasses.replace(where, prefix=folder))), name
+
+
+def read_json(text: str, open_: Opener) -> Any:
+    where = parse_location(text)
+    if isinstance(where, Path):
+        return json.loads(where.read_text())
+    storage, name = file_at(text, open_)
+    return json.loads(storage.read_bytes(name))
+
+
+def write_json(text: str, data: Any, open_: Opener) -> None:
+    body = json.dumps(data, ensure_ascii=False, indent=1)
+    where = parse_location(text)
+    if isinstance(where, Path):
+        atomic_write(where, body)
+    else:
+        storage, name = file_at(text, open_)
+        storage.write_atomic(name, body)
+
+
+def exists(text: str, open_: Opener) -> bool:
+    where = parse_location(text)
+    if isinstance(where, Path):
+        return where.is_file()
+    storage, name = file_at(text, open_)
+    return storage.exists(name)
+
+
+@contextlib.contextmanager
+def local_copies(texts: list[str], open_: Opener) -> Iterator[list[Path]]:
+    """Local paths of ``texts``: a local file as it is, an object copied into a temporary
+    folder (removed on leaving) for the readers that take paths (the staging loaders)."""
+    with tempfile.TemporaryDirectory(prefix="image_etl_objects_") as tmp:
+        paths = []
+        for k, text in enumerate(texts):
+            where = parse_location(text)
+            if isinstance(where, Path):
+                paths.append(where)
+                continue
+            storage, name = file_at(text, open_)
+            local = Path(tmp) / f"{k:05d}-{name}"
+            local.write_bytes(storage.read_bytes(name))
+            paths.append(local)
+        yield paths
