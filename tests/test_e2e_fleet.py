@@ -48,7 +48,9 @@ DAG_ID = "nightly_detections"
 ARTIFACTS = ROOT / "test-artifacts" / "e2e-fleet"
 CONN_ID = "fleet_s3"
 _TODAY = dt.datetime.now(dt.UTC).date()
-NIGHT, KILL_NIGHT = _TODAY - dt.timedelta(days=30), _TODAY - dt.timedelta(days=29)
+# Further apart than the late-file look-back (catchup_nights, 2): each test's run is its night
+# alone, whichever test runs first or alone.
+NIGHT, KILL_NIGHT = _TODAY - dt.timedelta(days=30), _TODAY - dt.timedelta(days=25)
 COUNTS = {NIGHT: 6, KILL_NIGHT: 40}
 BATCH = 2
 RUN_TIMEOUT_S = 420
@@ -291,6 +293,9 @@ def test_killed_worker_mid_shard_retry_resumes_from_the_bucket(fleet: Fleet):
     # Which worker took the shard, then: kill it once some staged rows are in the bucket.
     def taken() -> str | None:
         ran = _ran_infer(fleet, run_id)
+        if not ran and _check(fleet.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}"))["state"] \
+                == "failed":
+            pytest.fail(f"run {run_id} failed before infer:\n{_failure_report(fleet, run_id)}")
         return next(iter(ran), None)
 
     victim = wait_for("a gpu worker to take the shard", taken, RUN_TIMEOUT_S, poll_s=0.5,
