@@ -59,6 +59,7 @@ class Variant:
     sliced: bool = False  # ours / limit-model: sliced inference (--slice-size, --slice-overlap)
     sahi_batch: int = 1  # sahi: get_sliced_prediction's batch_size
     storage: str = "local"  # s3: the drop (and outputs) on a local SeaweedFS (bench/s3_drop.py)
+    ov_mode: str = ""  # OpenVINO: "sync" or "streams" (IMAGE_ETL_OPENVINO_MODE); "": the default
     help: str = ""
 
 
@@ -113,11 +114,23 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("limit-model-sliced-bf16", "limit-model", sliced=True, precision="bf16",
             help="limit-model-sliced with precision bf16"),
 )}
+# The CPU runtime's two ways side by side (openvino_backend.MODES), whole image and sliced,
+# fp32 and bf16: "sync" = one synchronous batched request (LATENCY), "streams" = one request
+# per image on single-thread streams (THROUGHPUT), each waited for with a bounded wait_for.
+# Asked for by name (not in the default set).
+for _mode in ("sync", "streams"):
+    for _kind, _base in (("ours", "ours-exact"), ("ours", "ours-sliced"),
+                         ("limit-model", "limit-model"), ("limit-model", "limit-model-sliced")):
+        for _precision in ("fp32", "bf16"):
+            _name = f"{_base}{'-bf16' if _precision == 'bf16' else ''}-ov-{_mode}"
+            VARIANTS[_name] = Variant(_name, _kind, runtime="openvino", precision=_precision,
+                                      sliced="sliced" in _base, ov_mode=_mode,
+                                      help=f"{_base}, OpenVINO {_precision}, mode {_mode}")
 # bf16 needs a CPU that computes it, the S3 variants a SeaweedFS: asked for by name, not in
-# the default set.
+# the default set (nor are the OpenVINO modes above).
 DEFAULT_VARIANTS = [name for name in VARIANTS
                     if name != "seed-queue+save" and VARIANTS[name].precision != "bf16"
-                    and VARIANTS[name].storage == "local"]
+                    and VARIANTS[name].storage == "local" and not VARIANTS[name].ov_mode]
 # The object-storage comparison: each S3 variant beside its local-disk twin.
 S3_TWINS = {"ours-exact-s3": "ours-exact"}
 BASELINE = "seed-queue"
@@ -129,10 +142,11 @@ def is_sliced(name: str) -> bool:
 
 
 def limit_of(variant: Variant, limit: str) -> str:
-    """The limit row measured with this variant's runtime and precision."""
+    """The limit row measured with this variant's runtime, precision and OpenVINO mode."""
     if variant.runtime == "torch":
         return f"{limit}-torch"
-    return f"{limit}-bf16" if variant.precision == "bf16" else limit
+    name = f"{limit}-bf16" if variant.precision == "bf16" else limit
+    return f"{name}-ov-{variant.ov_mode}" if variant.ov_mode else name
 
 
 # ================================================================================================
@@ -141,6 +155,8 @@ def limit_of(variant: Variant, limit: str) -> str:
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     variant = VARIANTS[args._variant]
+    if variant.ov_mode:  # read by openvino_backend when the model is loaded
+        os.environ["IMAGE_ETL_OPENVINO_MODE"] = variant.ov_mode
     tasks = drop_tasks(Path(args._drop), args.count)
     out = Path(args._out)
     if variant.kind == "seed":

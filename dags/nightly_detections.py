@@ -47,6 +47,12 @@ image and detection into the results database (connection `{DB_CONN_ID}`, else a
   run at D 02:00 processes drop D; set the offset to -1 for folders named by capture day.
 * **Backfills** pick runs by logical date, and the runs tick at 02:00: a range of whole days
   must end at 23:59 of its last day (`--to-date 2026-11-07T23:59:59`), or that day is left out.
+* **Drop-ready gate** (optional): with **drop_ready_marker** set (e.g. `_SUCCESS`),
+  `wait_for_drop` waits in the triggerer (no worker slot) until that file is in the night's
+  drop folder, up to **drop_wait_timeout** seconds; then it fails naming the folder and the
+  marker, or goes on if **drop_wait_on_timeout** is `proceed`.
+* **Complete loads**: `load` commits a night only if every listed image has an outcome; an
+  `infer` marked success or skipped before it ran fails the load, naming its shard and images.
 * **Re-runs are safe**: a run, a cleared task or a backfill replaces the rows of each
   (image, model) in one transaction. Images already loaded for this model with these result
   settings are skipped unless **reprocess** is on. A retried `infer` resumes where the failed
@@ -114,6 +120,14 @@ def _infer_time_limit(context) -> None:
     print(f"infer time limit: {limit} for {context['task'].op_kwargs['shard']['images']} image(s)")
 
 
+def _wait_for_drop():
+    """The optional drop-ready gate (``drop_ready_marker``): waits in the triggerer."""
+    from image_etl_airflow.drop_gate import WaitForDrop
+
+    return WaitForDrop(task_id="wait_for_drop", run_date=_run_date, allowed_roots=D["allowed_roots"],
+                       execution_timeout=timedelta(minutes=10))
+
+
 @dag(
     dag_id=DAG_ID,
     schedule=D["schedule"],
@@ -159,14 +173,16 @@ def nightly_detections():
     @task(trigger_rule="none_failed", retries=3, retry_delay=timedelta(seconds=30),
           retry_exponential_backoff=True, multiple_outputs=False,
           execution_timeout=timedelta(hours=2), outlets=[DETECTIONS])
-    def load(discovered: dict, results: list[dict]) -> dict:
+    def load(discovered: dict, results: list[dict], plan: list[dict]) -> dict:
         from image_etl import stages
 
         # One slice fetches every shard's result in one request; iterating would ask item by
         # item until one is missing, which Airflow logs as a warning ("XCom not found").
         shard_results = list(results[:]) if results else []
+        # partition's shards: a shard whose infer left no result (marked success or skipped
+        # by hand) is found and named, never silently left out of the night.
         return stages.load(discovered, shard_results, db_url=_db_url(), dag_id=DAG_ID,
-                           open_storage=_open_storage)
+                           plan=list(plan or []), open_storage=_open_storage)
 
     @task(trigger_rule="none_failed", multiple_outputs=False,
           execution_timeout=timedelta(minutes=15))
@@ -175,10 +191,12 @@ def nightly_detections():
 
         return stages.report(discovered, loaded, db_url=_db_url())
 
+    ready = _wait_for_drop()
     found = discover()
+    ready >> found
     shards = partition(found)
     results = infer.expand(shard=shards)
-    loaded = load(found, results)
+    loaded = load(found, results, shards)
     report(found, loaded)
 
 

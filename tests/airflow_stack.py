@@ -7,6 +7,7 @@ own process group:
 * ``airflow api-server`` (REST API, UI, execution API for the workers),
 * ``airflow scheduler`` (CeleryExecutor, broker = the local Redis under a private key prefix),
 * ``airflow dag-processor``,
+* ``airflow triggerer`` (runs deferred tasks' triggers: the drop-ready gate waits there),
 * ``airflow celery worker -q gpu -c 1`` and ``airflow celery worker -q default -c 1`` (or the
   workers a test asks for: :class:`Worker`, each with its own queue and environment, e.g. two
   ``gpu`` workers that share no folder, as two GPU hosts would).
@@ -225,6 +226,7 @@ class AirflowStack:
                     "--workers", "1")
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
+        self._spawn("triggerer", "triggerer", "--skip-serve-logs")
         for worker in self.workers:
             self._spawn(f"worker-{worker.name}", "celery", "worker", "--queues", worker.queue,
                         "--concurrency", "1", "--celery-hostname",
@@ -235,7 +237,7 @@ class AirflowStack:
             return max(5.0, deadline - time.monotonic())
 
         wait_for("the API server", self._api_up, left(), on_timeout=self.diagnostics)
-        wait_for("scheduler and DAG processor heartbeats", self._healthy, left(),
+        wait_for("scheduler, DAG processor and triggerer heartbeats", self._healthy, left(),
                  on_timeout=self.diagnostics)
         for worker in self.workers:
             wait_for(f"the celery worker {worker.name!r} (queue {worker.queue!r})",
@@ -275,7 +277,7 @@ class AirflowStack:
         self._check_alive()
         health = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
         return all(health.get(part, {}).get("status") == "healthy"
-                   for part in ("metadatabase", "scheduler", "dag_processor"))
+                   for part in ("metadatabase", "scheduler", "dag_processor", "triggerer"))
 
     def stop(self, grace_s: float = 20) -> None:
         """Terminate every process group, then kill anything left that carries the marker."""

@@ -33,7 +33,8 @@ def dag(airflow_home):
 
 
 def test_dag_shape(dag):
-    assert {t.task_id for t in dag.tasks} == {"discover", "partition", "infer", "load", "report"}
+    assert {t.task_id for t in dag.tasks} == {"wait_for_drop", "discover", "partition", "infer",
+                                             "load", "report"}
     assert PARAM_NAMES <= set(dag.params)
     assert dag.catchup is False
     assert dag.timetable.expression == "0 2 * * *"

@@ -20,6 +20,9 @@ The story, in order (the tests share the stack and build on each other):
    range is written exactly as the README's example writes it: each covers the dates it names.
    A bad ``devices`` value is refused at trigger time (400, naming it).
 4. Headless Chromium screenshots the DAG's grid and its trigger form.
+5. The drop-ready gate: a run with ``drop_ready_marker`` sits in ``deferred`` (in the
+   triggerer) until the marker is written, then completes. A mapped ``infer`` marked success
+   through the REST API before it ran: the load fails naming that shard, nothing is loaded.
 
 The stack is started as a fresh install would be: no ``gpu`` pool. The project's plugin
 creates it (``IMAGE_ETL_GPUS`` slots) when the scheduler starts.
@@ -37,6 +40,7 @@ import shutil
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +142,8 @@ def e2e(tmp_path_factory):
                 "IMAGE_ETL_LOCK_DIR": str(base / "locks"),
                 # The fleet's "GPUs" (two CPU devices here): the slots the plugin gives the pool.
                 "IMAGE_ETL_GPUS": "2",
+                # The drop-ready gate's triggerer looks for the marker every 2 s (default 30).
+                "IMAGE_ETL_DROP_POLL_S": "2",
             }
             stack = AirflowStack(home=base / "airflow_home", artifacts=logs, metadata_url=metadata_url,
                                  extra_env=env, gpu_pool_slots=None)
@@ -240,8 +246,9 @@ def test_triggered_run_with_conf(e2e: E2E):
     # A fresh install: nobody made the gpu pool; the plugin did when the scheduler started.
     pool = _check(client.get("/pools/gpu"))
     assert pool["slots"] == 2 and "image_etl plugin" in pool["description"], pool
+    # Whichever component with database access started first made it (the triggerer too).
     assert "pool 'gpu' did not exist: created it with 2 slot(s)" in stack.log_text("scheduler") + \
-        stack.log_text("dag-processor")
+        stack.log_text("dag-processor") + stack.log_text("triggerer")
     assert _check(client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}))["is_paused"] is False
 
     conf = {"date": D2.isoformat(), "drop_dir": str(e2e.drops / "{date}"),
@@ -269,13 +276,13 @@ def test_triggered_run_with_conf(e2e: E2E):
     tis = _check(client.get(f"/dags/{DAG_ID}/dagRuns/{MANUAL_RUN}/taskInstances"))["task_instances"]
     others = {t["task_id"]: (t["pool"], t["queue"], t["state"]) for t in tis if t["task_id"] != "infer"}
     assert others == {task: ("default_pool", DEFAULT_QUEUE, "success")
-                      for task in ("discover", "partition", "load", "report")}
+                      for task in ("wait_for_drop", "discover", "partition", "load", "report")}
     # ... and each worker ran only its queue's tasks.
     on_gpu = {(m["task"], int(m["map_index"])) for m in _executed(stack, "worker-gpu")
               if m["run"] == MANUAL_RUN}
     on_cpu = {m["task"] for m in _executed(stack, "worker-default") if m["run"] == MANUAL_RUN}
     assert on_gpu == {("infer", 0), ("infer", 1)}
-    assert on_cpu == {"discover", "partition", "load", "report"}
+    assert on_cpu == {"wait_for_drop", "discover", "partition", "load", "report"}
 
     e2e.snapshot = _of(rows, D2)
     assert e2e.snapshot["detections"], "the demo model found nothing on D2's images"
@@ -653,3 +660,90 @@ def test_detections_page_shows_the_runs_results(e2e: E2E):
     for name, png in shots.items():
         width, height = _png_size(png)
         assert (width, height) == (1600, 1000) and png.stat().st_size > 20_000, (name, png, width, height)
+
+
+# --- 5. the drop-ready gate and complete loads -----------------------------------------------------
+
+GATE_DAY, GAP_DAY = _TODAY - dt.timedelta(days=30), _TODAY - dt.timedelta(days=31)
+
+
+def _ti(e2e: E2E, run_id: str, task_id: str) -> dict:
+    return _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}"))
+
+
+def _finished(e2e: E2E, run_id: str, timeout_s: float) -> dict:
+    def done():
+        run = _check(e2e.client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}"))
+        return run if run["state"] in ("success", "failed") else None
+
+    return wait_for(f"run {run_id}", done, timeout_s, poll_s=2,
+                    on_timeout=lambda: _task_log_tails(e2e, run_id))
+
+
+def _task_log(e2e: E2E, run_id: str, task_id: str) -> str:
+    folder = e2e.stack.artifacts / "task-logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / \
+        f"task_id={task_id}"
+    return "\n".join(p.read_text(errors="replace") for p in sorted(folder.rglob("*.log*")))
+
+
+def test_the_run_waits_in_the_triggerer_until_the_drop_is_marked_ready(e2e: E2E):
+    client, run_id = e2e.client, "e2e_drop_gate"
+    synth.make_drop(e2e.drops, GATE_DAY, 2, width=512, height=3000, seed=130)
+    folder = e2e.drops / GATE_DAY.isoformat()
+    _check(client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}))
+    conf = {"date": GATE_DAY.isoformat(), "drop_ready_marker": "_SUCCESS", "drop_wait_timeout": 900}
+    _check(client.post(f"/dags/{DAG_ID}/dagRuns",
+                       json={"dag_run_id": run_id, "logical_date": None, "conf": conf}))
+    wait_for("wait_for_drop to be deferred", lambda: _ti(e2e, run_id, "wait_for_drop")["state"] ==
+             "deferred", RUN_TIMEOUT_S, poll_s=2, on_timeout=lambda: _task_log_tails(e2e, run_id))
+    # Deferred means the trigger waits in the triggerer: no worker slot, and nothing after it ran.
+    assert _ti(e2e, run_id, "discover")["state"] in (None, "none")
+    time.sleep(6)  # three looks by the triggerer, the marker still absent: it still waits
+    assert _ti(e2e, run_id, "wait_for_drop")["state"] == "deferred"
+    assert _check(client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}"))["state"] == "running"
+    (folder / "_SUCCESS").write_text("")
+    _wait_run(e2e, run_id, RUN_TIMEOUT_S)
+    assert _day_rows(e2e, GATE_DAY) == [(n, "ok") for n in _drop_names(e2e, GATE_DAY)]
+    log = _task_log(e2e, run_id, "wait_for_drop")
+    assert f"waiting up to 900s for _SUCCESS in {folder}" in log
+    assert f"drop ready: _SUCCESS found in {folder}" in log
+
+
+def test_an_infer_marked_success_before_it_ran_fails_the_load_naming_its_shard(e2e: E2E):
+    client, run_id = e2e.client, "e2e_marked_success"
+    synth.make_drop(e2e.drops, GAP_DAY, 3, width=512, height=3000, seed=131)
+    _check(client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}))
+    # No gpu slot: the mapped infer tasks wait in "scheduled" while one is marked by hand.
+    def gpu_slots(n: int) -> None:
+        body = {"pool": "gpu", "slots": n, "include_deferred": False}
+        _check(client.patch("/pools/gpu", json=body, params={"update_mask": "slots"}))
+
+    gpu_slots(0)
+    try:
+        _check(client.post(f"/dags/{DAG_ID}/dagRuns", json={
+            "dag_run_id": run_id, "logical_date": None,
+            "conf": {"date": GAP_DAY.isoformat(), "devices": "cpu,cpu"}}))
+
+        def waiting():
+            tis = _mapped_infer(e2e, run_id)
+            return tis if len(tis) == 2 and all(t["state"] == "scheduled" for t in tis) else None
+
+        wait_for("two mapped infer tasks waiting for the pool", waiting, RUN_TIMEOUT_S, poll_s=2,
+                 on_timeout=lambda: _task_log_tails(e2e, run_id))
+        # What the UI's "Mark as success" sends.
+        marked = _check(client.patch(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/infer/1",
+                                     json={"new_state": "success"}))
+        assert [t["state"] for t in marked["task_instances"]] == ["success"], marked
+    finally:
+        gpu_slots(2)
+    run = _finished(e2e, run_id, RUN_TIMEOUT_S)
+    assert run["state"] == "failed", _task_log_tails(e2e, run_id)
+    load = _ti(e2e, run_id, "load")
+    assert load["state"] == "failed" and load["try_number"] == 1, load  # no retry can fix it
+    assert [t["state"] for t in _mapped_infer(e2e, run_id)] == ["success", "success"]
+    shard = _xcom(e2e, run_id, "partition")[1]
+    skipped = [name for name, _ in json.loads(Path(shard["shard_file"]).read_text())["images"]]
+    log = _task_log(e2e, run_id, "load")
+    assert "IncompleteNightError" in log and "shard 1 (infer map index 1" in log, log[-3000:]
+    assert f"{len(skipped)} image(s) without an outcome: {', '.join(skipped)}" in log
+    assert _day_rows(e2e, GAP_DAY) == []  # nothing of the night committed

@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from image_etl import openvino_backend
+from image_etl.backends import openvino_backend
 from image_etl.model import ModelLoadError, load_model, resolve_precision, resolve_runtime
 from image_etl.output_paths import OutputLayout
 from image_etl.settings import InferSettings, RunSettings, SettingsError
@@ -200,3 +201,65 @@ def test_cli_precision(small_drop, demo_model_path, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(summary.read_text())["settings"]["precision"] == "bf16"
     assert read_staging(tmp_path / "staged.jsonl")[0]["precision"] == "bf16"
+
+
+# --- no unbounded wait: the two ways of running a batch ---------------------------------------------
+
+def test_both_modes_agree_and_neither_waits_on_an_async_queue(ov_model, small_drop, monkeypatch):
+    """``sync`` (one batched request) and ``streams`` (a request per image, bounded waits) give
+    the same predictions; neither uses AsyncInferQueue, whose wait_all() can hang forever
+    (ultralytics#25923). Old code: one mode, AsyncInferQueue.wait_all()."""
+    import numpy as np
+    import openvino
+
+    from image_etl.decode import Decoder
+
+    class NoAsyncQueue:
+        def __init__(self, *args, **kwargs) -> None:
+            raise AssertionError("AsyncInferQueue used: its wait_all() has no bound")
+
+    monkeypatch.setattr(openvino, "AsyncInferQueue", NoAsyncQueue)
+    paths = sorted((small_drop / DROP_DATE.isoformat()).glob("*.jpg"))[:3]
+    decoder = Decoder(ov_model.default_imgsz, ov_model.stride)
+    batch = np.stack([decoder(i, p, p.name).input for i, p in enumerate(paths)])
+    default = openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32")
+    preds = {"default": default.infer(batch).numpy()}  # old code: AsyncInferQueue
+    assert default.mode == "sync"  # the default (bench/README.md says why)
+    preds.update({mode: openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32", mode=mode)
+                  .infer(batch).numpy() for mode in openvino_backend.MODES})
+    assert preds["default"].tobytes() == preds["sync"].tobytes()
+    assert preds["sync"].shape == preds["streams"].shape and preds["sync"].shape[0] == 3
+    boxes, scores = (slice(None, 4), slice(4, None))
+    np.testing.assert_allclose(preds["sync"][:, boxes], preds["streams"][:, boxes], atol=0.05)
+    np.testing.assert_allclose(preds["sync"][:, scores], preds["streams"][:, scores], atol=1e-4)
+
+
+def test_the_mode_comes_from_the_environment_and_a_bad_one_is_refused(monkeypatch):
+    monkeypatch.setenv("IMAGE_ETL_OPENVINO_MODE", "streams")
+    assert openvino_backend.default_mode() == "streams"
+    monkeypatch.setenv("IMAGE_ETL_OPENVINO_MODE", "queue")
+    with pytest.raises(ValueError, match="invalid parameter IMAGE_ETL_OPENVINO_MODE: 'queue'"):
+        openvino_backend.default_mode()
+
+
+def test_a_request_that_never_finishes_is_cancelled_and_reported(monkeypatch):
+    """``streams`` mode waits for each request in short steps, up to a bound, then cancels what
+    runs and raises (a request of the real runtime cannot be made to hang on purpose: this one
+    stands in for it)."""
+    class NeverDone:
+        def __init__(self) -> None:
+            self.cancelled = False
+
+        def wait_for(self, ms: int) -> bool:
+            time.sleep(ms / 1000)
+            return False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    monkeypatch.setattr(openvino_backend, "REQUEST_TIMEOUT_S", 0.3)
+    stuck, other = NeverDone(), NeverDone()
+    t0 = time.monotonic()
+    with pytest.raises(openvino_backend.OpenVINOStuckError, match="did not finish within"):
+        openvino_backend._wait_bounded(stuck, [stuck, other], step_ms=50)
+    assert time.monotonic() - t0 < 2 and stuck.cancelled and other.cancelled

@@ -11,12 +11,14 @@ hang fails the test instead of stalling the suite.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +70,13 @@ class Fault:
             self.fired_at = time.perf_counter()
             raise self.error
         return self.fn(*args, **kwargs)
+
+
+def with_infer(model: Any, infer: Callable) -> Any:
+    """``model`` with its backend's forward pass replaced by ``infer`` (on a copy)."""
+    backend = copy.copy(model.backend)
+    backend.infer = infer
+    return dataclasses.replace(model, backend=backend)
 
 
 def stage_threads() -> list[str]:
@@ -124,8 +133,8 @@ def test_decoder_error(at, small_drop, cpu_model, tmp_path, monkeypatch, referen
 
 
 def test_forward_pass_error(small_drop, cpu_model, tmp_path, reference):
-    fault = Fault(cpu_model.backend, 3, Injected("forward pass bug"))
-    model = dataclasses.replace(cpu_model, backend=fault)
+    fault = Fault(cpu_model.backend.infer, 3, Injected("forward pass bug"))
+    model = with_infer(cpu_model, fault)
     run_with_fault("forward pass", fault, small_drop, model, tmp_path, reference, Injected)
 
 
@@ -173,8 +182,8 @@ def test_sink_open_error(small_drop, cpu_model, tmp_path, monkeypatch, reference
 @pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit], ids=lambda e: e.__name__)
 def test_interrupt_in_the_main_thread_stops_the_workers(error, small_drop, cpu_model, tmp_path,
                                                         reference):
-    fault = Fault(cpu_model.backend, 2, error())
-    model = dataclasses.replace(cpu_model, backend=fault)
+    fault = Fault(cpu_model.backend.infer, 2, error())
+    model = with_infer(cpu_model, fault)
     run_with_fault(error.__name__, fault, small_drop, model, tmp_path, reference, error)
 
 
@@ -262,3 +271,84 @@ def test_an_abort_check_ends_a_wait_on_a_slow_stage():
                                   abort=writer_failed) as results:
             next(results)
     assert time.perf_counter() - t0 < 5 and stage_threads() == []
+
+
+# --- bounded shutdown: a stage stuck in I/O is named, not waited for forever ------------------------
+
+@pytest.mark.parametrize("leaving", ["normally", "on-an-error"])
+def test_a_writer_stuck_in_io_makes_the_join_raise_naming_it(leaving):
+    """Old code: ``__exit__`` joined the writer thread without a bound (the alarm fires)."""
+    release = threading.Event()
+    try:
+        t0 = time.perf_counter()
+        with alarm(20), pytest.raises(pipeline.StageStuckError) as info:
+            with pipeline.Writers(lambda item: release.wait(30), count=1, capacity=2,
+                                  name="writer", join_timeout_s=0.5) as writers:
+                writers.put("stuck")
+                if leaving == "on-an-error":
+                    raise Injected("another stage failed")
+        assert 0.5 <= time.perf_counter() - t0 < 5
+        assert str(info.value).startswith("writer stage stuck: 1 job(s) still running after "
+                                          "0.5 s")
+        if leaving == "on-an-error":  # the original error stays attached
+            assert isinstance(info.value.__cause__, Injected)
+    finally:
+        release.set()
+
+
+def test_a_decode_stuck_in_io_makes_the_join_raise_naming_it():
+    release = threading.Event()
+
+    def decode(i: int) -> int:
+        if i == 1:
+            release.wait(30)  # a read from a hung mount
+        return i
+
+    try:
+        with alarm(20), pytest.raises(pipeline.StageStuckError, match=r"^decode stage stuck"):
+            with pipeline.ordered_map(decode, range(5), threads=2, window=2, name="decode",
+                                      join_timeout_s=0.5) as results:
+                assert next(results) == 0
+                raise Injected("the consumer stops here, item 1 still decoding")
+    finally:
+        release.set()
+
+
+# --- GPU out of memory: the retry runs with the failed batch's tensors freed -----------------------
+
+def test_an_out_of_memory_retry_runs_after_the_failed_batch_is_released(small_drop, cpu_model,
+                                                                        tmp_path, monkeypatch):
+    """The first forward pass makes a tensor (the batch on the device) and raises an
+    out-of-memory error, as CUDA would. When the smaller batches run, that tensor must be gone:
+    otherwise ``empty_cache()`` freed nothing and the halving cascades. Old code retried inside
+    the ``except`` block, whose traceback still held the failed forward's frame and tensor."""
+    import gc
+    import weakref
+
+    import torch
+
+    from image_etl.worker import _Shard
+
+    real_forward = _Shard._forward
+    failed: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def forward(self, batch):
+        if not failed:
+            on_device = torch.ones(len(batch), 3, 64, 64)  # the batch's tensor, in this frame
+            failed.append(weakref.ref(on_device))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        alive_at_retry.append(failed[0]() is not None)
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(_Shard, "_forward", forward)
+    gc.disable()  # released by reference counting, at once, not by a later collection
+    try:
+        with alarm():
+            report = run_shard(tasks_for(small_drop / DROP_DATE.isoformat()), cpu_model,
+                               InferSettings(batch_size=4), OutputLayout(tmp_path))
+    finally:
+        gc.enable()
+    assert report.batch_size == 2 and report.ok == 8
+    assert alive_at_retry and not any(alive_at_retry), \
+        "the failed batch's tensor was still referenced when the smaller batches ran"

@@ -191,3 +191,17 @@ def test_object_staging_writer_puts_whole_files_and_resumes(s3_server, tmp_path,
     other = ObjectStagingWriter(target, "fp2", {"model_sha256": "abc"})
     assert other.resume() == {}  # other settings: done again, not resumed
     other.close()
+
+
+def test_allowed_roots_hold_for_urls_and_their_connection():
+    from image_etl.settings import SettingsError, parse_allowed_roots, storage_location
+
+    roots = parse_allowed_roots("/data:s3://store_a@drops/nightly:s3://open-b")
+    assert storage_location("drop_dir", "s3://store_a@drops/nightly/2026", roots).conn_id == \
+        "store_a"
+    assert storage_location("drop_dir", "s3://any_conn@open-b/x", roots).bucket == "open-b"
+    for bad in ("s3://store_b@drops/nightly/2026", "s3://drops/nightly/2026",
+                "s3://store_a@drops/other", "s3://elsewhere/x"):
+        with pytest.raises(SettingsError, match="invalid parameter drop_dir: .*not under an "
+                                                "allowed root"):
+            storage_location("drop_dir", bad, roots)

@@ -141,7 +141,7 @@ def test_size_schema_and_validator_agree_on_every_side(name):
 # --- the work a setting can cause: slices per image --------------------------------------------
 
 def test_slice_count_is_the_grid_slicing_makes():
-    from image_etl.setting import slice_count
+    from image_etl.sizes import slice_count
     from image_etl.slicing import slice_grid
 
     cases = [((12000, 2048), (32, 32), 0.2), ((12000, 2048), (640, 480), 0.5)]

@@ -258,3 +258,26 @@ def test_header_probe_looks_past_large_metadata():
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(buf, "JPEG", icc_profile=b"\0" * 200_000)
     assert _probe(np.frombuffer(buf.getvalue(), np.uint8)) == ("JPEG", (50, 40), False)
     assert _probe(np.frombuffer(b"hello", np.uint8)) == "not an image (unrecognised header)"
+
+
+def test_every_runtime_is_one_backend_module_and_the_pipeline_never_names_one():
+    """The runtime choice lives in image_etl.backends: each runtime is a module there with the
+    same interface, and the forward step and the worker only call that interface."""
+    import inspect
+
+    from image_etl import backends, forward, worker
+
+    for runtime in backends.RUNTIMES:
+        module = backends.backend_module(runtime)
+        assert all(callable(getattr(module, name, None))
+                   for name in ("available", "runs_on", "precisions", "load")), runtime
+        assert isinstance(module.PACKAGE, str) and isinstance(module.WHERE, str)
+        assert "fp32" in module.precisions("cpu")  # every runtime computes in fp32 on a CPU
+        loaded = inspect.signature(module.load).return_annotation
+        cls = getattr(module, loaded)
+        assert cls.runtime == runtime
+        assert all(callable(getattr(cls, name, None)) for name in ("infer", "share_cpu", "warmup"))
+    for module in (forward, worker):
+        code = inspect.getsource(module)
+        assert not any(f'"{runtime}"' in code for runtime in backends.RUNTIMES), module.__name__
+        assert "runtime ==" not in code and "openvino" not in code, module.__name__

@@ -299,6 +299,7 @@ def test_cli_infer_writes_summary(small_drop, demo_model_path, tmp_path):
 
 def test_gpu_out_of_memory_halves_the_batch_and_goes_on(small_drop, cpu_model, tmp_path):
     """CI has no GPU: inject CUDA's out-of-memory error for batches larger than 2."""
+    import copy
     import dataclasses
 
     import torch
@@ -311,10 +312,12 @@ def test_gpu_out_of_memory_halves_the_batch_and_goes_on(small_drop, cpu_model, t
             self.sizes.append(im.shape[0])
             if im.shape[0] > 2:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-            return self.backend(im)
+            return self.backend.infer(im)
 
     tight = TightMemory(cpu_model.backend)
-    model = dataclasses.replace(cpu_model, backend=tight)
+    backend = copy.copy(cpu_model.backend)
+    backend.infer = tight
+    model = dataclasses.replace(cpu_model, backend=backend)
     images = small_drop / DROP_DATE.isoformat()
     report = run(tasks_for(images), model, tmp_path / "oom", tmp_path / "oom.jsonl", batch_size=8)
     reference = run(tasks_for(images), cpu_model, tmp_path / "ref", tmp_path / "ref.jsonl",

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from image_etl.settings import SETTINGS, InferSettings, SettingsError, check, env_defaults
 
 if TYPE_CHECKING:
-    from image_etl.worker import ShardReport
+    from image_etl.shard_report import ShardReport
 
 log = logging.getLogger("image_etl")
 DEFAULTS = env_defaults()

@@ -32,6 +32,15 @@ class MissingStagingError(RuntimeError):
     """A shard's staging file is not where the load looks (no shared storage between hosts?)."""
 
 
+class IncompleteNightError(RuntimeError):
+    """Some image discover listed has no outcome (a shard never ran): the load is refused."""
+
+
+class DropNotReadyError(RuntimeError):
+    """The drop-ready marker did not appear within drop_wait_timeout (waiting again would not
+    help: the run is cleared or re-triggered once the drop is complete)."""
+
+
 class TooManyFailedError(RuntimeError):
     """More of the drop's images failed than ``max_failed_fraction`` allows."""
 
@@ -49,5 +58,6 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
 
 
 NOT_RETRYABLE: tuple[type[BaseException], ...] = (SettingsError, ModelLoadError,
-                                                  MissingStagingError, TooManyFailedError,
+                                                  MissingStagingError, IncompleteNightError,
+                                                  DropNotReadyError, TooManyFailedError,
                                                   *_storage_errors())

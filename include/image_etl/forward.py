@@ -1,8 +1,9 @@
 """The forward step: a batch of letterboxed model inputs → each input's detections.
 
-Ultralytics' predictor steps (uint8 to the device, reorder, BGR→RGB, scale; NMS on the device;
-boxes scaled to the pixels that were letterboxed), then each input's boxes to the full-size
-image, and a single device → host copy for the whole batch. An input is a whole decoded image,
+The model's backend (``image_etl.backends``, whatever the runtime) takes the stacked uint8
+batch to raw predictions; then Ultralytics' predictor steps (NMS on the device; boxes scaled
+to the pixels that were letterboxed), each input's boxes to the full-size image, and a single
+device → host copy for the whole batch. An input is a whole decoded image,
 or one slice of it (``ModelInput.offset``: where it starts in the image).
 """
 
@@ -39,9 +40,9 @@ def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage | ModelInput],
                  iou: float, max_det: int = 300) -> list[np.ndarray]:
     """Letterboxed inputs → per-input detections (rows as ``staging.DET_FIELDS``).
 
-    Ultralytics' predictor steps (uint8 to the device, reorder, BGR→RGB, scale; NMS on the
-    device; scale_boxes to the letterboxed pixels' own size), then each input's boxes to the
-    full-size image, and a single device → host copy for the whole batch.
+    The backend's forward pass, then Ultralytics' predictor steps (NMS on the device;
+    scale_boxes to the letterboxed pixels' own size), each input's boxes to the full-size
+    image, and a single device → host copy for the whole batch.
     """
     import torch
     from ultralytics.utils import nms
@@ -50,16 +51,7 @@ def detect_batch(model: LoadedModel, batch: Sequence[DecodedImage | ModelInput],
     stacked = np.stack([b.input for b in inputs])
     shape = stacked.shape[1:3]  # letterboxed (h, w) of the batch
     with torch.inference_mode():
-        if model.runtime == "openvino":  # layout, BGR → RGB and scaling run inside the graph
-            preds = model.backend.infer_bgr(stacked)
-        else:
-            arr = torch.from_numpy(stacked)
-            if model.is_cuda:
-                arr = arr.pin_memory()
-            im = arr.to(model.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-            im = im.flip(1)  # BGR → RGB
-            im = (im.half() if model.fp16 else im.float()).div_(255)
-            preds = model.backend(im)
+        preds = model.backend.infer(stacked)  # uint8 BGR NHWC in (image_etl.backends)
         dets = nms.non_max_suppression(preds, conf, iou, None, False, max_det=max_det, nc=0,
                                        end2end=model.end2end)
         rows = [_to_full_image(j, d, shape, unit) for j, (d, unit) in enumerate(zip(dets, inputs))]

@@ -39,7 +39,7 @@ class SlicedPlan(ImagePlan):
     def __init__(self, settings: InferSettings, imgsz: tuple[int, int], stride: int) -> None:
         from ultralytics.data.augment import LetterBox
 
-        from image_etl.settings import size_hw
+        from image_etl.sizes import size_hw
         from image_etl.slicing import Merger
 
         slice_hw = size_hw(settings.slice_size)

@@ -15,15 +15,17 @@ import contextlib
 import dataclasses
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from image_etl.atomic_files import atomic_write
 from image_etl.storage import (
+    BucketNotFoundError,
     LocalStorage,
     ObjectLocation,
     Storage,
+    StorageNotFoundError,
     location_text,
     open_storage,
     parse_location,
@@ -103,3 +105,43 @@ def local_copies(texts: list[str], open_: Opener) -> Iterator[list[Path]]:
             local.write_bytes(storage.read_bytes(name))
             paths.append(local)
         yield paths
+
+
+@contextlib.contextmanager
+def local_run(discovered: Mapping[str, Any], results: list[Mapping[str, Any] | None],
+              plan: list[Mapping[str, Any]] | None, open_: Opener
+              ) -> Iterator[tuple[dict[str, Any], list[Mapping[str, Any] | None],
+                                  list[Mapping[str, Any]] | None]]:
+    """The load's view of a run folder in a bucket, as a local run folder: the manifest, the
+    shard lists and every staging object copied into a temporary folder (removed on leaving),
+    and ``discovered``, ``results`` and ``plan`` pointing there. The load then checks and reads
+    them as it reads a local run's files."""
+    with tempfile.TemporaryDirectory(prefix="image_etl_run_") as tmp:
+        here = Path(tmp)
+
+        def fetch(text: str, must: bool = True) -> str:
+            storage, name = file_at(text, open_)
+            local = here / name
+            try:
+                local.write_bytes(storage.read_bytes(name))
+            except BucketNotFoundError:
+                raise
+            except StorageNotFoundError:
+                if must:
+                    raise
+            return str(local)
+
+        local_discovered = {**discovered, "run_dir": tmp, "manifest": fetch(discovered["manifest"])}
+        local_results: list[Mapping[str, Any] | None] = [
+            None if r is None else {**r, "staging": fetch(r["staging"])} for r in results]
+        local_plan: list[Mapping[str, Any]] | None = None
+        if plan is not None:
+            local_plan = []
+            for shard in plan:
+                index = int(shard["index"])
+                staged = join(shard["run_dir"], f"shard-{index:03d}.staged.jsonl")
+                if not (here / Path(staged).name).exists():
+                    fetch(staged, must=False)  # a shard that never ran has none
+                local_plan.append({**shard, "run_dir": tmp,
+                                   "shard_file": fetch(shard["shard_file"])})
+        yield local_discovered, local_results, local_plan

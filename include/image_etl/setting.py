@@ -21,9 +21,6 @@ import msgspec
 from image_etl.errors import SettingsError
 from image_etl.storage.location import ObjectLocation
 
-# The sides a size setting (imgsz, slice_size) may have, given as N or as HEIGHTxWIDTH alike:
-# 12000 x 2048 line scans at native resolution fit, with room.
-MIN_SIDE, MAX_SIDE = 32, 16384
 _SIZE_TEXT = re.compile(r"\s*(\d+)(?:\s*[xX]\s*(\d+))?\s*")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -218,16 +215,6 @@ def _check_number(spec: Setting, value: Any) -> Any:
         raise SettingsError(spec.name, spec._problem(value, str(exc))) from None
 
 
-def size_hw(value: int | str | None) -> tuple[int, int] | None:
-    """A checked size as (height, width); None for no size (None or 0)."""
-    if not value:
-        return None
-    if isinstance(value, int):
-        return value, value
-    h, w = (int(v) for v in re.split(r"\s*[xX]\s*", value.strip()))
-    return h, w
-
-
 def _int_pattern(lo: int, hi: int) -> str:
     """A regex alternation matching the decimal numbers lo..hi (no leading zeros)."""
     parts: list[str] = []
@@ -253,22 +240,6 @@ def _digit_ranges(lo: str, hi: str) -> list[str]:
     if int(hi[0]) - int(lo[0]) > 1:
         parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]" + any_rest)
     return parts + [hi[0] + p for p in _digit_ranges("0" * rest, hi[1:])]
-
-
-def slice_count(height: int, width: int, slice_hw: tuple[int, int], overlap: float) -> int:
-    """How many windows ``slicing.slice_grid`` makes, counted without making them: rows x
-    columns, each axis stepping by the slice minus its overlap until it reaches the edge."""
-
-    def along(length: int, size: int) -> int:
-        step_back, end, count = int(overlap * size), 0, 0
-        start = 0
-        while end < length:
-            end = start + size
-            count += 1
-            start = end - step_back
-        return count
-
-    return along(height, slice_hw[0]) * along(width, slice_hw[1])
 
 
 # --- paths ---------------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from image_etl.errors import SettingsError
-from image_etl.setting import MAX_SIDE, MIN_SIDE, Setting, absolute_path, size_hw, slice_count
+from image_etl.setting import Setting, absolute_path
+from image_etl.sizes import MAX_SIDE, MIN_SIDE, REFERENCE_FRAME_HW, size_hw, slice_count
 from image_etl.storage.location import ObjectLocation, is_url, location_text, parse_object_url
 from image_etl.weights import confine_model_path
 
 __all__ = ["SETTINGS", "DAG_PARAMS", "SettingsError", "Setting", "InferSettings", "RunSettings",
            "check", "env_defaults", "absolute_path", "size_hw", "MIN_SIDE", "MAX_SIDE",
-           "MAX_SLICES_PER_IMAGE"]
+           "MAX_SLICES_PER_IMAGE", "REFERENCE_FRAME_HW"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = PROJECT_ROOT / "models" / "demo-yolo11n-2cls.pt"
@@ -37,6 +38,9 @@ RUNTIMES = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 MERGES = ("greedynmm", "nmm", "nms")  # as image_etl.slicing (not imported: it needs numpy)
 METRICS = ("ios", "iou")
+DROP_WAIT_ACTIONS = ("fail", "proceed")
+# A marker: one file name in the drop folder (no folder part, not '.' or '..'). Empty: off.
+MARKER_PATTERN = r"^(?!\.{1,2}$)[^/\\]*$"
 # devices: 'auto', or a list of 'cpu', GPU indices and 'cuda:N' (e.g. 'cpu,cpu', '0,1').
 DEVICES_PATTERN = r"^\s*(auto|(cpu|cuda:\d+|\d+)(\s*,\s*(cpu|cuda:\d+|\d+))*)\s*$"
 
@@ -160,6 +164,18 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             env="IMAGE_ETL_MAX_FAILED_FRACTION", cli="--max-failed-fraction", minimum=0, maximum=1,
             description="Fail the run when more than this fraction of the drop's images could "
                         "not be read (their rows are loaded all the same)."),
+    Setting("drop_ready_marker", str, None, "Drop-ready marker file", section=_S,
+            env="IMAGE_ETL_DROP_READY_MARKER", nullable=True, pattern=MARKER_PATTERN,
+            pattern_hint="a file name in the drop folder, like _SUCCESS or manifest.json",
+            description="Empty: off. A file name (e.g. _SUCCESS): the run first waits, without "
+                        "holding a worker slot, until this file exists in the drop folder."),
+    Setting("drop_wait_timeout", float, 21600.0, "Drop wait limit (s)", section=_S,
+            env="IMAGE_ETL_DROP_WAIT_TIMEOUT", minimum=0, maximum=7 * 86400,
+            description="How long the run waits for the drop-ready marker (default 6 h)."),
+    Setting("drop_wait_on_timeout", str, "fail", "When the marker does not come", section=_S,
+            env="IMAGE_ETL_DROP_WAIT_ON_TIMEOUT", enum=DROP_WAIT_ACTIONS,
+            description="fail: the run fails, naming the folder and the marker. proceed: the "
+                        "run processes what is in the drop folder then."),
     # --- the engine only (CLI flags, tests, benchmarks) --------------------------------------
     Setting("max_det", int, 300, "Max detections per image", cli="--max-det", minimum=1,
             maximum=100_000),
@@ -177,10 +193,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 
 DAG_PARAMS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if s.section)
 
-# The most slices one image may become: what a 2048 x 12000 line scan gives at the smallest
-# slice side and the default overlap (36,498). Bounds the work slice_size and slice_overlap
-# can ask for together (32 px slices at overlap 0.9 would be 1.5 M per image).
-REFERENCE_FRAME_HW = (12000, 2048)
+# The most slices one image may become: what the reference frame (a 2048 x 12000 line scan)
+# gives at the smallest slice side and the default overlap (36,498). Bounds the work
+# slice_size and slice_overlap can ask for together (32 px slices at overlap 0.9 would be
+# 1.5 M per image).
 MAX_SLICES_PER_IMAGE = slice_count(*REFERENCE_FRAME_HW, (MIN_SIDE, MIN_SIDE),
                                    SETTINGS["slice_overlap"].default)
 
@@ -216,8 +232,11 @@ def storage_location(name: str, value: Any, allowed_roots: tuple[Path | ObjectLo
         location = parse_object_url(value)
     except ValueError as exc:  # StorageConfigError: its message names the URL, not a secret
         raise SettingsError(name, str(exc)) from None
-    if allowed_roots and not any(location.is_relative_to(root) for root in allowed_roots
-                                 if isinstance(root, ObjectLocation)):
+    # A root that names a connection allows only that one: whoever triggers a run must not
+    # reach an allowed bucket with another connection's credentials.
+    if allowed_roots and not any(location.is_relative_to(root)
+                                 and root.conn_id in (None, location.conn_id)
+                                 for root in allowed_roots if isinstance(root, ObjectLocation)):
         roots = ", ".join(str(r) for r in allowed_roots)
         raise SettingsError(name, f"{location.url!r} is not under an allowed root ({roots})")
     return location
@@ -390,6 +409,9 @@ class RunSettings:
     timeout_per_image_s: float = SETTINGS["timeout_per_image_s"].default
     drop_date_offset_days: int = 0
     catchup_nights: int = SETTINGS["catchup_nights"].default
+    drop_ready_marker: str | None = SETTINGS["drop_ready_marker"].default
+    drop_wait_timeout: float = SETTINGS["drop_wait_timeout"].default
+    drop_wait_on_timeout: str = SETTINGS["drop_wait_on_timeout"].default
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], run_date: dt.date,
@@ -431,7 +453,10 @@ class RunSettings:
                    max_failed_fraction=values["max_failed_fraction"],
                    timeout_per_image_s=values["timeout_per_image_s"],
                    drop_date_offset_days=values["drop_date_offset_days"],
-                   catchup_nights=values["catchup_nights"])
+                   catchup_nights=values["catchup_nights"],
+                   drop_ready_marker=values["drop_ready_marker"],
+                   drop_wait_timeout=values["drop_wait_timeout"],
+                   drop_wait_on_timeout=values["drop_wait_on_timeout"])
 
     @classmethod
     def resolved(cls, params: Mapping[str, Any]) -> RunSettings:
@@ -450,5 +475,8 @@ class RunSettings:
                   "timeout_per_image_s": self.timeout_per_image_s,
                   "drop_date_offset_days": self.drop_date_offset_days,
                   "catchup_nights": self.catchup_nights,
+                  "drop_ready_marker": self.drop_ready_marker,
+                  "drop_wait_timeout": self.drop_wait_timeout,
+                  "drop_wait_on_timeout": self.drop_wait_on_timeout,
                   **{k: v for k, v in infer.items() if k in DAG_PARAMS}}
         return {name: values[name] for name in DAG_PARAMS}

@@ -139,8 +139,10 @@ def output_key(folder: str, rel_path: str, suffix: str) -> str:
 
 # --- the staging file on object storage -------------------------------------------------------
 
-FLUSH_S = float(os.environ.get("IMAGE_ETL_STAGING_FLUSH_S", "10"))
-FLUSH_IMAGES = int(os.environ.get("IMAGE_ETL_STAGING_FLUSH_IMAGES", "100"))
+# A killed attempt loses at most this much work (inferred again by the retry); each flush PUTs
+# the whole file (~2 KB an image with 10 boxes), so flushing far more often costs bandwidth.
+FLUSH_S = float(os.environ.get("IMAGE_ETL_STAGING_FLUSH_S", "30"))
+FLUSH_IMAGES = int(os.environ.get("IMAGE_ETL_STAGING_FLUSH_IMAGES", "500"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,3 +229,17 @@ def remove_stale_output_temps(tasks: Sequence[Any], layout: OutputLayout, annota
     if removed:
         log.info("removed %d temp file(s) a killed earlier attempt left beside the outputs",
                  removed)
+
+
+def output_sink(output: OutputLayout | Storage, names: dict[int, str], save_annotated: bool,
+                staging: Path | StagingObject | None, fingerprint: str,
+                meta: dict[str, Any]) -> OutputSink:
+    """The sink for a local output folder or an object-storage prefix, with its staging file
+    (a local file or an object; None: not resumable)."""
+    writer: Staging | None = None
+    if staging is not None:
+        writer = (StagingWriter(staging, fingerprint, meta) if isinstance(staging, Path)
+                  else ObjectStagingWriter(staging, fingerprint, meta))
+    if isinstance(output, OutputLayout):
+        return OutputSink(output, names, save_annotated, writer)
+    return ObjectOutputSink(output, names, save_annotated, writer)

@@ -228,16 +228,16 @@ def shard_label(shard: Mapping[str, Any], device: str | None = None) -> str:
 
 def infer_time_limit_s(shard: Mapping[str, Any]) -> float:
     """infer's execution_timeout: a model-load budget plus ``timeout_per_image_s`` per image,
-    per 8 model inputs of a 2048 x 12000 frame in sliced mode (97 at 640 px: x 12)."""
+    per 8 model inputs of the reference frame (2048 x 12000) in sliced mode (97 at 640 px: x 12)."""
     settings = _settings(shard)
     per_image = settings.timeout_per_image_s
     if settings.infer.sliced:
-        from image_etl.settings import size_hw
+        from image_etl.sizes import REFERENCE_FRAME_HW, size_hw
         from image_etl.slicing import slice_grid
 
         slice_hw = size_hw(settings.infer.slice_size)
         assert slice_hw is not None
-        inputs = len(slice_grid(12000, 2048, slice_hw, settings.infer.slice_overlap))
+        inputs = len(slice_grid(*REFERENCE_FRAME_HW, slice_hw, settings.infer.slice_overlap))
         per_image *= max(1.0, (inputs + settings.infer.full_image_pass) / 8)
     return MODEL_LOAD_BUDGET_S + per_image * shard["images"]
 
@@ -287,7 +287,7 @@ def infer(shard: Mapping[str, Any], *, open_storage: Opener = default_opener) ->
         # is not inference, and it is reported beside it.
         started = time.time()
         report = run_shard(tasks, model, settings.infer, output, staging_path=staging_target,
-                           source=source)
+                           timeout_per_image_s=settings.timeout_per_image_s, source=source)
     summary = report.to_dict()
     run_files.write_json(run_files.join(run_dir, f"shard-{shard['index']:03d}.report.json"),
                          summary, open_storage)
@@ -304,29 +304,36 @@ def infer(shard: Mapping[str, Any], *, open_storage: Opener = default_opener) ->
 # --- load -----------------------------------------------------------------------------------------
 
 def load(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | None], *,
-         db_url: str, dag_id: str, open_storage: Opener = default_opener) -> dict[str, Any]:
+         db_url: str, dag_id: str, plan: list[Mapping[str, Any]] | None = None,
+         open_storage: Opener = default_opener) -> dict[str, Any]:
     """Every shard's staged rows into the results DB, in one transaction, replacing old rows.
 
     Fails, naming each file and the host that wrote it, when a shard's staging file is not
     here: loading the rest would commit a partial night that ``report`` could not tell from
-    a whole one.
+    a whole one. Fails too, naming the shard and its images, when an image discover listed
+    has no outcome (``plan``: partition's shards, to find the shards that left no result).
     """
     settings = _settings(discovered)
-    results, late = _split_late(discovered, results)
-    shards: list[Mapping[str, Any]] = [r for r in results if r]
-    _check_staging_present(shards, open_storage)
-    # Staging objects are copied to a temporary folder: the loaders read files.
-    with run_files.local_copies([r["staging"] for r in shards], open_storage) as staging:
-        return _load(discovered, settings, shards, staging, late, db_url=db_url, dag_id=dag_id,
-                     open_storage=open_storage)
+    results = list(results)
+    _check_staging_present([r for r in results if r], open_storage)
+    if run_files.is_local(discovered["run_dir"]):
+        return _load(discovered, settings, results, plan, db_url=db_url, dag_id=dag_id)
+    # A run folder in a bucket: its files are copied to a temporary folder first (the
+    # completeness check and the loaders read files), then loaded as a local run's are.
+    with run_files.local_run(discovered, results, plan, open_storage) as (here, results, plan):
+        return _load(here, settings, results, plan, db_url=db_url, dag_id=dag_id)
 
 
-def _load(discovered: Mapping[str, Any], settings: RunSettings, shards: list[Mapping[str, Any]],
-          staging: list[Path], late: list[Mapping[str, Any]], *, db_url: str, dag_id: str,
-          open_storage: Opener) -> dict[str, Any]:
+def _load(discovered: Mapping[str, Any], settings: RunSettings,
+          results: list[Mapping[str, Any] | None], plan: list[Mapping[str, Any]] | None, *,
+          db_url: str, dag_id: str) -> dict[str, Any]:
     from image_etl import store
     from image_etl.staging import read_staging_header
 
+    staging_of = _whole_nights(discovered, plan, [r for r in results if r])
+    staging = staging_of.pop(discovered["date"], [])
+    own, _ = _split_late(discovered, results)  # the late nights' files are in staging_of
+    shards: list[Mapping[str, Any]] = [r for r in own if r]
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
     names = {int(k): v for k, v in header["names"].items()} if header and "names" in header else None
@@ -347,8 +354,8 @@ def _load(discovered: Mapping[str, Any], settings: RunSettings, shards: list[Map
             store.upsert_model(engine, discovered["model_sha256"], str(settings.model_path), names)
             store.record_empty_run(engine, run, discovered["model_sha256"])
             loaded = {"images": 0, "ok": 0, "failed": 0, "detections": 0}
-        caught_up = _load_late(engine, discovered, late, run, open_storage)
-        _record_files(engine, discovered, run.run_key, open_storage)
+        caught_up = _load_late(engine, discovered, staging_of, run)
+        _record_files(engine, discovered, run.run_key)
     finally:
         engine.dispose()
     loaded["seconds"] = round(time.perf_counter() - t0, 3)
@@ -375,53 +382,49 @@ def _identity_of(discovered: Mapping[str, Any]) -> dict[str, Any]:
             "result_settings": discovered.get("result_settings")}
 
 
-def _load_late(engine: Any, discovered: Mapping[str, Any], late: list[Mapping[str, Any]],
-               run: Any, open_storage: Opener) -> dict[str, dict[str, int]]:
+def _load_late(engine: Any, discovered: Mapping[str, Any], by_night: Mapping[str, list[Path]],
+               run: Any) -> dict[str, dict[str, int]]:
     """Each earlier night's late files into that night (its date and folders, marked caught
     up), one transaction per night; this run's own ``runs`` row stays its night's."""
-
-    if not late:
-        return {}
-    _check_staging_present(late, open_storage)
-    manifest = run_files.read_json(discovered["manifest"], open_storage)
-    settings_of = {night["date"]: night["settings"] for night in manifest.get("late", [])}
-    by_night: dict[str, list[str]] = {}
-    for r in late:
-        by_night.setdefault(r["date"], []).append(r["staging"])
-    caught_up = {}
-    for day, texts in sorted(by_night.items()):
-        with run_files.local_copies(texts, open_storage) as staging:
-            caught_up[day] = _load_night(engine, discovered, run, day, staging, settings_of[day])
-    return caught_up
-
-
-def _load_night(engine: Any, discovered: Mapping[str, Any], run: Any, day: str,
-                staging: list[Path], settings: dict[str, Any]) -> dict[str, int]:
-    """One earlier night's late files into that night."""
     from image_etl import store
     from image_etl.staging import read_staging_header
 
-    header = read_staging_header(staging[0])
-    names = ({int(k): v for k, v in header["names"].items()}
-             if header and "names" in header else None)
-    night = store.RunInfo(run_key=run.run_key, dag_id=run.dag_id, run_id=run.run_id,
-                          drop_date=dt.date.fromisoformat(day), settings=settings,
-                          caught_up=True, **_identity_of(discovered))
-    report = store.load_staged(engine, staging, night, names=names)
-    log.info("caught up %d late image(s) of night %s (%d failed)", report.images, day,
-             report.failed)
-    return {"images": report.images, "ok": report.ok, "failed": report.failed}
+    manifest = json.loads(Path(discovered["manifest"]).read_text())
+    settings_of = {night["date"]: night["settings"] for night in manifest.get("late", [])}
+    caught_up = {}
+    for day, staging in sorted(by_night.items()):
+        if not staging:
+            continue
+        header = read_staging_header(staging[0])
+        names = ({int(k): v for k, v in header["names"].items()}
+                 if header and "names" in header else None)
+        night = store.RunInfo(run_key=run.run_key, dag_id=run.dag_id, run_id=run.run_id,
+                              drop_date=dt.date.fromisoformat(day), settings=settings_of[day],
+                              caught_up=True, **_identity_of(discovered))
+        report = store.load_staged(engine, staging, night, names=names)
+        caught_up[day] = {"images": report.images, "ok": report.ok, "failed": report.failed}
+        log.info("caught up %d late image(s) of night %s (%d failed)", report.images, day,
+                 report.failed)
+    return caught_up
 
 
-def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str,
-                  open_storage: Opener) -> None:
+def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str) -> None:
     """Every night this run listed: its files as listed (the report's accounting)."""
     from image_etl import store
 
-    manifest = run_files.read_json(discovered["manifest"], open_storage)
+    manifest = json.loads(Path(discovered["manifest"]).read_text())
     for day, files in manifest.get("files", {}).items():
         store.record_night_files(engine, discovered["model_sha256"], dt.date.fromisoformat(day),
                                  run_key, files)
+
+
+def _whole_nights(discovered: Mapping[str, Any], plan: list[Mapping[str, Any]] | None,
+                  results: list[Mapping[str, Any]]) -> dict[Any, list[Path]]:
+    """Per night (the run's own, earlier nights' late files), the staging files holding one
+    outcome for every image discover listed; or an error naming what has none."""
+    from image_etl.completeness import staging_by_night
+
+    return staging_by_night(Path(discovered["manifest"]), plan, results)
 
 
 def _check_staging_present(results: list[Mapping[str, Any]], open_storage: Opener) -> None:

@@ -31,9 +31,9 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Collection, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 
@@ -41,19 +41,19 @@ from image_etl.decode import DecodedImage, Decoder
 from image_etl.forward import ModelInput, detect_batch
 from image_etl.model import LoadedModel
 from image_etl.output_paths import OutputLayout
-from image_etl.pipeline import Writers, ordered_map
+from image_etl.pipeline import StageStuckError, Writers, ordered_map
 from image_etl.plans import FixedBatcher, ImageCollector, plan_for
 from image_etl.resources import cpu_count
 from image_etl.settings import InferSettings
+from image_etl.shard_report import ProgressLog, ShardReport
 from image_etl.sink import (
-    ObjectOutputSink,
-    ObjectStagingWriter,
     OutputSink,
     ResultSink,
     StagingObject,
+    output_sink,
     remove_stale_output_temps,
 )
-from image_etl.staging import StagingWriter
+from image_etl.sizes import model_input_size, size_text
 from image_etl.storage import (
     BucketNotFoundError,
     LocalStorage,
@@ -63,8 +63,10 @@ from image_etl.storage import (
     StorageNotFoundError,
     read_ahead,
 )
+from image_etl.watchdog import Watchdog, stall_limit_s
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Object reads ahead of the decoders: enough concurrent GETs that decoding, not the network, is
 # the bound; at most READ_WINDOW files held (a 2048 x 12000 JPEG is a few MB).
@@ -80,39 +82,6 @@ class ImageTask:
     rel_path: str  # identity: path relative to the drop root, used for outputs and rows
 
 
-@dataclasses.dataclass
-class ShardReport:
-    device: str
-    images: int = 0  # in the shard
-    resumed: int = 0  # already done by an earlier attempt, skipped
-    processed: int = 0  # written by this attempt
-    ok: int = 0
-    failed: int = 0
-    detections: int = 0
-    wall_s: float = 0.0
-    decode_s: float = 0.0  # summed over decode threads
-    infer_s: float = 0.0
-    write_s: float = 0.0
-    decode_threads: int = 0
-    writers: int = 0
-    batch_size: int = 0  # final (halved after a GPU out-of-memory)
-    failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    staging_path: str | None = None
-
-    @property
-    def images_per_s(self) -> float:
-        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
-
-    def busy(self, elapsed: float | None = None) -> dict[str, float]:
-        """Each stage's busy fraction of ``elapsed`` (default: the shard's wall time)."""
-        wall = (elapsed if elapsed is not None else self.wall_s) or float("nan")
-        return {"decode": self.decode_s / wall / max(self.decode_threads, 1),
-                "infer": self.infer_s / wall,
-                "write": self.write_s / wall / max(self.writers, 1)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 3),
-                "busy": {k: round(v, 3) for k, v in self.busy().items()}}
 
 
 # --- the shard's pipeline ------------------------------------------------------------------------
@@ -143,8 +112,9 @@ class _Shard:
 
     def __init__(self, picked: list[_Picked], model: LoadedModel, settings: InferSettings,
                  sink: ResultSink, report: ShardReport, imgsz: tuple[int, int],
-                 source: Storage | None = None) -> None:
+                 watchdog: Watchdog, source: Storage | None = None) -> None:
         self.picked = picked
+        self.watchdog = watchdog
         self.source = source
         self.model = model
         self.settings = settings
@@ -179,26 +149,34 @@ class _Shard:
         self._share_cpu()
         report = self.report
         start = time.perf_counter()
-        progress = _Progress(sum(not p.replay for p in self.picked), report,
-                             self.settings.progress_every_s)
+        progress = ProgressLog(sum(not p.replay for p in self.picked), report,
+                               self.settings.progress_every_s)
+        mark = self.watchdog.mark
+        stuck_after = self.watchdog.limit_s  # a join that long without progress is stuck
         try:
-            with Writers(self._write, count=self.writers, capacity=self.write_capacity) as out, \
+            with Writers(self._write, count=self.writers, capacity=self.write_capacity,
+                         join_timeout_s=stuck_after) as out, \
                     contextlib.closing(self._jobs()) as jobs, \
                     ordered_map(self._decode, jobs, threads=self.threads,
-                                window=self.window, name="decode", abort=out.check) as decoded:
-                for item, inputs in decoded:
-                    report.decode_s += item.seconds
-                    picked = self.picked[item.index]
-                    if item.error is not None:
-                        self._finished(item, None, out)
-                    else:
-                        self.collector.expect(item, len(inputs))
-                        for batch in self.batcher.add(picked.group, inputs):
-                            self._infer(batch, out)
-                    if picked.closes_group:  # its images are written before the next decode
-                        for batch in self.batcher.flush():
-                            self._infer(batch, out)
-                    progress.maybe_log(time.perf_counter() - start)
+                                window=self.window, name="decode", abort=out.check,
+                                join_timeout_s=stuck_after) as decoded:
+                try:
+                    for item, inputs in _marked(decoded, mark, "decode (waiting for the next "
+                                                               "decoded image)"):
+                        report.decode_s += item.seconds
+                        picked = self.picked[item.index]
+                        if item.error is not None:
+                            self._finished(item, None, out)
+                        else:
+                            self.collector.expect(item, len(inputs))
+                            for batch in self.batcher.add(picked.group, inputs):
+                                self._infer(batch, out)
+                        if picked.closes_group:  # its images are written before the next decode
+                            for batch in self.batcher.flush():
+                                self._infer(batch, out)
+                        progress.maybe_log(time.perf_counter() - start)
+                finally:
+                    mark("shutdown (joining the decode threads and the writers)")
         finally:
             report.wall_s = time.perf_counter() - start
             report.batch_size = self.batcher.batch_size
@@ -240,6 +218,7 @@ class _Shard:
 
     def _finished(self, item: DecodedImage, dets: np.ndarray | None, out: Writers) -> None:
         if not self.picked[item.index].replay:  # done by an earlier attempt: only its mates
+            self.watchdog.mark("write (waiting for a free writer)")
             out.put((item, dets))
 
     def infer_batch(self, batch: list[ModelInput]) -> list[np.ndarray]:
@@ -247,21 +226,25 @@ class _Shard:
         import torch
 
         t0 = time.perf_counter()
+        self.watchdog.mark(f"forward (a batch of {len(batch)} model input(s) on "
+                           f"{self.model.device}, runtime {self.model.runtime})")
         try:
             out = self._forward(batch)
+            self.report.infer_s += time.perf_counter() - t0
+            return out
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
-            torch.cuda.empty_cache()
-            self.batcher.batch_size = max(1, min(self.batcher.batch_size, len(batch) // 2))
-            log.warning("GPU out of memory on a batch of %d: batch size is now %d",
-                        len(batch), self.batcher.batch_size)
-            self.report.infer_s += time.perf_counter() - t0
-            out = []
-            while len(out) < len(batch):  # the size may shrink again inside
-                out += self.infer_batch(batch[len(out):len(out) + self.batcher.batch_size])
-            return out
+        # Out of the handler: the error's traceback held the failed forward's frames, hence
+        # its tensors; only now can empty_cache() give their memory back for the retry.
+        torch.cuda.empty_cache()
+        self.batcher.batch_size = max(1, min(self.batcher.batch_size, len(batch) // 2))
+        log.warning("GPU out of memory on a batch of %d: batch size is now %d",
+                    len(batch), self.batcher.batch_size)
         self.report.infer_s += time.perf_counter() - t0
+        out = []
+        while len(out) < len(batch):  # the size may shrink again inside
+            out += self.infer_batch(batch[len(out):len(out) + self.batcher.batch_size])
         return out
 
     def _forward(self, batch: list[ModelInput]) -> list[np.ndarray]:
@@ -274,102 +257,46 @@ class _Shard:
         self.sink.write(item, dets)
         with self._count_lock:
             self.report.write_s += time.perf_counter() - t0
-            _count(self.report, item, dets)
+            self.report.count(item, dets)
 
     def _share_cpu(self) -> None:
-        """On a CPU device the model competes with the decode threads for the same cores:
-        give it the cores the decoders leave (at least one) instead of oversubscribing."""
-        if self.model.is_cuda:
+        """On a CPU device the model competes with the decode threads for the same cores: its
+        backend takes its share of them (``image_etl.backends``)."""
+        threads = self.model.backend.share_cpu(cpu_count(), self.configured_threads)
+        if threads is not None:
+            log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
+                      self.model.runtime, threads, self.threads)
+
+
+def _marked(items: Iterable[T], mark: Callable[[str], None], stage: str) -> Iterator[T]:
+    """``items``, marking ``stage`` for the watchdog while each next one is waited for."""
+    iterator = iter(items)
+    while True:
+        mark(stage)
+        try:
+            item = next(iterator)
+        except StopIteration:
             return
-        cores = cpu_count()
-        if self.model.runtime == "openvino":
-            # Measured (48 bench images, 2 cores): every core beats the leftover one, 13.2 vs
-            # 12.3 img/s exact, 32.8 vs 30.4 fast: its idle workers sleep rather than spin, and
-            # it soaks up the decoders' stalls and the shard's tail. Its results do not depend
-            # on the thread count.
-            threads = cores
-        else:
-            # From the configured decode threads, not those this attempt runs: a retry with a
-            # few images left must not get more threads (other numbers) than the first attempt.
-            threads = max(1, cores - self.configured_threads)
-        self.model.set_cpu_threads(threads)
-        log.debug("CPU inference (%s): %d thread(s) beside %d decode thread(s)",
-                  self.model.runtime, threads, self.threads)
+        yield item
 
 
-def _count(report: ShardReport, item: DecodedImage, dets: np.ndarray | None) -> None:
-    report.processed += 1
-    if item.error is None:
-        report.ok += 1
-        report.detections += 0 if dets is None else len(dets)
-    else:
-        report.failed += 1
-        report.failures.append({"rel_path": item.rel_path, "error": item.error})
-        log.warning("failed: %s: %s", item.rel_path, item.error)
 
 
-class _Progress:
-    """The task log's progress line: images done, img/s, ETA and each stage's busy share."""
+def _default_timeout_per_image_s() -> float:
+    import os
 
-    def __init__(self, total: int, report: ShardReport, every_s: float) -> None:
-        self.total, self.report, self.every_s = total, report, every_s
-        self.last = 0.0
+    from image_etl.settings import SETTINGS, check
 
-    def maybe_log(self, elapsed: float) -> None:
-        if elapsed - self.last < self.every_s:
-            return
-        self.last = elapsed
-        r = self.report
-        done = r.processed
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        busy = r.busy(elapsed)
-        log.info("progress %d/%d images (%d resumed) %.2f img/s, ETA %s | busy: decode %.0f%% "
-                 "infer %.0f%% write %.0f%%", done + r.resumed, self.total + r.resumed,
-                 r.resumed, rate, _eta(eta), 100 * busy["decode"], 100 * busy["infer"],
-                 100 * busy["write"])
-
-    def log_final(self) -> None:
-        r = self.report
-        busy = r.busy()
-        log.info("shard done on %s: %d images (%d ok, %d failed, %d resumed), %d detections, "
-                 "%.1fs, %.2f img/s | busy: decode %.0f%% infer %.0f%% write %.0f%%",
-                 r.device, r.processed, r.ok, r.failed, r.resumed, r.detections, r.wall_s,
-                 r.images_per_s, 100 * busy["decode"], 100 * busy["infer"], 100 * busy["write"])
-
-
-def _eta(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def model_input_size(imgsz: int | str, stride: int) -> tuple[int, int]:
-    """The letterbox target (h, w): a square for a number; each side of ``"HxW"`` rounded up to
-    a multiple of the model's stride, as Ultralytics' check_imgsz does (with a warning)."""
-    import math
-
-    from image_etl.settings import size_hw
-
-    hw = size_hw(imgsz)
-    assert hw is not None
-    rounded = tuple(max(math.ceil(x / stride) * stride, stride) for x in hw)
-    if rounded != hw:
-        log.warning("imgsz %s is not a multiple of the model's stride %d: using %dx%d", imgsz,
-                    stride, *rounded)
-    return rounded[0], rounded[1]
-
-
-def _size_text(hw: tuple[int, int]) -> int | str:
-    """As the settings write a size: the number for a square, else ``"HxW"``."""
-    return hw[0] if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
+    spec = SETTINGS["timeout_per_image_s"]
+    raw = os.environ.get(spec.env) if spec.env else None
+    return float(check("timeout_per_image_s", raw if raw else spec.default))
 
 
 def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSettings,
               layout: OutputLayout | Storage, staging_path: Path | StagingObject | None = None,
-              sink: ResultSink | None = None, *, source: Storage | None = None) -> ShardReport:
+              sink: ResultSink | None = None, watchdog: Watchdog | None = None,
+              timeout_per_image_s: float | None = None, *,
+              source: Storage | None = None) -> ShardReport:
     """Run ``tasks`` through ``model`` and write every result; return what happened.
 
     ``layout``: a local output folder, or an object-storage output (``open_storage``).
@@ -377,42 +304,51 @@ def run_shard(tasks: Sequence[ImageTask], model: LoadedModel, settings: InferSet
     ``path`` is not used). With ``staging_path`` (a file, or an object) the shard is
     resumable: images an earlier attempt finished (same model and result-relevant settings)
     are skipped. Raises the first pipeline error.
+
+    ``watchdog`` (default: one that ends the process, its limit from ``timeout_per_image_s``,
+    default the setting's, from ``IMAGE_ETL_TIMEOUT_PER_IMAGE_S`` where set; see
+    ``watchdog.py``) watches the pipeline's stages while it runs, and after it when a thread
+    could not be joined.
     """
     if isinstance(layout, LocalStorage):
         layout = OutputLayout(layout.root)
     if isinstance(source, LocalStorage):
         source = None  # the decode threads read local files themselves, as always
     imgsz = model_input_size(settings.imgsz or model.default_imgsz, model.stride)
+    if watchdog is None:
+        per_image = timeout_per_image_s or _default_timeout_per_image_s()
+        watchdog = Watchdog(stall_limit_s(per_image, settings.batch_size),
+                            what=f"shard on {model.device}")
     if sink is None:
-        staging = None
-        if staging_path is not None:
-            fingerprint = settings.result_fingerprint(model.sha256, _size_text(imgsz),
-                                                      model.runtime, model.precision)
-            meta = {"model_sha256": model.sha256, "model_path": str(model.path),
-                    "imgsz": _size_text(imgsz), "device": str(model.device),
-                    "runtime": model.runtime, "precision": model.precision,
-                    "names": {str(k): v for k, v in model.names.items()}}
-            staging = (StagingWriter(staging_path, fingerprint, meta)
-                       if isinstance(staging_path, Path)
-                       else ObjectStagingWriter(staging_path, fingerprint, meta))
-        sink = (OutputSink(layout, model.names, settings.save_annotated, staging)
-                if isinstance(layout, OutputLayout)
-                else ObjectOutputSink(layout, model.names, settings.save_annotated, staging))
+        fingerprint = settings.result_fingerprint(model.sha256, size_text(imgsz),
+                                                  model.runtime, model.precision)
+        meta = {"model_sha256": model.sha256, "model_path": str(model.path),
+                "imgsz": size_text(imgsz), "device": str(model.device),
+                "runtime": model.runtime, "precision": model.precision,
+                "names": {str(k): v for k, v in model.names.items()}}
+        sink = output_sink(layout, model.names, settings.save_annotated, staging_path,
+                           fingerprint, meta)
     shown = staging_path.display() if isinstance(staging_path, StagingObject) else staging_path
     report = ShardReport(device=str(model.device), images=len(tasks),
                          staging_path=str(shown) if shown else None)
-    try:
-        done = sink.open()
-        if isinstance(layout, OutputLayout):
-            remove_stale_output_temps(tasks, layout, settings.save_annotated)
-        todo = [t for t in tasks if t.rel_path not in done]
-        report.resumed = len(tasks) - len(todo)
-        if report.resumed:
-            log.info("resuming: %d of %d images already done by an earlier attempt",
-                     report.resumed, len(tasks))
-        if todo:
-            _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink, report,
-                   imgsz, source).run()
-    finally:
-        sink.close()
+    with watchdog:
+        try:
+            done = sink.open()
+            if isinstance(layout, OutputLayout):
+                remove_stale_output_temps(tasks, layout, settings.save_annotated)
+            todo = [t for t in tasks if t.rel_path not in done]
+            report.resumed = len(tasks) - len(todo)
+            if report.resumed:
+                log.info("resuming: %d of %d images already done by an earlier attempt",
+                         report.resumed, len(tasks))
+            if todo:
+                _Shard(pick(tasks, settings.batch_size, done.keys()), model, settings, sink,
+                       report, imgsz, watchdog, source).run()
+        except StageStuckError as exc:
+            # The stuck thread would keep the process alive at exit (and its lease held):
+            # the watchdog ends it unless it exits by itself first.
+            watchdog.linger(f"exit (after the error: {exc})")
+            raise
+        finally:
+            sink.close()
     return report
