@@ -14,12 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from image_etl.devices import (
-    GpuIdentityUnknown,
-    cuda_identities,
-    lease,
-    parse_nvidia_smi_list,
-)
+from image_etl.devices import lease
+from image_etl.gpu_identity import GpuIdentityUnknown, cuda_identities, parse_nvidia_smi_list
 
 from .conftest import ROOT
 

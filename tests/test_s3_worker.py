@@ -200,8 +200,9 @@ def test_allowed_roots_hold_for_urls_and_their_connection():
     assert storage_location("drop_dir", "s3://store_a@drops/nightly/2026", roots).conn_id == \
         "store_a"
     assert storage_location("drop_dir", "s3://any_conn@open-b/x", roots).bucket == "open-b"
-    for bad in ("s3://store_b@drops/nightly/2026", "s3://drops/nightly/2026",
-                "s3://store_a@drops/other", "s3://elsewhere/x"):
+    assert storage_location("drop_dir", "s3://drops/nightly/2026", roots).conn_id is None
+    for bad in ("s3://store_b@drops/nightly/2026", "s3://store_a@drops/other",
+                "s3://elsewhere/x"):
         with pytest.raises(SettingsError, match="invalid parameter drop_dir: .*not under an "
                                                 "allowed root"):
             storage_location("drop_dir", bad, roots)

@@ -232,10 +232,12 @@ def storage_location(name: str, value: Any, allowed_roots: tuple[Path | ObjectLo
         location = parse_object_url(value)
     except ValueError as exc:  # StorageConfigError: its message names the URL, not a secret
         raise SettingsError(name, str(exc)) from None
-    # A root that names a connection allows only that one: whoever triggers a run must not
-    # reach an allowed bucket with another connection's credentials.
+    # A root that names a connection allows only that one (or the deployment's default):
+    # whoever triggers a run must not reach an allowed bucket with another connection's
+    # credentials.
     if allowed_roots and not any(location.is_relative_to(root)
-                                 and root.conn_id in (None, location.conn_id)
+                                 and (root.conn_id is None
+                                      or location.conn_id in (None, root.conn_id))
                                  for root in allowed_roots if isinstance(root, ObjectLocation)):
         roots = ", ".join(str(r) for r in allowed_roots)
         raise SettingsError(name, f"{location.url!r} is not under an allowed root ({roots})")
