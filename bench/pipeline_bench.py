@@ -14,6 +14,7 @@ bench/README.md for what each variant is and how to read the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -57,6 +58,7 @@ class Variant:
     turbojpeg: bool = True  # limit-decode: False decodes every file with cv2.imdecode
     sliced: bool = False  # ours / limit-model: sliced inference (--slice-size, --slice-overlap)
     sahi_batch: int = 1  # sahi: get_sliced_prediction's batch_size
+    storage: str = "local"  # s3: the drop (and outputs) on a local SeaweedFS (bench/s3_drop.py)
     ov_mode: str = ""  # OpenVINO: "sync" or "streams" (IMAGE_ETL_OPENVINO_MODE); "": the default
     help: str = ""
 
@@ -79,6 +81,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             help="ours-exact with runtime torch (what OpenVINO buys on a CPU device)"),
     Variant("ours-fast-torch", "ours", fast=True, runtime="torch",
             help="ours-fast with runtime torch"),
+    Variant("ours-exact-s3", "ours", storage="s3",
+            help="ours-exact with the drop read from a local SeaweedFS bucket (read-ahead) and "
+                 "the labels and staged rows written back to it, as a fleet runs"),
+    Variant("limit-read-s3", "limit-read", storage="s3",
+            help="GET every image of the drop from the local SeaweedFS with the worker's "
+                 "read-ahead (threads and window as the worker's), no decode"),
     Variant("limit-decode", "limit-decode",
             help="read + exact decode + letterbox on all cores, no model"),
     Variant("limit-decode-opencv", "limit-decode", turbojpeg=False,
@@ -118,10 +126,13 @@ for _mode in ("sync", "streams"):
             VARIANTS[_name] = Variant(_name, _kind, runtime="openvino", precision=_precision,
                                       sliced="sliced" in _base, ov_mode=_mode,
                                       help=f"{_base}, OpenVINO {_precision}, mode {_mode}")
-# bf16 needs a CPU that computes it: asked for by name, not in the default set.
+# bf16 needs a CPU that computes it, the S3 variants a SeaweedFS: asked for by name, not in
+# the default set (nor are the OpenVINO modes above).
 DEFAULT_VARIANTS = [name for name in VARIANTS
                     if name != "seed-queue+save" and VARIANTS[name].precision != "bf16"
-                    and not VARIANTS[name].ov_mode]
+                    and VARIANTS[name].storage == "local" and not VARIANTS[name].ov_mode]
+# The object-storage comparison: each S3 variant beside its local-disk twin.
+S3_TWINS = {"ours-exact-s3": "ours-exact"}
 BASELINE = "seed-queue"
 SLICED_BASELINE = "sahi"
 
@@ -156,6 +167,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         result = _child_ours(variant, tasks, out, args)
     elif variant.kind == "limit-decode":
         result = _child_decode_limit(variant, tasks, args)
+    elif variant.kind == "limit-read":
+        result = _child_read_limit(tasks)
     else:
         result = _child_model_limit(variant, tasks, args)
     result["variant"] = variant.name
@@ -247,6 +260,8 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
                        precision=variant.precision)
     settings = _infer_settings(args, variant.fast, variant.save, variant.runtime, variant.sliced,
                                variant.precision)
+    if variant.storage == "s3":
+        return _child_ours_s3(variant, tasks, model, settings, args)
     shard = [ImageTask(path, rel) for path, rel in tasks]
     # Warm-up on one batch (the timed pass's batch shape; one image holds many slices),
     # outputs thrown away.
@@ -256,14 +271,22 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
     rss_before = _rss_now_mb()
     run_dir = out / "run"
     run_dir.mkdir(parents=True)
+    cpu = CpuProbe(None)
     start, t0 = time.time(), time.perf_counter()
     report = run_shard(shard, model, settings, OutputLayout(run_dir),
                        staging_path=run_dir / "staging.jsonl")
     wall = time.perf_counter() - t0
     window = [start, time.time()]
-    if report.failed or report.processed != len(shard):
+    return _ours_result(variant, report, len(shard), wall, window, rss_before, model, args,
+                        shard[0].path, cpu.done())
+
+
+def _ours_result(variant: Variant, report: Any, images: int, wall: float, window: list[float],
+                 rss_before: float, model: Any, args: argparse.Namespace, first: Path,
+                 cpu: dict[str, float]) -> dict[str, Any]:
+    if report.failed or report.processed != images:
         raise RuntimeError(f"{variant.name}: {report.failed} failed, {report.processed} of "
-                           f"{len(shard)} processed: {report.failures[:3]}")
+                           f"{images} processed: {report.failures[:3]}")
     info = report.to_dict()
     return {"window_unix": window, "images": report.processed, "wall_s": wall,
             "images_per_s": report.processed / wall,
@@ -272,9 +295,94 @@ def _child_ours(variant: Variant, tasks: list[tuple[Path, str]], out: Path,
                          "infer_s": report.infer_s, "write_s": report.write_s,
                          "decode_threads": report.decode_threads,
                          "batch_size": report.batch_size},
-            **({"inputs_per_image": _inputs_per_image(args, *_image_hw(shard[0].path))}
+            **({"inputs_per_image": _inputs_per_image(args, *_image_hw(first))}
                if variant.sliced else {}),
-            "rss_before_mb": round(rss_before, 1), "runtime": model.runtime}
+            "cpu_s": cpu, "rss_before_mb": round(rss_before, 1), "runtime": model.runtime}
+
+
+class CpuProbe:
+    """CPU seconds over a timed section: this process (all threads: decode, forward, the S3
+    client's threads) and, for the S3 variants, the SeaweedFS server (from /proc)."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        from s3_drop import own_cpu_s, process_cpu_s
+
+        self.server_pid = server_pid
+        self.client0 = own_cpu_s()
+        self.server0 = process_cpu_s(server_pid) if server_pid else None
+
+    def done(self) -> dict[str, float]:
+        from s3_drop import own_cpu_s, process_cpu_s
+
+        out = {"client": round(own_cpu_s() - self.client0, 3)}
+        if self.server_pid and self.server0 is not None:
+            out["server"] = round(process_cpu_s(self.server_pid) - self.server0, 3)
+        return out
+
+
+def _child_ours_s3(variant: Variant, tasks: list[tuple[Path, str]], model: Any, settings: Any,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """run_shard as a fleet's worker runs it: the images read from the bucket (read-ahead), the
+    labels and the staged rows (periodic PUTs of the staging object) written to the bucket."""
+    import uuid
+
+    from s3_drop import child_info, storage_options
+
+    from image_etl.sink import StagingObject
+    from image_etl.storage import open_storage
+    from image_etl.worker import ImageTask, run_shard
+
+    info = child_info()
+    options = storage_options(info)
+    source = open_storage(f"s3://{info['bucket']}/{info['prefix']}", options)
+    out = open_storage(f"s3://{info['bucket']}/out-{uuid.uuid4().hex[:8]}", options)
+    shard = [ImageTask(None, rel) for _, rel in tasks]
+    try:
+        run_shard(shard[:1 if variant.sliced else args.batch], model, settings,
+                  out.child("warmup"), source=source)
+        rss_before = _rss_now_mb()
+        run = out.child("run")
+        cpu = CpuProbe(info["pid"])
+        start, t0 = time.time(), time.perf_counter()
+        report = run_shard(shard, model, settings, run,
+                           staging_path=StagingObject(run, "staging.jsonl"), source=source)
+        wall = time.perf_counter() - t0
+        window = [start, time.time()]
+        used = cpu.done()
+    finally:
+        out.remove_tree()
+    return _ours_result(variant, report, len(shard), wall, window, rss_before, model, args,
+                        tasks[0][0], used)
+
+
+def _child_read_limit(tasks: list[tuple[Path, str]]) -> dict[str, Any]:
+    """Every object GET through the worker's read-ahead, bytes dropped: what the storage and
+    its client cost with no decode beside them."""
+    from s3_drop import child_info, storage_options
+
+    from image_etl import worker
+    from image_etl.storage import open_storage, read_ahead
+
+    info = child_info()
+    source = open_storage(f"s3://{info['bucket']}/{info['prefix']}", storage_options(info))
+    rels = [rel for _, rel in tasks]
+    source.read_bytes(rels[0])  # warm-up: the client's session and connection
+    rss_before = _rss_now_mb()
+    cpu = CpuProbe(info["pid"])
+    start, t0 = time.time(), time.perf_counter()
+    total = 0
+    for _, data in read_ahead(source.read_bytes, rels, threads=worker.READ_THREADS,
+                              window=worker.READ_WINDOW):
+        if isinstance(data, Exception):
+            raise data
+        total += len(data)
+    wall = time.perf_counter() - t0
+    used = cpu.done()
+    return {"window_unix": [start, time.time()], "images": len(rels), "wall_s": wall,
+            "images_per_s": len(rels) / wall, "mb_per_s": total / 2**20 / wall,
+            "busy": {"decode": 0.0, "infer": 0.0, "write": 0.0},
+            "stages_s": {"threads": worker.READ_THREADS, "window": worker.READ_WINDOW},
+            "cpu_s": used, "rss_before_mb": round(rss_before, 1)}
 
 
 def _image_hw(path: Path) -> tuple[int, int]:
@@ -303,10 +411,12 @@ def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
 
     one(0)  # warm-up: first use of the decoder and the letterbox
     rss_before = _rss_now_mb()
+    cpu = CpuProbe(None)
     start, t0 = time.time(), time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         done = list(pool.map(one, range(len(tasks))))
     wall = time.perf_counter() - t0
+    used = cpu.done()
     window = [start, time.time()]
     errors = [e for _, e in done if e]
     if errors:
@@ -317,7 +427,7 @@ def _child_decode_limit(variant: Variant, tasks: list[tuple[Path, str]],
             "busy": {"decode": decode_s / wall / threads, "infer": 0.0, "write": 0.0},
             "stages_s": {"decode_s": decode_s, "threads": threads,
                          "per_image_decode_ms": 1e3 * decode_s / len(tasks)},
-            "rss_before_mb": round(rss_before, 1)}
+            "cpu_s": used, "rss_before_mb": round(rss_before, 1)}
 
 
 def _child_model_limit(variant: Variant, tasks: list[tuple[Path, str]],
@@ -438,6 +548,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str], device: str = "cp
             "dropped": sum(r.get("dropped", 0) for r in ok),
             "runtime": ok[0].get("runtime"),
             "inputs_per_image": ok[0].get("inputs_per_image"),
+            **_cost_per_image(ok),
         }
     base = summary.get(BASELINE, {}).get("images_per_s")
     sahi = summary.get(SLICED_BASELINE, {}).get("images_per_s")
@@ -463,7 +574,51 @@ def summarise(runs: list[dict[str, Any]], variants: list[str], device: str = "cp
         if variant.kind == "ours" and pipe:
             s["pipeline_limit"] = pipe
             s["pct_of_pipeline_limit"] = 100 * s["images_per_s"] / pipe
+        twin = S3_TWINS.get(name)
+        if twin and summary.get(twin, {}).get("images_per_s"):
+            s["pct_of_local"] = 100 * s["images_per_s"] / summary[twin]["images_per_s"]
+        if twin and s.get("client_cpu_ms") and summary.get(twin, {}).get("client_cpu_ms"):
+            # CPU per image, this process and the server together: on a CPU-bound machine
+            # the throughput ratio it predicts does not move with what else runs there.
+            s["pct_of_local_cpu"] = 100 * summary[twin]["client_cpu_ms"] / (
+                s["client_cpu_ms"] + s.get("server_cpu_ms", 0.0))
     return summary
+
+
+def _cost_per_image(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians per image: CPU of this process and of the S3 server, and (ours) the decode and
+    forward time, in milliseconds."""
+    out: dict[str, float] = {}
+    per = {"client_cpu_ms": lambda r: r.get("cpu_s", {}).get("client"),
+           "server_cpu_ms": lambda r: r.get("cpu_s", {}).get("server"),
+           "decode_ms": lambda r: r.get("stages_s", {}).get("decode_s"),
+           "forward_ms": lambda r: r.get("stages_s", {}).get("infer_s")}
+    for key, get in per.items():
+        values = [1e3 * get(r) / r["images"] for r in runs if get(r) is not None and r["images"]]
+        if values:
+            out[key] = round(median(values), 2)
+    return out
+
+
+def storage_table(summary: dict[str, dict[str, Any]]) -> str:
+    """The object-storage rows beside their local-disk twins, and where the time goes."""
+    head = (f"{'variant':<16} {'img/s':>7} {'min-max':>13} {'% local':>8} {'% local CPU':>11} "
+            f"{'client CPU':>11} {'weed CPU':>9} {'decode':>7} {'forward':>8}")
+    lines = [head, f"{'':<58}{'ms per image (median)':>45}", "-" * len(head)]
+    names = [n for pair in S3_TWINS.items() for n in pair[::-1]] + ["limit-read-s3",
+                                                                    "limit-decode"]
+    for name in names:
+        s = summary.get(name)
+        if s is None:
+            continue
+        lines.append(
+            f"{name:<16} {s['images_per_s']:>7.2f} {s['min']:>6.2f}-{s['max']:<6.2f} "
+            f"{_fmt(s.get('pct_of_local'), '.0f', '%'):>8} "
+            f"{_fmt(s.get('pct_of_local_cpu'), '.0f', '%'):>11} "
+            f"{_fmt(s.get('client_cpu_ms'), '.1f'):>11} "
+            f"{_fmt(s.get('server_cpu_ms'), '.1f'):>9} {_fmt(s.get('decode_ms'), '.1f'):>7} "
+            f"{_fmt(s.get('forward_ms'), '.1f'):>8}")
+    return "\n".join(lines)
 
 
 def pipeline_limit(summary: dict[str, dict[str, Any]], variant: Variant, device: str
@@ -498,6 +653,10 @@ def targets(summary: dict[str, dict[str, Any]], memory: list[dict[str, Any]]
         out.append({"target": name, "value": value, "goal": goal, "unit": unit, "status": status})
 
     add("ours-exact >= 2.5x seed-queue", _ratio(summary, "ours-exact", BASELINE), 2.5, "x")
+    add("ours-exact-s3 >= 90% of ours-exact (the drop in a local SeaweedFS)",
+        summary.get("ours-exact-s3", {}).get("pct_of_local"), 90.0, "%")
+    add("ours-exact-s3 CPU per image (with the server's) within 90% of ours-exact's",
+        summary.get("ours-exact-s3", {}).get("pct_of_local_cpu"), 90.0, "%")
     for name in ("ours-exact", "ours-fast"):
         add(f"{name} >= 90% of the pipeline limit",
             summary.get(name, {}).get("pct_of_pipeline_limit"), 90.0, "%")
@@ -574,7 +733,7 @@ def chart(path: Path, summary: dict[str, dict[str, Any]], variants: list[str],
     lo = [summary[n]["images_per_s"] - summary[n]["min"] for n in names]
     hi = [summary[n]["max"] - summary[n]["images_per_s"] for n in names]
     colors = {"seed": "#9e9e9e", "ours": "#1f77b4", "limit-decode": "#ff7f0e",
-              "limit-model": "#2ca02c"}
+              "limit-model": "#2ca02c", "limit-read": "#9467bd"}
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) + 1.8))
     bars = ax.barh(names, values, xerr=[lo, hi], capsize=3,
                    color=[colors[VARIANTS[n].kind] for n in names])
@@ -676,6 +835,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _run_all(args: argparse.Namespace, orders: list[list[str]], drop: Path, total: int
+             ) -> list[dict[str, Any]]:
+    runs = []
+    k = 0
+    for rep, order in enumerate(orders, 1):
+        for name in order:
+            k += 1
+            r = run_variant(args, name, args.sliced_count if is_sliced(name) else args.count, drop)
+            r["rep"] = rep
+            runs.append(r)
+            if "error" in r:
+                print(f"[{k}/{total}] rep {rep} {name}: FAILED\n{r['error']}", flush=True)
+            else:
+                print(f"[{k}/{total}] rep {rep} {name:<20} {r['images_per_s']:7.2f} img/s  "
+                      f"wall {r['wall_s']:6.1f}s  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._variant:
@@ -723,18 +900,19 @@ def main(argv: list[str] | None = None) -> int:
     orders = schedule(variants, args.reps)
     started = dt.datetime.now(dt.UTC)
     total = sum(len(o) for o in orders)
-    k = 0
-    for rep, order in enumerate(orders, 1):
-        for name in order:
-            k += 1
-            r = run_variant(args, name, args.sliced_count if is_sliced(name) else args.count, drop)
-            r["rep"] = rep
-            runs.append(r)
-            if "error" in r:
-                print(f"[{k}/{total}] rep {rep} {name}: FAILED\n{r['error']}", flush=True)
-            else:
-                print(f"[{k}/{total}] rep {rep} {name:<20} {r['images_per_s']:7.2f} img/s  "
-                      f"wall {r['wall_s']:6.1f}s  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+    server = contextlib.ExitStack()
+    if any(VARIANTS[v].storage == "s3" for v in variants):
+        from s3_drop import s3_drop
+
+        count = max(args.sliced_count if is_sliced(v) else args.count for v in variants
+                    if VARIANTS[v].storage == "s3")
+        print(f"object storage: starting SeaweedFS (weed mini) and uploading {count} images ...",
+              flush=True)
+        info = server.enter_context(s3_drop(drop_tasks(drop, count)))
+        print(f"object storage: {info['endpoint_url']} bucket {info['bucket']}, weed pid "
+              f"{info['pid']}", flush=True)
+    with server:
+        runs += _run_all(args, orders, drop, total)
 
     memory = [memory_check(args, v, drop, len(list(drop.glob("*.jpg"))))
               for v in args.memory_variants] if run_memory else []
@@ -752,6 +930,14 @@ def main(argv: list[str] | None = None) -> int:
         print(table(summary, whole))
         print("  % dec.limit: vs limit-decode (exact) or, for (f) fast variants, vs "
               "limit-decode-fast; busy: fraction of the wall time each stage was working")
+    if any(VARIANTS[v].storage == "s3" for v in variants):
+        print(f"\nobject storage (a local SeaweedFS, weed mini) beside the local disk, "
+              f"load average {machine.get('load_avg_1m', '?')} at the start, "
+              f"{os.getloadavg()[0]:.2f} at the end:")
+        print(storage_table(summary))
+        print("  client CPU: this process (decode, forward, the S3 client's threads); weed CPU: "
+              "the server's /proc time in the same window; per image. % local CPU: the local "
+              "run's CPU per image / (client + weed CPU per image)")
     if sliced:
         print(f"\nsliced: {args.sliced_count} images, {args.slice_size} px slices, overlap "
               f"{args.slice_overlap}, {args.reps} repetition(s), medians:")

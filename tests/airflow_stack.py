@@ -8,7 +8,9 @@ own process group:
 * ``airflow scheduler`` (CeleryExecutor, broker = the local Redis under a private key prefix),
 * ``airflow dag-processor``,
 * ``airflow triggerer`` (runs deferred tasks' triggers: the drop-ready gate waits there),
-* ``airflow celery worker -q gpu -c 1`` and ``airflow celery worker -q default -c 1``.
+* ``airflow celery worker -q gpu -c 1`` and ``airflow celery worker -q default -c 1`` (or the
+  workers a test asks for: :class:`Worker`, each with its own queue and environment, e.g. two
+  ``gpu`` workers that share no folder, as two GPU hosts would).
 
 Every process and every process they start carries the marker variable ``IMAGE_ETL_E2E_STACK``
 (a fresh id per stack); ``stop()`` terminates the process groups, then kills by pid anything
@@ -25,6 +27,7 @@ import atexit
 import base64
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import secrets
@@ -34,7 +37,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,19 @@ USERNAME = "admin"
 
 class StackError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """One Celery worker: its component name (log ``worker-<name>.log``), its queue, and what
+    its environment adds to (or overrides in) the stack's."""
+
+    name: str
+    queue: str
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+DEFAULT_WORKERS = (Worker(GPU_QUEUE, GPU_QUEUE), Worker(DEFAULT_QUEUE, DEFAULT_QUEUE))
 
 
 def free_port() -> int:
@@ -92,8 +108,9 @@ class AirflowStack:
 
     def __init__(self, *, home: Path, artifacts: Path, metadata_url: str,
                  extra_env: dict[str, str] | None = None, redis_url: str = "redis://127.0.0.1:6379/0",
-                 gpu_pool_slots: int | None = 2):
+                 gpu_pool_slots: int | None = 2, workers: Sequence[Worker] = DEFAULT_WORKERS):
         self.home = home
+        self.workers = tuple(workers)
         self.gpu_pool_slots = gpu_pool_slots  # None: no pool made, as on a fresh install
         self.artifacts = artifacts
         self.metadata_url = metadata_url
@@ -104,6 +121,7 @@ class AirflowStack:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.password = secrets.token_urlsafe(16)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.killed: set[str] = set()  # components a test killed on purpose
         self._logs: list[Any] = []
         self._stopped = False
         self.env = self._environment(extra_env or {})
@@ -190,10 +208,11 @@ class AirflowStack:
             raise StackError(f"airflow {' '.join(args)} exited {rc}:\n{_tail(log)}")
         return subprocess.CompletedProcess(args, rc)
 
-    def _spawn(self, name: str, *args: str) -> None:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         out = (self.artifacts / f"{name}.log").open("ab")
         self._logs.append(out)
-        self.procs[name] = subprocess.Popen([str(VENV_BIN / "airflow"), *args], env=self.env,
+        self.procs[name] = subprocess.Popen([str(VENV_BIN / "airflow"), *args],
+                                            env={**self.env, **(env or {})},
                                             cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=_die_with_parent)
 
@@ -208,10 +227,11 @@ class AirflowStack:
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
         self._spawn("triggerer", "triggerer", "--skip-serve-logs")
-        for queue in (GPU_QUEUE, DEFAULT_QUEUE):
-            self._spawn(f"worker-{queue}", "celery", "worker", "--queues", queue, "--concurrency", "1",
-                        "--celery-hostname", f"{queue}-{self.stack_id}@%h", "--skip-serve-logs",
-                        "--without-mingle", "--without-gossip")
+        for worker in self.workers:
+            self._spawn(f"worker-{worker.name}", "celery", "worker", "--queues", worker.queue,
+                        "--concurrency", "1", "--celery-hostname",
+                        f"{worker.name}-{self.stack_id}@%h", "--skip-serve-logs",
+                        "--without-mingle", "--without-gossip", env=worker.env)
 
         def left() -> float:
             return max(5.0, deadline - time.monotonic())
@@ -219,13 +239,33 @@ class AirflowStack:
         wait_for("the API server", self._api_up, left(), on_timeout=self.diagnostics)
         wait_for("scheduler, DAG processor and triggerer heartbeats", self._healthy, left(),
                  on_timeout=self.diagnostics)
-        for queue in (GPU_QUEUE, DEFAULT_QUEUE):
-            wait_for(f"the celery worker on queue {queue!r}",
-                     lambda q=queue: " ready." in self.log_text(f"worker-{q}"), left(),
+        for worker in self.workers:
+            wait_for(f"the celery worker {worker.name!r} (queue {worker.queue!r})",
+                     lambda n=worker.name: " ready." in self.log_text(f"worker-{n}"), left(),
                      on_timeout=self.diagnostics)
 
+    def kill_tree(self, name: str) -> list[int]:
+        """SIGKILL component ``name`` and every process it started, as a host that dies would
+        (the task runner sits in a process group of its own: killing the group is not enough).
+        Returns the pids killed; the component is then dead and stays so."""
+        import psutil
+
+        root = psutil.Process(self.procs[name].pid)
+        victims = [root, *root.children(recursive=True)]
+        for proc in victims:  # stop them all first, so none reacts to another's death
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.suspend()
+        for proc in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(victims, timeout=30)
+        self.procs[name].wait(timeout=30)
+        self.killed.add(name)
+        return [p.pid for p in victims]
+
     def _check_alive(self) -> None:
-        dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        dead = {n: p.returncode for n, p in self.procs.items()
+                if p.poll() is not None and n not in self.killed}
         if dead:
             raise StackError(f"component(s) exited early: {dead}\n{self.diagnostics()}")
 
