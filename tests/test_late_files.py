@@ -163,7 +163,7 @@ def test_a_night_whose_only_file_was_still_being_written_is_caught_up(tmp_path, 
 
 def test_look_back_is_off_without_date_in_the_drop_folder_and_with_zero_nights(tmp_path, db):
     """No {date}: every night is the same folder, which the run lists already; 0 nights: off."""
-    from image_etl.settings import RunSettings
+    from image_etl.run_settings import RunSettings
 
     root = tmp_path / "drops"
     make_night(root, D, 1, seed=104)

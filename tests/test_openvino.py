@@ -14,7 +14,8 @@ import pytest
 from image_etl.backends import openvino_backend
 from image_etl.model import ModelLoadError, load_model, resolve_precision, resolve_runtime
 from image_etl.output_paths import OutputLayout
-from image_etl.settings import InferSettings, RunSettings, SettingsError
+from image_etl.run_settings import RunSettings
+from image_etl.settings import InferSettings, SettingsError
 from image_etl.staging import read_staging
 from image_etl.worker import ImageTask, run_shard
 

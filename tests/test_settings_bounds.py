@@ -157,7 +157,8 @@ def test_slices_per_image_are_capped_in_every_path(tmp_path):
     overlap makes more slices than the cap: refused naming slice_size and the cap, by the
     settings (the DAG's discover), the CLI (exit 2, before any image) and the env defaults."""
     from image_etl import cli
-    from image_etl.settings import MAX_SLICES_PER_IMAGE, InferSettings, RunSettings
+    from image_etl.run_settings import RunSettings
+    from image_etl.settings import MAX_SLICES_PER_IMAGE, InferSettings
     from image_etl.slicing import slice_grid
 
     assert MAX_SLICES_PER_IMAGE == len(slice_grid(12000, 2048, (32, 32), 0.2))

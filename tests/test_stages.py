@@ -18,7 +18,7 @@ import pytest
 
 from image_etl import resources, stages, synth
 from image_etl.errors import MissingStagingError
-from image_etl.settings import RunSettings
+from image_etl.run_settings import RunSettings
 
 from .conftest import DEMO_MODEL
 from .dbrows import result_rows
@@ -184,7 +184,7 @@ def test_a_failed_prune_is_logged_and_never_fails_a_loaded_run(tmp_path, caplog)
     then = time.time() - 20 * 86_400
     for path in (stuck / "sub", stuck):
         os.utime(path, (then, then))
-    with _undeletable(stuck / "sub"), caplog.at_level(logging.WARNING, logger="image_etl.stages"):
+    with _undeletable(stuck / "sub"), caplog.at_level(logging.WARNING, logger="image_etl.run_folders"):
         summary = stages.report(discovered, loaded, db_url=db)
         assert stuck.is_dir()
     assert summary["run"]["images"] == 0

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from image_etl.settings import RunSettings, check
+from image_etl.run_settings import RunSettings
+from image_etl.settings import check
 
 __all__ = ["DropGate", "drop_gate", "marker_exists"]
 

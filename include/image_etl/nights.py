@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from image_etl.discover import FoundImage, Listing, list_images
-from image_etl.settings import RunSettings
+from image_etl.run_settings import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +121,33 @@ def look_back(params: Mapping[str, Any], settings: RunSettings, *, run_date: dt.
             log.info("look-back: night %s has %d image(s) not loaded yet (late files), e.g. %s: "
                      "processing them into that night", day, len(todo), todo[0].rel_path)
     return found
+
+
+def own_and_late_nights(params: Mapping[str, Any], settings: RunSettings, listing: Any,
+                         key: str, *, run_date: dt.date, allowed_roots: tuple[Any, ...],
+                         sha: str, db_url: str | None, open_storage: Callable[[str], Any]
+                         ) -> tuple[Any, list[Any]]:
+    """The run's own night (what is left to do under this result identity) and the earlier
+    nights the look-back listed again (image_etl.nights)."""
+    if not db_url:  # no results DB (engine tests): everything listed is to do
+        return Night(settings, listing, list(listing.images)), []
+    from image_etl import store
+
+    engine = store.engine_from_url(db_url)
+    try:
+        store.migrate(engine)
+        rows = {} if settings.reprocess else store.image_rows(engine, sha, settings.drop_date)
+        todo, other = to_do(listing, rows, key, settings.reprocess)
+        late = look_back(params, settings, run_date=run_date, allowed_roots=allowed_roots,
+                                sha=sha, engine=engine, open_storage=open_storage)
+    finally:
+        engine.dispose()
+    return Night(settings, listing, todo, other), late
+
+
+def late_manifest(own: Any, late: list[Any]) -> dict[str, Any]:
+    """The manifest's part about files: every listed night's accounting, and the late images
+    of earlier nights with their night's resolved settings (folders)."""
+    return {"files": {n.settings.drop_date.isoformat(): n.files() for n in (own, *late)},
+            "late": [{"date": n.settings.drop_date.isoformat(), "settings": n.settings.to_dict(),
+                      "images": [[f.rel_path, f.bytes] for f in n.todo]} for n in late if n.todo]}

@@ -15,16 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from image_etl import run_files
+from image_etl import late_loads, nights, run_files
 from image_etl.errors import (
     MissingStagingError,
     SettingsError,
@@ -32,7 +30,8 @@ from image_etl.errors import (
     WeightsChangedError,
 )
 from image_etl.run_files import Opener, default_opener
-from image_etl.settings import RunSettings
+from image_etl.run_folders import prune_run_dirs
+from image_etl.run_settings import RunSettings
 from image_etl.storage import location_text
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,6 @@ __all__ = ["discover", "partition", "infer", "load", "report", "shard_label", "i
            "prune_run_dirs", "TooManyFailedError"]
 
 MODEL_LOAD_BUDGET_S = 900.0  # infer's time limit before its first image (lease wait, load)
-KEEP_RUNS_PER_DATE = int(os.environ.get("IMAGE_ETL_KEEP_RUNS_PER_DATE", "3"))
-KEEP_RUNS_GRACE_S = 24 * 3600.0  # a run folder touched this recently may still be needed
 
 
 def safe_name(text: str) -> str:
@@ -84,7 +81,7 @@ def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
     listing = list_images(drop if isinstance(drop, Path) else run_files.storage_at(drop, open_storage),
                           settle_s=settings.settle_seconds)
     identity = _result_identity(settings)
-    own, late = _own_and_late_nights(params, settings, listing, identity["result_key"],
+    own, late = nights.own_and_late_nights(params, settings, listing, identity["result_key"],
                                      run_date=run_date, allowed_roots=allowed_roots, sha=sha,
                                      db_url=db_url, open_storage=open_storage)
     todo = own.todo
@@ -93,7 +90,7 @@ def discover(params: Mapping[str, Any], *, run_id: str, run_date: dt.date,
     run_files.write_json(manifest, {"run_id": run_id, "date": settings.drop_date.isoformat(),
                                     "drop_dir": location_text(drop), "model_sha256": sha,
                                     "images": [[f.rel_path, f.bytes] for f in todo],
-                                    **_late_manifest(own, late)}, open_storage)
+                                    **nights.late_manifest(own, late)}, open_storage)
     result = {"run_id": run_id, "date": settings.drop_date.isoformat(),
               "settings": settings.to_dict(), "model_sha256": sha, "run_dir": run_dir,
               "manifest": manifest, "images": len(todo), "bytes": sum(f.bytes for f in todo),
@@ -113,38 +110,6 @@ def _result_identity(settings: RunSettings) -> dict[str, Any]:
 
     values = result_settings(settings.infer)
     return {"result_key": result_key(values), "result_settings": values}
-
-
-def _own_and_late_nights(params: Mapping[str, Any], settings: RunSettings, listing: Any,
-                         key: str, *, run_date: dt.date, allowed_roots: tuple[Any, ...],
-                         sha: str, db_url: str | None, open_storage: Opener
-                         ) -> tuple[Any, list[Any]]:
-    """The run's own night (what is left to do under this result identity) and the earlier
-    nights the look-back listed again (image_etl.nights)."""
-    from image_etl import nights
-
-    if not db_url:  # no results DB (engine tests): everything listed is to do
-        return nights.Night(settings, listing, list(listing.images)), []
-    from image_etl import store
-
-    engine = store.engine_from_url(db_url)
-    try:
-        store.migrate(engine)
-        rows = {} if settings.reprocess else store.image_rows(engine, sha, settings.drop_date)
-        todo, other = nights.to_do(listing, rows, key, settings.reprocess)
-        late = nights.look_back(params, settings, run_date=run_date, allowed_roots=allowed_roots,
-                                sha=sha, engine=engine, open_storage=open_storage)
-    finally:
-        engine.dispose()
-    return nights.Night(settings, listing, todo, other), late
-
-
-def _late_manifest(own: Any, late: list[Any]) -> dict[str, Any]:
-    """The manifest's part about files: every listed night's accounting, and the late images
-    of earlier nights with their night's resolved settings (folders)."""
-    return {"files": {n.settings.drop_date.isoformat(): n.files() for n in (own, *late)},
-            "late": [{"date": n.settings.drop_date.isoformat(), "settings": n.settings.to_dict(),
-                      "images": [[f.rel_path, f.bytes] for f in n.todo]} for n in late if n.todo]}
 
 
 def _log_identity(found: Mapping[str, Any]) -> None:
@@ -332,7 +297,7 @@ def _load(discovered: Mapping[str, Any], settings: RunSettings,
 
     staging_of = _whole_nights(discovered, plan, [r for r in results if r])
     staging = staging_of.pop(discovered["date"], [])
-    own, _ = _split_late(discovered, results)  # the late nights' files are in staging_of
+    own, _ = late_loads.split_late(discovered, results)  # the late nights' files are in staging_of
     shards: list[Mapping[str, Any]] = [r for r in own if r]
     # Class names travel in the staging header: the load needs no model (nor torch) at all.
     header = read_staging_header(staging[0]) if staging else None
@@ -343,7 +308,7 @@ def _load(discovered: Mapping[str, Any], settings: RunSettings,
         run = store.RunInfo(run_key=store.run_key(dag_id, discovered["run_id"]), dag_id=dag_id,
                             run_id=discovered["run_id"], drop_date=settings.drop_date,
                             settings=discovered["settings"], infer_seconds=_infer_span_s(shards),
-                            **_identity_of(discovered))
+                            **late_loads.identity_of(discovered))
         t0 = time.perf_counter()
         loaded: dict[str, float]
         if staging:
@@ -354,68 +319,14 @@ def _load(discovered: Mapping[str, Any], settings: RunSettings,
             store.upsert_model(engine, discovered["model_sha256"], str(settings.model_path), names)
             store.record_empty_run(engine, run, discovered["model_sha256"])
             loaded = {"images": 0, "ok": 0, "failed": 0, "detections": 0}
-        caught_up = _load_late(engine, discovered, staging_of, run)
-        _record_files(engine, discovered, run.run_key)
+        caught_up = late_loads.load_late(engine, discovered, staging_of, run)
+        late_loads.record_files(engine, discovered, run.run_key)
     finally:
         engine.dispose()
     loaded["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("loaded %d image(s) (%d failed), %d detection(s) for %s in %.1fs", loaded["images"],
              loaded["failed"], loaded["detections"], settings.drop_date, loaded["seconds"])
     return {**loaded, "caught_up": caught_up}
-
-
-def _split_late(discovered: Mapping[str, Any], results: Iterable[Mapping[str, Any] | None]
-                ) -> tuple[list[Mapping[str, Any] | None], list[Mapping[str, Any]]]:
-    """The shards of the run's own night, and those of earlier nights' late files."""
-    own: list[Mapping[str, Any] | None] = []
-    late: list[Mapping[str, Any]] = []
-    for r in results:
-        if r and r.get("date", discovered["date"]) != discovered["date"]:
-            late.append(r)
-        else:
-            own.append(r)
-    return own, late
-
-
-def _identity_of(discovered: Mapping[str, Any]) -> dict[str, Any]:
-    return {"result_key": discovered.get("result_key"),
-            "result_settings": discovered.get("result_settings")}
-
-
-def _load_late(engine: Any, discovered: Mapping[str, Any], by_night: Mapping[str, list[Path]],
-               run: Any) -> dict[str, dict[str, int]]:
-    """Each earlier night's late files into that night (its date and folders, marked caught
-    up), one transaction per night; this run's own ``runs`` row stays its night's."""
-    from image_etl import store
-    from image_etl.staging import read_staging_header
-
-    manifest = json.loads(Path(discovered["manifest"]).read_text())
-    settings_of = {night["date"]: night["settings"] for night in manifest.get("late", [])}
-    caught_up = {}
-    for day, staging in sorted(by_night.items()):
-        if not staging:
-            continue
-        header = read_staging_header(staging[0])
-        names = ({int(k): v for k, v in header["names"].items()}
-                 if header and "names" in header else None)
-        night = store.RunInfo(run_key=run.run_key, dag_id=run.dag_id, run_id=run.run_id,
-                              drop_date=dt.date.fromisoformat(day), settings=settings_of[day],
-                              caught_up=True, **_identity_of(discovered))
-        report = store.load_staged(engine, staging, night, names=names)
-        caught_up[day] = {"images": report.images, "ok": report.ok, "failed": report.failed}
-        log.info("caught up %d late image(s) of night %s (%d failed)", report.images, day,
-                 report.failed)
-    return caught_up
-
-
-def _record_files(engine: Any, discovered: Mapping[str, Any], run_key: str) -> None:
-    """Every night this run listed: its files as listed (the report's accounting)."""
-    from image_etl import store
-
-    manifest = json.loads(Path(discovered["manifest"]).read_text())
-    for day, files in manifest.get("files", {}).items():
-        store.record_night_files(engine, discovered["model_sha256"], dt.date.fromisoformat(day),
-                                 run_key, files)
 
 
 def _whole_nights(discovered: Mapping[str, Any], plan: list[Mapping[str, Any]] | None,
@@ -513,51 +424,3 @@ def _account_for_night(discovered: Mapping[str, Any], loaded: Mapping[str, Any],
             f"{describe(s['settings']) if s['settings'] is not None else 'settings not recorded'}"
             for s in night["settings"]))
     return night
-
-
-def prune_run_dirs(current: Path, keep_per_date: int = KEEP_RUNS_PER_DATE,
-                   grace_s: float = KEEP_RUNS_GRACE_S, now: float | None = None) -> list[Path]:
-    """Delete the run folders beside ``current`` beyond the ``keep_per_date`` newest of their
-    drop date; return them.
-
-    Never deleted: ``current``, and any folder touched in the last ``grace_s`` (a run still
-    going, or one whose failed task may still be retried). The load has the rows; what goes
-    is each old run's manifest, shard lists, staging files and reports.
-    """
-    now = time.time() if now is None else now
-    by_date: dict[str | None, list[tuple[float, Path]]] = {}
-    for folder in current.parent.iterdir():
-        manifest = folder / "manifest.json"
-        if folder == current or not folder.is_dir() or folder.is_symlink():
-            continue
-        try:
-            touched = max(p.stat().st_mtime for p in (folder, *folder.iterdir()))
-            date = json.loads(manifest.read_text()).get("date") if manifest.is_file() else None
-        except (OSError, ValueError) as exc:
-            log.warning("run folder %s left alone: %s", folder, exc)
-            continue
-        by_date.setdefault(date, []).append((touched, folder))
-    current_date = _manifest_date(current)
-    pruned = []
-    for date, folders in by_date.items():
-        keep = keep_per_date - (date == current_date)  # the current run counts for its date
-        for touched, folder in sorted(folders, reverse=True)[max(keep, 0):]:
-            if now - touched < grace_s:
-                continue
-            try:
-                shutil.rmtree(folder)
-            except OSError as exc:  # housekeeping: the run's rows are loaded already
-                log.warning("old run folder %s not pruned: %s", folder, exc)
-                continue
-            pruned.append(folder)
-    if pruned:
-        log.info("pruned %d old run folder(s) under %s (kept the %d newest per drop date): %s",
-                 len(pruned), current.parent, keep_per_date, ", ".join(p.name for p in pruned))
-    return pruned
-
-
-def _manifest_date(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "manifest.json").read_text()).get("date")
-    except (OSError, ValueError):
-        return None
