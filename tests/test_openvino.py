@@ -225,7 +225,7 @@ def test_both_modes_agree_and_neither_waits_on_an_async_queue(ov_model, small_dr
     batch = np.stack([decoder(i, p, p.name).input for i, p in enumerate(paths)])
     default = openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32")
     preds = {"default": default.infer(batch).numpy()}  # old code: AsyncInferQueue
-    assert default.mode == "sync"  # the default (bench/README.md says why)
+    assert default.mode == "streams"  # the default (bench/README.md says why)
     preds.update({mode: openvino_backend.OpenVINOBackend(ov_model.backend.xml, "fp32", mode=mode)
                   .infer(batch).numpy() for mode in openvino_backend.MODES})
     assert preds["default"].tobytes() == preds["sync"].tobytes()

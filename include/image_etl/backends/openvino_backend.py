@@ -122,8 +122,8 @@ class OpenVINOStuckError(RuntimeError):
 
 
 def default_mode() -> str:
-    """``IMAGE_ETL_OPENVINO_MODE`` (``sync`` or ``streams``), else ``sync`` (see the class)."""
-    mode = os.environ.get("IMAGE_ETL_OPENVINO_MODE", "").strip() or "sync"
+    """``IMAGE_ETL_OPENVINO_MODE`` (``sync`` or ``streams``), else ``streams`` (see the class)."""
+    mode = os.environ.get("IMAGE_ETL_OPENVINO_MODE", "").strip() or "streams"
     if mode not in MODES:
         raise ValueError(f"invalid parameter IMAGE_ETL_OPENVINO_MODE: {mode!r}; use one of "
                          f"{', '.join(MODES)}")
@@ -140,11 +140,12 @@ class OpenVINOBackend:
     Compiled lazily with the thread count set by :meth:`share_cpu` (default: every core this
     process may use), in one of two modes, neither of which waits without a bound in Python:
 
-    - ``sync`` (the default): the whole batch as one synchronous request in LATENCY mode, as
+    - ``sync``: the whole batch as one synchronous request in LATENCY mode, as
       Ultralytics' own backend runs since it dropped ``AsyncInferQueue``, which "can hang
       indefinitely on Intel and AMD CPUs" (ultralytics#25923). A request that never returns
       is the stall watchdog's to end (``watchdog.py``).
-    - ``streams``: as many single-thread streams as threads (THROUGHPUT), each image its own
+    - ``streams`` (the default, measured in bench/README.md): as many single-thread streams
+      as threads (THROUGHPUT), each image its own
       request, each request waited for in short ``wait_for`` steps up to
       :data:`REQUEST_TIMEOUT_S` (then cancelled and reported): a thread that loses its core
       stalls only its own image.
