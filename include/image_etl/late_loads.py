@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,14 +29,13 @@ def identity_of(discovered: Mapping[str, Any]) -> dict[str, Any]:
             "result_settings": discovered.get("result_settings")}
 
 
-def load_late(engine: Any, discovered: Mapping[str, Any], by_night: Mapping[str, list[Path]],
-               run: Any) -> dict[str, dict[str, int]]:
+def load_late(engine: Any, manifest: Mapping[str, Any], discovered: Mapping[str, Any],
+              by_night: Mapping[str, list[Path]], run: Any) -> dict[str, dict[str, int]]:
     """Each earlier night's late files into that night (its date and folders, marked caught
     up), one transaction per night; this run's own ``runs`` row stays its night's."""
     from image_etl import store
     from image_etl.staging import read_staging_header
 
-    manifest = json.loads(Path(discovered["manifest"]).read_text())
     settings_of = {night["date"]: night["settings"] for night in manifest.get("late", [])}
     caught_up = {}
     for day, staging in sorted(by_night.items()):
@@ -56,11 +54,11 @@ def load_late(engine: Any, discovered: Mapping[str, Any], by_night: Mapping[str,
     return caught_up
 
 
-def record_files(engine: Any, discovered: Mapping[str, Any], run_key: str) -> None:
+def record_files(engine: Any, manifest: Mapping[str, Any], discovered: Mapping[str, Any],
+                 run_key: str) -> None:
     """Every night this run listed: its files as listed (the report's accounting)."""
     from image_etl import store
 
-    manifest = json.loads(Path(discovered["manifest"]).read_text())
     for day, files in manifest.get("files", {}).items():
         store.record_night_files(engine, discovered["model_sha256"], dt.date.fromisoformat(day),
                                  run_key, files)

@@ -319,8 +319,9 @@ def _load(discovered: Mapping[str, Any], settings: RunSettings,
             store.upsert_model(engine, discovered["model_sha256"], str(settings.model_path), names)
             store.record_empty_run(engine, run, discovered["model_sha256"])
             loaded = {"images": 0, "ok": 0, "failed": 0, "detections": 0}
-        caught_up = late_loads.load_late(engine, discovered, staging_of, run)
-        late_loads.record_files(engine, discovered, run.run_key)
+        manifest = json.loads(Path(discovered["manifest"]).read_text())  # read once for both
+        caught_up = late_loads.load_late(engine, manifest, discovered, staging_of, run)
+        late_loads.record_files(engine, manifest, discovered, run.run_key)
     finally:
         engine.dispose()
     loaded["seconds"] = round(time.perf_counter() - t0, 3)
