@@ -98,8 +98,8 @@ def _db_url() -> str:
 
 def _open_storage(location: str):
     """A drop or output location's storage, with options from its Airflow connection
-    (plugins/image_etl_storage.py), inside the task: options hold secrets, never in XCom."""
-    from image_etl_storage import open_storage_for
+    (include/image_etl_airflow/storage.py), inside the task: options hold secrets, never in XCom."""
+    from image_etl_airflow.storage import open_storage_for
 
     return open_storage_for(location)
 

@@ -8,7 +8,7 @@ import json
 import logging
 
 import pytest
-from image_etl_storage import open_storage_for, storage_options
+from image_etl_airflow.storage import open_storage_for, storage_options
 
 from image_etl.discover import IMAGE_EXTENSIONS
 from image_etl.storage import StorageAccessError, StorageConfigError

@@ -4,7 +4,7 @@ folder is: a local path or an object-storage prefix.
 Stages hand each other these files' locations as text (XCom): an absolute path, exactly as
 always, or an ``s3://[conn_id@]bucket/key`` URL (a connection id, never a credential). Every
 access goes through an ``Opener``: the DAG passes one that derives the storage options from the
-Airflow connection inside the task (``plugins/image_etl_storage.py``), so options, which hold
+Airflow connection inside the task (``include/image_etl_airflow/storage.py``), so options, which hold
 secrets, never travel between tasks; the default reaches a bucket with boto's own credential
 chain (the CLI and the tests).
 """

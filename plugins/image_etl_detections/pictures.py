@@ -66,7 +66,7 @@ def _recorded_object(found: Any) -> bytes:
     """The object the row records (``<drop_dir>/<rel_path>``, both from the DB, the relative
     path checked: no ``..``), read through the connection named in the recorded URL (else
     IMAGE_ETL_STORAGE_CONN_ID); failures are HTTP errors naming the object, never a secret."""
-    from image_etl_storage import open_storage_for
+    from image_etl_airflow.storage import open_storage_for
 
     from image_etl import thumbnails as t
     from image_etl.storage import StorageError, StorageNotFoundError

@@ -1,7 +1,7 @@
 """Local folders and object storage (``s3://[conn_id@]bucket/prefix``) behind one small seam.
 
 The stages call :func:`open_storage` with a location (a path or a URL) and, for a URL, the
-options the DAG layer derived from the Airflow connection (see ``plugins/image_etl_storage.py``);
+options the DAG layer derived from the Airflow connection (see ``include/image_etl_airflow/storage.py``);
 the engine never reads Airflow connections. Everything else is relative paths under that root:
 
     store = open_storage("s3://night-drops/2026-11-20", {"key": ..., "secret": ...,
