@@ -158,6 +158,20 @@ def test_s3_read_write_exists_remove(s3_server, bucket):
     assert sibling.read_bytes("keep.txt") == b"k"  # "run-1" is not a prefix of "run-10/"
 
 
+def test_s3_read_is_one_plain_get(s3_server, bucket):
+    """An image read costs one request and no checksum of its bytes on either side
+    (bench/README.md: the HEAD and the CRC32 were ~3 ms of CPU per image, client and server)."""
+    _put(s3_server, bucket, {"drop/a.jpg": os.urandom(300_000)})
+    store = open_storage(f"s3://{bucket}/drop", s3_server.options())
+    assert store.exists("a.jpg")  # the client and its connection exist from here on
+    sent: list[tuple[str, str | None]] = []
+    store._fs.s3.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append(
+            (request.method, request.headers.get("x-amz-checksum-mode"))))
+    assert len(store.read_bytes("a.jpg")) == 300_000
+    assert sent == [("GET", None)]
+
+
 def test_s3_concurrent_overwrites_are_whole(s3_server, bucket):
     """Readers racing writers of the same key see one whole version, never a mix or a part."""
     store = open_storage(f"s3://{bucket}", s3_server.options())

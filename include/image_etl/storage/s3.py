@@ -64,8 +64,18 @@ class S3Options:
     def s3fs_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "use_listings_cache": False,
+            # One GET per object: with s3fs's default (10) every cat_file first HEADs the object
+            # to decide on ranged parts (only above its 50 MB block size), a second request per
+            # image for the client and the server. The worker reads many objects at once instead.
+            "max_concurrency": 1,
             "skip_instance_cache": True,
             "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
+                              # No CRC32 of every downloaded image (botocore's default asks the
+                              # server for one, both sides compute it): ~2 ms of client and ~1 ms
+                              # of server CPU per 4 MB image (bench/README.md). TCP, TLS on https
+                              # endpoints and botocore's length check still guard the bytes, and
+                              # the decoder rejects a broken JPEG. Uploads keep their checksums.
+                              "response_checksum_validation": "when_required",
                               "retries": {"max_attempts": MAX_ATTEMPTS, "mode": "standard"}},
         }
         if self.key:
