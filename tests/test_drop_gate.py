@@ -1,11 +1,12 @@
 """The drop-ready gate: where it looks, the trigger's wait, and the DAG's behaviour (dag.test,
 which runs a deferred task's trigger in this process). The real triggerer is in
-tests/test_e2e_gate.py."""
+tests/test_e2e_airflow.py; the gate on a bucket through the DAG in tests/test_s3_dag.py."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from image_etl.drop_ready import drop_gate, marker_exists
 from image_etl.errors import NOT_RETRYABLE, DropNotReadyError, SettingsError
+from image_etl.storage import StorageAccessError
 
 from .test_dag import _day_run, _state, _task_instances, dag, dag_env  # noqa: F401  (fixtures)
 
@@ -31,6 +33,14 @@ def test_the_gate_looks_in_the_nights_folder_and_is_off_without_a_marker(tmp_pat
     assert drop_gate({**params, "drop_date_offset_days": -1}, DAY).folder.endswith("/2026-05-31")
     assert drop_gate({**params, "drop_ready_marker": ""}, DAY).marker is None
     assert drop_gate({**params, "drop_ready_marker": None}, DAY).marker is None
+
+
+def test_the_gate_on_a_bucket_keeps_the_urls_connection():
+    gate = drop_gate({"drop_dir": "s3://night_store@line-scan/drops/{date}",
+                      "output_dir": "s3://night_store@line-scan/out", "drop_ready_marker": "_SUCCESS",
+                      "drop_wait_timeout": 60}, DAY)
+    assert gate.folder == "s3://night_store@line-scan/drops/2026-06-01"  # where the trigger looks
+    assert "did not appear in s3://line-scan/drops/2026-06-01 within" in gate.not_ready()
 
 
 def test_a_bad_param_fails_the_gate_before_any_wait(tmp_path):
@@ -72,6 +82,53 @@ def test_the_trigger_fires_when_the_marker_appears_and_at_its_deadline(tmp_path)
     path, kwargs = late.serialize()
     assert path == "image_etl_airflow.drop_gate.DropReadyTrigger"
     assert DropReadyTrigger(**kwargs).deadline == late.deadline
+
+
+def _bucket_conn(monkeypatch, s3_server, secret: str | None = None) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_GATE_STORE", json.dumps(
+        {"conn_type": "aws", "login": s3_server.key, "password": secret or s3_server.secret,
+         "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region}}))
+
+
+def test_the_trigger_waits_on_a_bucket_through_the_urls_connection(s3_server, monkeypatch):
+    """The trigger stores the URL only; in the triggerer it resolves the URL's connection
+    (key, secret, endpoint) and looks in the bucket."""
+    from image_etl_airflow.drop_gate import DropReadyTrigger
+
+    _bucket_conn(monkeypatch, s3_server)
+    bucket = s3_server.new_bucket()
+    folder = f"s3://gate_store@{bucket}/nights/2026-06-01"
+    client = s3_server.client()
+    threading.Timer(0.6, lambda: client.put_object(
+        Bucket=bucket, Key="nights/2026-06-01/_SUCCESS", Body=b"")).start()
+    trigger = DropReadyTrigger(folder, "_SUCCESS", time.time() + 30, poll_s=0.1)
+    assert asyncio.run(_first_event(trigger)) == {"status": "ready"}
+    assert s3_server.secret not in json.dumps(trigger.serialize())
+
+
+def test_the_trigger_ends_at_once_on_refused_credentials_or_a_missing_bucket(s3_server,
+                                                                              monkeypatch):
+    from image_etl_airflow.drop_gate import DropReadyTrigger, _raise_storage_error
+
+    wrong = "not-the-secret-of-this-bucket-17"
+    _bucket_conn(monkeypatch, s3_server, secret=wrong)
+    bucket = s3_server.new_bucket()
+    started = time.monotonic()
+    event = asyncio.run(_first_event(DropReadyTrigger(f"s3://gate_store@{bucket}/n", "_SUCCESS",
+                                                      time.time() + 60, poll_s=0.1)))
+    assert event["status"] == "error" and event["error"] == "StorageAccessError", event
+    assert f"s3://{bucket}/n/_SUCCESS: access denied" in event["message"]
+    assert wrong not in json.dumps(event)
+    assert time.monotonic() - started < 30  # not the 60 s deadline
+    with pytest.raises(StorageAccessError, match="access denied") as raised:
+        _raise_storage_error(event)  # what the deferred task does with the event
+    assert isinstance(raised.value, NOT_RETRYABLE)
+
+    _bucket_conn(monkeypatch, s3_server)
+    event = asyncio.run(_first_event(DropReadyTrigger("s3://gate_store@no-such-bucket-9q/n",
+                                                      "_SUCCESS", time.time() + 60, poll_s=0.1)))
+    assert (event["status"], event["error"]) == ("error", "BucketNotFoundError"), event
+    assert "bucket 'no-such-bucket-9q' does not exist" in event["message"]
 
 
 def test_not_ready_is_not_retried():

@@ -150,3 +150,27 @@ def test_missing_bucket_and_empty_prefix(dag, night, s3_server, monkeypatch, cap
     assert _state(run) == "success"
     assert "this run loaded 0 image(s)" in "".join(capfd.readouterr()) + caplog.text
     assert result_rows(night["db"]) == {"images": [], "detections": []}
+
+
+@pytest.mark.slow
+def test_the_drop_gate_waits_on_the_bucket_through_the_urls_connection(dag, night, s3_server,  # noqa: F811
+                                                                        monkeypatch, capfd, caplog):
+    """No marker: the trigger (its connection resolved in the trigger, dag.test runs it here)
+    looks in the bucket until the deadline and fails naming the prefix; with the marker
+    written, the next run passes the gate at once and processes the night."""
+    _aws_conn(monkeypatch, s3_server)
+    conf = {**night["conf"], "drop_ready_marker": "_SUCCESS", "drop_wait_timeout": 1}
+    run = _day_run(dag, conf, DAY)
+    logs = "".join(capfd.readouterr()) + caplog.text
+    assert _state(run) == "failed"
+    assert "Pausing task as DEFERRED" in logs
+    assert (f"drop not ready: the marker '_SUCCESS' did not appear in "
+            f"s3://{night['drop']}/nights/{DAY} within drop_wait_timeout=1s") in logs
+
+    s3_server.client().put_object(Bucket=night["drop"], Key=f"nights/{DAY}/_SUCCESS", Body=b"")
+    run = _day_run(dag, conf, DAY)
+    logs = "".join(capfd.readouterr()) + caplog.text
+    assert _state(run) == "success", logs[-3000:]
+    assert f"drop ready: _SUCCESS found in s3://{night['drop']}/nights/{DAY}" in logs
+    assert [r[1] for r in result_rows(night["db"])["images"]] == night["names"]
+    assert s3_server.secret not in logs

@@ -4,8 +4,13 @@ Not the standard provider's ``FileSensor(deferrable=True)``: its ``FileTrigger``
 path (a folder named with ``[`` or ``*`` would be a pattern, a bucket cannot be polled), ends a
 timed-out wait with Airflow's generic deferral timeout (no folder or marker named, no "proceed"
 choice) and needs an ``fs_default`` connection. Here the trigger asks the engine's
-``marker_exists`` (one seam for object storage later) and carries its own deadline, so the
+``marker_exists`` (a local folder or a bucket prefix) and carries its own deadline, so the
 operator can say which folder and marker it waited for, or go on if the params say so.
+
+On a bucket the trigger stores only the URL (which names a connection, never a secret) and
+resolves the connection in the triggerer when it starts. A refused key, a missing bucket or a
+bad connection end the wait at once with the storage's one-line error; an unreachable endpoint
+is retried at the next look, up to the deadline.
 """
 
 from __future__ import annotations
@@ -43,12 +48,28 @@ class DropReadyTrigger(BaseTrigger):
                  "poll_s": self.poll_s})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from image_etl.drop_ready import marker_exists
+        from image_etl.drop_ready import marker_exists, shown
+        from image_etl.storage import StorageError
+        from image_etl_airflow.storage import storage_options_async
 
+        try:
+            options = await storage_options_async(self.folder)
+        except StorageError as exc:
+            yield _error_event(exc)
+            return
         while True:
-            # In a thread: a stat on a slow network mount must not stall the triggerer's loop.
-            if await asyncio.to_thread(marker_exists, self.folder, self.marker):
-                self.log.info("drop ready: %s found in %s", self.marker, self.folder)
+            try:
+                # In a thread: a stat on a slow mount, a request to a slow endpoint, must not
+                # stall the triggerer's loop.
+                found = await asyncio.to_thread(marker_exists, self.folder, self.marker, options)
+            except StorageError as exc:
+                if type(exc) is not StorageError:  # refused, missing, misconfigured: final
+                    yield _error_event(exc)
+                    return
+                self.log.warning("%s; looking again in %gs", exc, self.poll_s)
+                found = False
+            if found:
+                self.log.info("drop ready: %s found in %s", self.marker, shown(self.folder))
                 yield TriggerEvent({"status": "ready"})
                 return
             left = self.deadline - time.time()
@@ -56,6 +77,21 @@ class DropReadyTrigger(BaseTrigger):
                 yield TriggerEvent({"status": "timeout"})
                 return
             await asyncio.sleep(min(self.poll_s, left))
+
+
+def _error_event(exc: Exception) -> TriggerEvent:
+    """The storage's one-line error (no secret in it: image_etl.storage.errors), by class name
+    so that the task raises the same class (and the same retry rule)."""
+    return TriggerEvent({"status": "error", "error": type(exc).__name__, "message": str(exc)})
+
+
+def _raise_storage_error(event: dict[str, Any]) -> None:
+    from image_etl.storage import errors
+
+    cls = getattr(errors, str(event.get("error")), None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.StorageError)):
+        cls = errors.StorageError
+    raise cls(str(event.get("message")))
 
 
 class WaitForDrop(BaseOperator):
@@ -80,18 +116,19 @@ class WaitForDrop(BaseOperator):
 
     def execute(self, context: Any) -> None:
         from image_etl.drop_ready import marker_exists
+        from image_etl_airflow.storage import storage_options
 
         gate = self._gate(context)
         if not gate.marker:
             self.log.info("no drop_ready_marker: not waiting")
             return
-        if marker_exists(gate.folder, gate.marker):
-            self.log.info("drop ready: %s found in %s", gate.marker, gate.folder)
+        if marker_exists(gate.folder, gate.marker, storage_options(gate.folder)):
+            self.log.info("drop ready: %s found in %s", gate.marker, gate.where)
             return
         if gate.timeout_s <= 0:
             return self._timed_out(gate)
         self.log.info("waiting up to %gs for %s in %s, in the triggerer (no worker slot held)",
-                      gate.timeout_s, gate.marker, gate.folder)
+                      gate.timeout_s, gate.marker, gate.where)
         self.defer(trigger=DropReadyTrigger(gate.folder, gate.marker, time.time() + gate.timeout_s,
                                             self.poll_s),
                    method_name="execute_complete",
@@ -100,8 +137,10 @@ class WaitForDrop(BaseOperator):
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
         gate = self._gate(context)
         if event and event.get("status") == "ready":
-            self.log.info("drop ready: %s found in %s", gate.marker, gate.folder)
+            self.log.info("drop ready: %s found in %s", gate.marker, gate.where)
             return
+        if event and event.get("status") == "error":
+            _raise_storage_error(event)
         self._timed_out(gate)
 
     def _timed_out(self, gate: Any) -> None:

@@ -13,12 +13,13 @@ they last as long as the provider's session, usually an hour).
 The options hold secrets: call :func:`open_storage_for` inside the task that uses the storage;
 never return the options from a task (XCom), log them or put them in an error.
 
-Lives in ``plugins/`` (on every Airflow component's ``sys.path``, like the Detections page's
-``results_db``) so the DAG's tasks and the UI plugin share it; nothing here runs at import.
+The DAG's tasks, the drop-ready trigger and the Detections page share it; nothing here runs
+at import.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -44,6 +45,30 @@ def _sdk_connection(conn_id: str) -> Any | None:
         return Connection.get(conn_id)
     except AirflowNotFoundException:
         return None
+
+
+async def _sdk_connection_async(conn_id: str) -> Any | None:
+    """The connection from code on an event loop (a trigger): the SDK's async lookup."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return await Connection.async_get(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+async def storage_options_async(url: str | Path) -> dict[str, Any] | None:
+    """:func:`storage_options` for a trigger in the triggerer: the connection is looked up
+    without blocking the loop (a sync lookup there deadlocks), the rest (an STS call for a
+    role) runs in a thread."""
+    from image_etl.storage import parse_location
+
+    location = parse_location(url)
+    if isinstance(location, Path):
+        return None
+    conn = await _sdk_connection_async(storage_conn_id(location))
+    return await asyncio.to_thread(storage_options, url, lambda _conn_id: conn)
 
 
 def storage_options(url: str | Path,
