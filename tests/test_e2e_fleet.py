@@ -9,8 +9,10 @@ reached through an Airflow ``aws`` connection with an ``endpoint_url``, and the 
 the run folder with the manifest, shard lists and staged rows) go to another bucket. CPU
 devices stand in for the GPUs.
 
-1. A night on two shards, one per ``gpu`` worker: every image loaded exactly once, its label
-   in the output bucket, and nothing of the night left on any worker's disk.
+1. A night on two shards, one per ``gpu`` worker, behind the drop-ready gate: the run waits
+   in the triggerer (which resolves the drop URL's connection itself) until the marker object
+   is in the bucket; then every image is loaded exactly once, its label in the output bucket,
+   and nothing of the night is left on any worker's disk.
 2. One worker's whole process tree is SIGKILLed in the middle of its shard, after it flushed
    some staged rows to the bucket. The scheduler finds the task's heartbeat gone, the retry runs
    on the *other* worker (which never saw the shard) and resumes from the staged rows in the
@@ -28,6 +30,7 @@ import datetime as dt
 import json
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +137,8 @@ def fleet(tmp_path_factory, s3_server: S3Server):
                 # Staged rows go to the bucket after every batch (default: every 10 s or 100
                 # images), so that a kill lands after some of them.
                 "IMAGE_ETL_STAGING_FLUSH_IMAGES": str(BATCH),
+                # The drop-ready gate's triggerer looks for the marker every 2 s (default 30).
+                "IMAGE_ETL_DROP_POLL_S": "2",
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             }
@@ -264,8 +269,20 @@ def _assert_night_loaded(fleet: Fleet, day: dt.date) -> None:
 
 def test_first_night_from_a_bucket_on_two_workers_that_share_no_folder(fleet: Fleet):
     run_id = "fleet_first_night"
-    _trigger(fleet, run_id, NIGHT)
+    _trigger(fleet, run_id, NIGHT, drop_ready_marker="_SUCCESS", drop_wait_timeout=600)
+    gate = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/wait_for_drop"
+    wait_for("wait_for_drop to be deferred", lambda: _check(fleet.client.get(gate))["state"]
+             == "deferred", RUN_TIMEOUT_S, poll_s=1, on_timeout=lambda: _failure_report(
+                 fleet, run_id))
+    time.sleep(5)  # a few looks by the triggerer in the bucket, the marker still absent
+    assert _check(fleet.client.get(gate))["state"] == "deferred", _failure_report(fleet, run_id)
+    fleet.s3.client().put_object(Bucket=fleet.drop_bucket, Key=f"drops/{NIGHT}/_SUCCESS",
+                                 Body=b"")
     _wait_run(fleet, run_id)
+    gate_log = "\n".join(_task_logs(fleet, run_id, "wait_for_drop").values())
+    folder = f"s3://{fleet.drop_bucket}/drops/{NIGHT}"
+    assert f"waiting up to 600s for _SUCCESS in {folder}" in gate_log, gate_log[-2000:]
+    assert f"drop ready: _SUCCESS found in {folder}" in gate_log, gate_log[-2000:]
 
     _assert_night_loaded(fleet, NIGHT)
     rows = result_rows(fleet.results_url)
