@@ -170,3 +170,31 @@ def test_load_refuses_a_night_whose_shard_was_marked_success_before_it_ran(drop,
     loaded = stages.load(discovered, [ran, stages.infer(plan[1])], db_url=db,
                          dag_id="nightly_detections", plan=plan)
     assert loaded["images"] == 3 and len(result_rows(db)["images"]) == 3
+
+
+def test_a_refused_bucket_load_says_where_the_copied_files_live(drop, tmp_path, s3_server,
+                                                                 monkeypatch):
+    """The load reads a bucket's run folder from a temporary copy; an error naming a copied
+    file also names the run folder in the bucket it came from."""
+    for name, value in {"AWS_ACCESS_KEY_ID": s3_server.key,
+                        "AWS_SECRET_ACCESS_KEY": s3_server.secret,
+                        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+                        "AWS_DEFAULT_REGION": s3_server.region}.items():
+        monkeypatch.setenv(name, value)
+    bucket = s3_server.new_bucket()
+    db = f"sqlite:///{tmp_path / 'results.db'}"
+    params = {"drop_dir": str(drop / "{date}"), "output_dir": f"s3://{bucket}/out",
+              "model_path": str(DEMO_MODEL), "devices": "cpu", "settle_seconds": 0,
+              "batch_size": 2}
+    discovered = stages.discover(params, run_id="manual__bucket", run_date=DAY, db_url=None)
+    plan = stages.partition(discovered)
+    ran = stages.infer(plan[0])
+    # The staged rows lose their last image (a damaged object): the load must refuse.
+    key = ran["staging"].removeprefix(f"s3://{bucket}/")
+    client = s3_server.client()
+    lines = client.get_object(Bucket=bucket, Key=key)["Body"].read().splitlines(keepends=True)
+    client.put_object(Bucket=bucket, Key=key, Body=b"".join(lines[:-1]))
+    with pytest.raises(IncompleteNightError, match="lacks them") as info:
+        stages.load(discovered, [ran], db_url=db, dag_id="nightly_detections", plan=plan)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert f"the load's temporary copy of the run folder s3://{bucket}/out/_runs/" in notes

@@ -20,9 +20,9 @@ from typing import Any
 
 from image_etl.run_settings import RunSettings
 from image_etl.settings import check
-from image_etl.storage.location import location_text, parse_location
+from image_etl.storage.location import location_text, shown
 
-__all__ = ["DropGate", "drop_gate", "marker_exists"]
+__all__ = ["DropGate", "drop_gate", "marker_exists", "shown"]
 
 # The gate needs only the drop folder: ``{model}`` in output_dir is filled with this instead of
 # hashing the weights (which need not be on the host that waits).
@@ -62,11 +62,6 @@ def drop_gate(params: Mapping[str, Any], run_date: dt.date,
                                        model_sha256=_NO_MODEL_SHA, check_files=False)
     return DropGate(folder=location_text(settings.drop_dir), marker=settings.drop_ready_marker,
                     timeout_s=settings.drop_wait_timeout, on_timeout=settings.drop_wait_on_timeout)
-
-
-def shown(folder: str) -> str:
-    """A folder as messages show it: the path, or the URL without its connection id."""
-    return str(parse_location(folder))
 
 
 def marker_exists(folder: str, name: str, options: Mapping[str, Any] | None = None) -> bool:

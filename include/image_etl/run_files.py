@@ -29,6 +29,7 @@ from image_etl.storage import (
     location_text,
     open_storage,
     parse_location,
+    shown,
 )
 
 Opener = Callable[[str], Storage]
@@ -144,4 +145,10 @@ def local_run(discovered: Mapping[str, Any], results: list[Mapping[str, Any] | N
                     fetch(staged, must=False)  # a shard that never ran has none
                 local_plan.append({**shard, "run_dir": tmp,
                                    "shard_file": fetch(shard["shard_file"])})
-        yield local_discovered, local_results, local_plan
+        try:
+            yield local_discovered, local_results, local_plan
+        except Exception as exc:
+            if tmp in str(exc):  # an error naming a copied file: say where the file lives
+                exc.add_note(f"{tmp} is the load's temporary copy of the run folder "
+                             f"{shown(discovered['run_dir'])}")
+            raise

@@ -34,13 +34,14 @@ from image_etl.storage.location import (
     location_text,
     parse_location,
     parse_object_url,
+    shown,
 )
 from image_etl.storage.readahead import read_ahead
 
 __all__ = ["BucketNotFoundError", "Entry", "LocalStorage", "ObjectLocation", "Storage",
            "StorageAccessError", "StorageConfigError", "StorageError", "StorageNotFoundError",
            "Walk", "check_rel_path", "is_url", "location_text", "open_storage", "parse_location",
-           "parse_object_url", "read_ahead"]
+           "parse_object_url", "read_ahead", "shown"]
 
 
 def open_storage(location: str | Path | ObjectLocation,

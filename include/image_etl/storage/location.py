@@ -104,6 +104,11 @@ def location_text(location: Path | ObjectLocation) -> str:
     return location.spec if isinstance(location, ObjectLocation) else str(location)
 
 
+def shown(text: str | Path) -> str:
+    """A location as messages show it: the path, or the URL without its connection id."""
+    return str(parse_location(text))
+
+
 def parse_location(text: str | Path) -> Path | ObjectLocation:
     """A local absolute path (returned as given) or an object-storage URL."""
     if isinstance(text, Path):
