@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -495,6 +496,15 @@ def _child_command(args: argparse.Namespace, variant: str, count: int, drop: Pat
             "--slice-size", str(args.slice_size), "--slice-overlap", str(args.slice_overlap)]
 
 
+def _client_affinity(server_core: int | None) -> Callable[[], None] | None:
+    """With --server-core: the child runs on every core but the server's (the engine sizes its
+    threads from its affinity mask)."""
+    if server_core is None:
+        return None
+    cores = os.sched_getaffinity(0) - {server_core}
+    return lambda: os.sched_setaffinity(0, cores)
+
+
 def run_variant(args: argparse.Namespace, variant: str, count: int, drop: Path) -> dict[str, Any]:
     """One fresh child process for ``variant``; its result, or an ``error``."""
     DATA_DIR.mkdir(parents=True, exist_ok=True)
@@ -505,7 +515,8 @@ def run_variant(args: argparse.Namespace, variant: str, count: int, drop: Path) 
     try:
         proc = subprocess.run(_child_command(args, variant, count, drop, out, result_file),
                               capture_output=True, text=True, timeout=args.child_timeout,
-                              env={**os.environ, "YOLO_OFFLINE": "1"})
+                              env={**os.environ, "YOLO_OFFLINE": "1"},
+                              preexec_fn=_client_affinity(args.server_core))
         if proc.returncode != 0 or not result_file.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
             return {"variant": variant, "error": f"exit {proc.returncode}: " + "\n".join(tail)}
@@ -640,8 +651,8 @@ def _ratio(summary: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
     return None
 
 
-def targets(summary: dict[str, dict[str, Any]], memory: list[dict[str, Any]]
-            ) -> list[dict[str, Any]]:
+def targets(summary: dict[str, dict[str, Any]], memory: list[dict[str, Any]],
+            server_core: int | None = None) -> list[dict[str, Any]]:
     """The issue's targets, each PASS / MISS / n/a (variant not run)."""
     out: list[dict[str, Any]] = []
 
@@ -653,7 +664,9 @@ def targets(summary: dict[str, dict[str, Any]], memory: list[dict[str, Any]]
         out.append({"target": name, "value": value, "goal": goal, "unit": unit, "status": status})
 
     add("ours-exact >= 2.5x seed-queue", _ratio(summary, "ours-exact", BASELINE), 2.5, "x")
-    add("ours-exact-s3 >= 90% of ours-exact (the drop in a local SeaweedFS)",
+    server = ("sharing the cores" if server_core is None
+              else f"alone on core {server_core}, the variants on the others")
+    add(f"ours-exact-s3 >= 90% of ours-exact (the drop in a local SeaweedFS {server})",
         summary.get("ours-exact-s3", {}).get("pct_of_local"), 90.0, "%")
     add("ours-exact-s3 CPU per image (with the server's) within 90% of ours-exact's",
         summary.get("ours-exact-s3", {}).get("pct_of_local_cpu"), 90.0, "%")
@@ -809,6 +822,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slice-overlap", type=float, default=0.2, help="sliced variants: overlap")
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON + PNG go")
     p.add_argument("--child-timeout", type=int, default=3600, help="seconds per child run")
+    p.add_argument("--server-core", type=int, default=None,
+                   help="S3 variants: pin SeaweedFS to this core and every variant (local ones "
+                        "too) to the other cores, as on a fleet whose bucket is another machine; "
+                        "default: all share every core")
     # internal: the child process side
     p.add_argument("--_variant", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
@@ -908,9 +925,11 @@ def main(argv: list[str] | None = None) -> int:
                     if VARIANTS[v].storage == "s3")
         print(f"object storage: starting SeaweedFS (weed mini) and uploading {count} images ...",
               flush=True)
-        info = server.enter_context(s3_drop(drop_tasks(drop, count)))
+        info = server.enter_context(s3_drop(drop_tasks(drop, count), args.server_core))
         print(f"object storage: {info['endpoint_url']} bucket {info['bucket']}, weed pid "
-              f"{info['pid']}", flush=True)
+              f"{info['pid']}" + ("" if args.server_core is None else
+                                  f", on core {args.server_core} alone (the variants on the "
+                                  "others)"), flush=True)
     with server:
         runs += _run_all(args, orders, drop, total)
 
@@ -918,9 +937,10 @@ def main(argv: list[str] | None = None) -> int:
               for v in args.memory_variants] if run_memory else []
 
     summary = summarise(runs, variants, args.device)
-    goals = targets(summary, memory)
+    goals = targets(summary, memory, args.server_core)
     finished = dt.datetime.now(dt.UTC)
     machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    machine["server_core"] = args.server_core
 
     print()
     whole = [v for v in variants if not is_sliced(v)]
@@ -931,7 +951,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  % dec.limit: vs limit-decode (exact) or, for (f) fast variants, vs "
               "limit-decode-fast; busy: fraction of the wall time each stage was working")
     if any(VARIANTS[v].storage == "s3" for v in variants):
-        print(f"\nobject storage (a local SeaweedFS, weed mini) beside the local disk, "
+        where = ("on every core with the variants" if args.server_core is None else
+                 f"alone on core {args.server_core}, the variants on the others")
+        print(f"\nobject storage (a local SeaweedFS, weed mini, {where}) beside the local disk, "
               f"load average {machine.get('load_avg_1m', '?')} at the start, "
               f"{os.getloadavg()[0]:.2f} at the end:")
         print(storage_table(summary))

@@ -37,9 +37,18 @@ def own_cpu_s() -> float:
     return t.user + t.system
 
 
+def pin_process(pid: int, core: int) -> None:
+    """Every thread of process ``pid`` on ``core`` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), {core})
+
+
 @contextlib.contextmanager
-def s3_drop(tasks: list[tuple[Path, str]]) -> Iterator[dict[str, Any]]:
-    """A running SeaweedFS with ``tasks`` uploaded under ``drop/<rel_path>``; sets ENV."""
+def s3_drop(tasks: list[tuple[Path, str]], server_core: int | None = None
+            ) -> Iterator[dict[str, Any]]:
+    """A running SeaweedFS with ``tasks`` uploaded under ``drop/<rel_path>``; sets ENV.
+    ``server_core``: the server runs on that core alone."""
     sys.path.insert(0, str(ROOT))
     # The tests' start-up (free loopback ports, credentials, bounded wait): one way to run it.
     from tests.s3 import _start, _stop, weed_binary
@@ -51,6 +60,8 @@ def s3_drop(tasks: list[tuple[Path, str]]) -> Iterator[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-weed-"))
     try:
         proc, server = _start(weed, workdir, "bench-key", "bench-secret-" + os.urandom(8).hex())
+        if server_core is not None:
+            pin_process(proc.pid, server_core)
         try:
             client = server.client()
             for path, rel in tasks:
