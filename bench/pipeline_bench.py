@@ -362,6 +362,7 @@ def _child_read_limit(tasks: list[tuple[Path, str]]) -> dict[str, Any]:
     from s3_drop import child_info, storage_options
 
     from image_etl import worker
+    from image_etl.resources import cpu_count
     from image_etl.storage import open_storage, read_ahead
 
     info = child_info()
@@ -372,8 +373,8 @@ def _child_read_limit(tasks: list[tuple[Path, str]]) -> dict[str, Any]:
     cpu = CpuProbe(info["pid"])
     start, t0 = time.time(), time.perf_counter()
     total = 0
-    for _, data in read_ahead(source.read_bytes, rels, threads=worker.READ_THREADS,
-                              window=worker.READ_WINDOW):
+    threads, window = worker.read_concurrency(cpu_count())  # the worker's decode threads
+    for _, data in read_ahead(source.read_bytes, rels, threads=threads, window=window):
         if isinstance(data, Exception):
             raise data
         total += len(data)
@@ -382,7 +383,7 @@ def _child_read_limit(tasks: list[tuple[Path, str]]) -> dict[str, Any]:
     return {"window_unix": [start, time.time()], "images": len(rels), "wall_s": wall,
             "images_per_s": len(rels) / wall, "mb_per_s": total / 2**20 / wall,
             "busy": {"decode": 0.0, "infer": 0.0, "write": 0.0},
-            "stages_s": {"threads": worker.READ_THREADS, "window": worker.READ_WINDOW},
+            "stages_s": {"threads": threads, "window": window},
             "cpu_s": used, "rss_before_mb": round(rss_before, 1)}
 
 

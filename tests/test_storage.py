@@ -234,6 +234,19 @@ def test_read_ahead_order_errors_and_bounded_window(s3_server, bucket):
     assert 1 < peak <= 4
 
 
+def test_read_ahead_grows_with_the_decoders_within_the_connection_pool():
+    """More decode threads (a many-core GPU host) get more GETs in flight, as many as one
+    storage's connection pool lets run at once (botocore's default pool is 10)."""
+    from image_etl.storage.s3 import S3Options
+    from image_etl.worker import read_concurrency
+
+    pool = S3Options().s3fs_kwargs()["config_kwargs"]["max_pool_connections"]
+    small, big = read_concurrency(2), read_concurrency(24)
+    assert big[0] >= 2 * 24 > small[0] >= 8
+    assert all(window >= 2 * threads for threads, window in (small, big))
+    assert big[0] <= pool
+
+
 def test_read_ahead_holds_at_most_window_plus_one():
     started: list[int] = []
     gen = read_ahead(lambda i: (started.append(i), b"x")[1], range(1000), threads=2, window=5)

@@ -69,9 +69,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Object reads ahead of the decoders: enough concurrent GETs that decoding, not the network, is
-# the bound; at most READ_WINDOW files held (a 2048 x 12000 JPEG is a few MB).
-READ_THREADS = 8
-READ_WINDOW = 16
+# the bound. A GET of a few MB takes ~50-100 ms on a cloud object store, an exact decode ~90 ms
+# of a core: two reads in flight per decode thread keep the decoders fed with room to spare
+# (8 at least, the most a 2-core host needs: bench/README.md). At most twice that many files
+# are held (a 2048 x 12000 JPEG is a few MB): memory stays flat whatever the drop's size.
+MIN_READ_THREADS = 8
+READS_PER_DECODE_THREAD = 2
+
+
+def read_concurrency(decode_threads: int) -> tuple[int, int]:
+    """(concurrent reads, files held at most) of the read-ahead for ``decode_threads``."""
+    threads = max(MIN_READ_THREADS, READS_PER_DECODE_THREAD * decode_threads)
+    return threads, 2 * threads
+
 
 __all__ = ["ImageTask", "OutputSink", "ResultSink", "ShardReport", "run_shard"]
 
@@ -184,14 +194,15 @@ class _Shard:
 
     def _jobs(self) -> Generator[tuple[_Picked, bytes | Exception | None], None, None]:
         """The images to decode: local files are read by the decode threads themselves; objects
-        are fetched ahead, concurrently (a GET waits on the network, not on a core), at most
-        READ_WINDOW of them in memory beyond the decode window."""
+        are fetched ahead, concurrently (a GET waits on the network, not on a core), a bounded
+        number of them in memory beyond the decode window (read_concurrency)."""
         if self.source is None:
             yield from ((p, None) for p in self.picked)
             return
         rel_paths = [p.task.rel_path for p in self.picked]
+        threads, window = read_concurrency(self.threads)
         with contextlib.closing(read_ahead(self.source.read_bytes, rel_paths,
-                                           threads=READ_THREADS, window=READ_WINDOW)) as reads:
+                                           threads=threads, window=window)) as reads:
             for p, (_, data) in zip(self.picked, reads, strict=True):
                 yield p, data
 

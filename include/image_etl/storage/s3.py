@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
 MAX_ATTEMPTS = 3
+# Connections one storage may open at once (botocore's default is 10): the worker's read-ahead
+# on a many-core host runs more GETs than that (image_etl.worker.read_concurrency).
+MAX_CONNECTIONS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,7 @@ class S3Options:
                               # endpoints and botocore's length check still guard the bytes, and
                               # the decoder rejects a broken JPEG. Uploads keep their checksums.
                               "response_checksum_validation": "when_required",
+                              "max_pool_connections": MAX_CONNECTIONS,
                               "retries": {"max_attempts": MAX_ATTEMPTS, "mode": "standard"}},
         }
         if self.key:
