@@ -6,7 +6,9 @@ Iceberg and Lance off), with S3 authentication on (credentials in its environmen
 S3 answers (bounded), and stops it at the end of the session (bounded: terminate, then kill).
 
 Use the ``s3_server`` session fixture (registered in tests/conftest.py): an :class:`S3Server`
-with the endpoint, the credentials and one empty bucket; ``new_bucket()`` makes another.
+with the endpoint, the credentials and one empty bucket; ``new_bucket()`` makes another. The
+same server also answers HTTPS (``https_endpoint_url``) with a certificate signed by a CA made
+for the session (``ca_bundle``): what a private MinIO or Ceph with its own CA looks like.
 No S3 mocks anywhere: ``weed`` missing fails under CI and skips elsewhere, saying why.
 """
 
@@ -40,6 +42,8 @@ class S3Server:
     key: str
     secret: str
     bucket: str
+    https_endpoint_url: str = ""
+    ca_bundle: str = ""  # the PEM of the CA that signed the HTTPS certificate
     region: str = REGION
 
     def options(self, **changes: Any) -> dict[str, Any]:
@@ -80,6 +84,44 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _tls_files(workdir: Path) -> tuple[Path, Path, Path]:
+    """A CA and a certificate for 127.0.0.1 signed by it: (CA PEM, certificate, key)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    ca = cert("image-etl test CA", ca_key, "image-etl test CA", ca_key, ca=True)
+    server = cert("127.0.0.1", server_key, "image-etl test CA", ca_key, ca=False)
+    paths = workdir / "ca.pem", workdir / "server.pem", workdir / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return paths
+
+
 def _s3_answers(endpoint: str) -> bool:
     """Any HTTP answer from the S3 port (an anonymous request gets AccessDenied: it is up)."""
     import urllib.error
@@ -111,25 +153,28 @@ class _ExitedEarly(RuntimeError):
 
 def _start(weed: str, workdir: Path, key: str, secret: str) -> tuple[subprocess.Popen, S3Server]:
     """Start ``weed mini`` on free ports and wait (bounded) until S3 accepts a write."""
-    (s3, s3_grpc, filer, filer_grpc, master, master_grpc, volume, volume_grpc,
-     admin) = _free_ports(9)
+    (s3, s3_https, s3_grpc, filer, filer_grpc, master, master_grpc, volume, volume_grpc,
+     admin) = _free_ports(10)
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     data = workdir / f"data-{s3}"
     data.mkdir(parents=True)
+    ca_pem, cert_pem, key_pem = _tls_files(data)
     args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-filer.port={filer}",
             f"-filer.port.grpc={filer_grpc}", f"-master.port={master}",
             f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
             f"-volume.port.grpc={volume_grpc}", f"-admin.port={admin}", "-admin.ui=false",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false", f"-bucket={bucket}"]
+            "-master.telemetry=false", f"-bucket={bucket}", f"-s3.port.https={s3_https}",
+            f"-s3.cert.file={cert_pem}", f"-s3.key.file={key_pem}"]
     # Credentials in weed's environment turn S3 authentication on (anonymous: AccessDenied).
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
     log_path = workdir / f"weed-{s3}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{s3}", key, secret, bucket)
+    server = S3Server(f"http://127.0.0.1:{s3}", key, secret, bucket,
+                      https_endpoint_url=f"https://127.0.0.1:{s3_https}", ca_bundle=str(ca_pem))
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while not (_s3_answers(server.endpoint_url) and _bucket_ready(server)):

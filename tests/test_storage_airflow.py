@@ -11,7 +11,7 @@ import pytest
 from image_etl_airflow.storage import open_storage_for, storage_options
 
 from image_etl.discover import IMAGE_EXTENSIONS
-from image_etl.storage import StorageAccessError, StorageConfigError
+from image_etl.storage import StorageAccessError, StorageConfigError, StorageError
 
 
 def _aws_conn(monkeypatch, conn_id: str, login: str, password: str, **extra) -> None:
@@ -68,3 +68,32 @@ def test_wrong_secret_in_the_connection_is_one_clean_line(s3_server, drop, monke
     for text in (str(err.value), repr(err.value), caplog.text, out.out, out.err):
         assert wrong not in text and s3_server.secret not in text
     assert "\n" not in str(err.value)
+
+
+def test_a_private_ca_in_the_connection_reaches_an_https_endpoint(s3_server, drop, monkeypatch):
+    """A MinIO or Ceph behind a certificate of the company's own CA: the connection's extra
+    ``verify`` names the CA bundle; without it the one-line error says what to set."""
+    _aws_conn(monkeypatch, "private_tls", s3_server.key, s3_server.secret,
+              endpoint_url=s3_server.https_endpoint_url)
+    with pytest.raises(StorageError, match=r"TLS with https://127\.0\.0\.1:\d+ failed "
+                                           r"\(SSLError\).*extra \"verify\"") as refused:
+        open_storage_for(f"s3://private_tls@{drop}/night").read_bytes("a.jpg")
+    assert s3_server.secret not in str(refused.value)
+
+    _aws_conn(monkeypatch, "private_tls", s3_server.key, s3_server.secret,
+              endpoint_url=s3_server.https_endpoint_url, verify=s3_server.ca_bundle)
+    assert storage_options(f"s3://private_tls@{drop}/night")["verify"] == s3_server.ca_bundle
+    assert open_storage_for(f"s3://private_tls@{drop}/night").read_bytes("a.jpg") == b"jpeg"
+
+    # "false" in the extra turns verification off (the connection owner's call).
+    _aws_conn(monkeypatch, "private_tls", s3_server.key, s3_server.secret,
+              endpoint_url=s3_server.https_endpoint_url, verify="false")
+    assert storage_options(f"s3://private_tls@{drop}/night")["verify"] == "false"
+    assert open_storage_for(f"s3://private_tls@{drop}/night").read_bytes("a.jpg") == b"jpeg"
+
+
+def test_a_missing_ca_bundle_is_refused_naming_the_option(s3_server, drop, monkeypatch, tmp_path):
+    _aws_conn(monkeypatch, "private_tls", s3_server.key, s3_server.secret,
+              endpoint_url=s3_server.https_endpoint_url, verify=str(tmp_path / "none.pem"))
+    with pytest.raises(StorageConfigError, match="storage option verify: no CA bundle file at"):
+        open_storage_for(f"s3://private_tls@{drop}/night")

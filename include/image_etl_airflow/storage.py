@@ -6,7 +6,8 @@ region) and never reads Airflow connections; this module derives them, the way A
 named in the URL (``s3://conn_id@bucket/prefix``), else ``IMAGE_ETL_STORAGE_CONN_ID`` (default
 ``aws_default``), read through the Amazon provider's ``AwsConnectionWrapper`` (login = key id,
 password = secret, extra ``endpoint_url`` / ``service_config.s3.endpoint_url`` for
-S3-compatible servers, extra ``region_name``, ``aws_session_token``). A connection with a
+S3-compatible servers, extra ``region_name``, ``aws_session_token``, and ``verify``: the path
+of the CA bundle that signed a private endpoint's certificate, or false). A connection with a
 ``role_arn`` or a ``profile_name`` and no key gets the provider's session credentials (temporary:
 they last as long as the provider's session, usually an hour).
 
@@ -116,7 +117,10 @@ def _options_from_connection(conn: Any, conn_id: str) -> dict[str, Any]:
     options = {"key": key, "secret": secret, "token": token,
                "endpoint_url": wrapper.get_service_endpoint_url("s3"),
                "region_name": wrapper.region_name}
-    return {k: v for k, v in options.items() if v}
+    options = {k: v for k, v in options.items() if v}
+    if wrapper.verify is not None:  # extra "verify": a CA bundle's path, or false
+        options["verify"] = wrapper.verify
+    return options
 
 
 def _session_credentials(conn_id: str) -> tuple[str | None, str | None, str | None]:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from image_etl.storage.base import Entry, Storage, Walk, has_extension, hidden_part
@@ -49,20 +50,25 @@ class S3Options:
     token: str | None = dataclasses.field(default=None, repr=False)
     endpoint_url: str | None = None
     region_name: str | None = None
+    # TLS: None, botocore's default (the system's CAs); a path, the CA bundle that signed a
+    # private endpoint's certificate; False, no verification (the connection's owner asked).
+    verify: bool | str | None = None
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> S3Options:
-        """From a plain dict (``key``, ``secret``, ``token``, ``endpoint_url``, ``region_name``)."""
+        """From a plain dict (``key``, ``secret``, ``token``, ``endpoint_url``, ``region_name``,
+        ``verify``)."""
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:  # name the option, never its value
             raise StorageConfigError(f"unknown storage option {unknown[0]!r} (known: "
                                      f"{', '.join(sorted(known))})")
+        verify = _verify(options.pop("verify", None))
         values = {k: (str(v) if v not in (None, "") else None) for k, v in options.items()}
         if bool(values.get("key")) != bool(values.get("secret")):
             raise StorageConfigError("storage options: a key needs its secret and a secret its key")
-        return cls(**values)
+        return cls(**values, verify=verify)
 
     def s3fs_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -88,9 +94,27 @@ class S3Options:
             kwargs["token"] = self.token
         if self.endpoint_url:
             kwargs["endpoint_url"] = self.endpoint_url
+        client: dict[str, Any] = {}
         if self.region_name:
-            kwargs["client_kwargs"] = {"region_name": self.region_name}
+            client["region_name"] = self.region_name
+        if self.verify is not None:
+            client["verify"] = self.verify
+        if client:
+            kwargs["client_kwargs"] = client
         return kwargs
+
+
+def _verify(value: Any) -> bool | str | None:
+    """The ``verify`` option as botocore takes it: True/False (also "true"/"false", as an
+    Airflow connection's extra may hold them), a CA bundle's path, or None (the default)."""
+    if value is None or value == "" or isinstance(value, bool):
+        return value if isinstance(value, bool) else None
+    text = str(value).strip()
+    if text.lower() in {"true", "false"}:
+        return text.lower() == "true"
+    if not Path(text).is_file():
+        raise StorageConfigError(f"storage option verify: no CA bundle file at {text}")
+    return text
 
 
 class S3Storage(Storage):
@@ -223,6 +247,11 @@ def translate(exc: BaseException, location: ObjectLocation, rel_path: str,
     if name in {"NoCredentialsError", "PartialCredentialsError"}:
         return StorageConfigError(f"{where}: no credentials: give the storage connection a key "
                                   "and secret, or run with an instance role")
+    if name in {"SSLError", "ClientConnectorCertificateError", "ClientSSLError",
+                "SSLCertVerificationError"}:
+        return StorageError(f"{where}: TLS with {endpoint_url or 'the AWS endpoint'} failed "
+                            f"({name}): if the endpoint's certificate is signed by a private CA, "
+                            "give the storage connection's extra \"verify\" that CA bundle's path")
     if name in {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
                 "ReadTimeoutError", "ClientConnectorError", "ServerDisconnectedError"}:
         return StorageError(f"{where}: cannot reach the storage endpoint "
