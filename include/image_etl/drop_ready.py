@@ -22,7 +22,7 @@ from image_etl.run_settings import RunSettings
 from image_etl.settings import check
 from image_etl.storage.location import location_text, shown
 
-__all__ = ["DropGate", "drop_gate", "marker_exists", "shown"]
+__all__ = ["DropGate", "drop_gate", "marker_exists"]
 
 # The gate needs only the drop folder: ``{model}`` in output_dir is filled with this instead of
 # hashing the weights (which need not be on the host that waits).

@@ -48,8 +48,8 @@ class DropReadyTrigger(BaseTrigger):
                  "poll_s": self.poll_s})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from image_etl.drop_ready import marker_exists, shown
-        from image_etl.storage import StorageError
+        from image_etl.drop_ready import marker_exists
+        from image_etl.storage import StorageError, shown
         from image_etl_airflow.storage import storage_options_async
 
         try:

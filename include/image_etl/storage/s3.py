@@ -249,9 +249,14 @@ def translate(exc: BaseException, location: ObjectLocation, rel_path: str,
                                   "and secret, or run with an instance role")
     if name in {"SSLError", "ClientConnectorCertificateError", "ClientSSLError",
                 "SSLCertVerificationError"}:
-        return StorageError(f"{where}: TLS with {endpoint_url or 'the AWS endpoint'} failed "
-                            f"({name}): if the endpoint's certificate is signed by a private CA, "
-                            "give the storage connection's extra \"verify\" that CA bundle's path")
+        # An untrusted certificate stays untrusted on a retry (a configuration error); another
+        # TLS failure (a handshake cut short) may pass the next time.
+        untrusted = "CERTIFICATE_VERIFY_FAILED" in str(exc).upper().replace(" ", "_")
+        return (StorageConfigError if untrusted else StorageError)(
+            f"{where}: TLS with {endpoint_url or 'the AWS endpoint'} failed ({name}"
+            f"{': certificate not trusted' if untrusted else ''}): if the endpoint's certificate "
+            "is signed by a private CA, give the storage connection's extra \"verify\" that CA "
+            "bundle's path")
     if name in {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
                 "ReadTimeoutError", "ClientConnectorError", "ServerDisconnectedError"}:
         return StorageError(f"{where}: cannot reach the storage endpoint "
