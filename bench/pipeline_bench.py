@@ -919,11 +919,15 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     total = sum(len(o) for o in orders)
     server = contextlib.ExitStack()
-    if any(VARIANTS[v].storage == "s3" for v in variants):
+    # The server's drop: as many images as the largest S3 run asks for, memory check included.
+    s3_counts = [args.sliced_count if is_sliced(v) else args.count for v in variants
+                 if VARIANTS[v].storage == "s3"]
+    s3_counts += [max(args.memory_counts) for v in args.memory_variants
+                  if run_memory and VARIANTS[v].storage == "s3"]
+    if s3_counts:
         from s3_drop import s3_drop
 
-        count = max(args.sliced_count if is_sliced(v) else args.count for v in variants
-                    if VARIANTS[v].storage == "s3")
+        count = max(s3_counts)
         print(f"object storage: starting SeaweedFS (weed mini) and uploading {count} images ...",
               flush=True)
         info = server.enter_context(s3_drop(drop_tasks(drop, count), args.server_core))
@@ -933,9 +937,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "others)"), flush=True)
     with server:
         runs += _run_all(args, orders, drop, total)
-
-    memory = [memory_check(args, v, drop, len(list(drop.glob("*.jpg"))))
-              for v in args.memory_variants] if run_memory else []
+        memory = [memory_check(args, v, drop, len(list(drop.glob("*.jpg"))))
+                  for v in args.memory_variants] if run_memory else []
 
     summary = summarise(runs, variants, args.device)
     goals = targets(summary, memory, args.server_core)
