@@ -131,6 +131,24 @@ def test_the_trigger_ends_at_once_on_refused_credentials_or_a_missing_bucket(s3_
     assert "bucket 'no-such-bucket-9q' does not exist" in event["message"]
 
 
+def test_the_trigger_keeps_looking_past_an_unreachable_endpoint(s3_server, monkeypatch):
+    """A storage endpoint that does not answer (a restart, a network blip) is not the end of
+    the wait: the trigger logs it and looks again until its deadline."""
+    import socket
+
+    from image_etl_airflow.drop_gate import DropReadyTrigger
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("AIRFLOW_CONN_GATE_STORE", json.dumps(
+        {"conn_type": "aws", "login": s3_server.key, "password": s3_server.secret,
+         "extra": {"endpoint_url": f"http://127.0.0.1:{port}"}}))
+    event = asyncio.run(_first_event(DropReadyTrigger("s3://gate_store@drops/n", "_SUCCESS",
+                                                      time.time() + 2, poll_s=0.5)))
+    assert event == {"status": "timeout"}
+
+
 def test_not_ready_is_not_retried():
     assert DropNotReadyError in NOT_RETRYABLE
 
