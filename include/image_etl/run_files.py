@@ -91,24 +91,6 @@ def exists(text: str, open_: Opener) -> bool:
 
 
 @contextlib.contextmanager
-def local_copies(texts: list[str], open_: Opener) -> Iterator[list[Path]]:
-    """Local paths of ``texts``: a local file as it is, an object copied into a temporary
-    folder (removed on leaving) for the readers that take paths (the staging loaders)."""
-    with tempfile.TemporaryDirectory(prefix="image_etl_objects_") as tmp:
-        paths = []
-        for k, text in enumerate(texts):
-            where = parse_location(text)
-            if isinstance(where, Path):
-                paths.append(where)
-                continue
-            storage, name = file_at(text, open_)
-            local = Path(tmp) / f"{k:05d}-{name}"
-            local.write_bytes(storage.read_bytes(name))
-            paths.append(local)
-        yield paths
-
-
-@contextlib.contextmanager
 def local_run(discovered: Mapping[str, Any], results: list[Mapping[str, Any] | None],
               plan: list[Mapping[str, Any]] | None, open_: Opener
               ) -> Iterator[tuple[dict[str, Any], list[Mapping[str, Any] | None],
