@@ -107,9 +107,11 @@ class S3Options:
 def _verify(value: Any) -> bool | str | None:
     """The ``verify`` option as botocore takes it: True/False (also "true"/"false", as an
     Airflow connection's extra may hold them), a CA bundle's path, or None (the default)."""
-    if value is None or value == "" or isinstance(value, bool):
-        return value if isinstance(value, bool) else None
+    if value is None or isinstance(value, bool):
+        return value
     text = str(value).strip()
+    if not text:
+        return None
     if text.lower() in {"true", "false"}:
         return text.lower() == "true"
     if not Path(text).is_file():
