@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,20 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     """If pytest itself is killed, the direct child gets SIGTERM (Linux prctl PDEATHSIG)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """A CI timeout sends SIGTERM: raise it as KeyboardInterrupt inside, so that every ``with``
+    around a stack stops its processes on the way out. The previous handler is back after."""
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float, poll_s: float = 1.0,

@@ -18,6 +18,7 @@ from image_etl.errors import NOT_RETRYABLE, DropNotReadyError, SettingsError
 from image_etl.storage import StorageAccessError
 
 from .test_dag import _day_run, _state, _task_instances, dag, dag_env  # noqa: F401  (fixtures)
+from .test_storage_airflow import _aws_conn
 
 DAY = dt.date(2026, 6, 1)
 
@@ -84,10 +85,11 @@ def test_the_trigger_fires_when_the_marker_appears_and_at_its_deadline(tmp_path)
     assert DropReadyTrigger(**kwargs).deadline == late.deadline
 
 
-def _bucket_conn(monkeypatch, s3_server, secret: str | None = None) -> None:
-    monkeypatch.setenv("AIRFLOW_CONN_GATE_STORE", json.dumps(
-        {"conn_type": "aws", "login": s3_server.key, "password": secret or s3_server.secret,
-         "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region}}))
+def _bucket_conn(monkeypatch, s3_server, secret: str | None = None, **extra) -> None:
+    """The connection ``gate_store`` to the test server (its endpoint unless ``extra`` says)."""
+    _aws_conn(monkeypatch, "gate_store", s3_server.key, secret or s3_server.secret,
+              **{"endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region,
+                 **extra})
 
 
 def test_the_trigger_waits_on_a_bucket_through_the_urls_connection(s3_server, monkeypatch):
@@ -141,9 +143,7 @@ def test_the_trigger_keeps_looking_past_an_unreachable_endpoint(s3_server, monke
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    monkeypatch.setenv("AIRFLOW_CONN_GATE_STORE", json.dumps(
-        {"conn_type": "aws", "login": s3_server.key, "password": s3_server.secret,
-         "extra": {"endpoint_url": f"http://127.0.0.1:{port}"}}))
+    _bucket_conn(monkeypatch, s3_server, endpoint_url=f"http://127.0.0.1:{port}")
     event = asyncio.run(_first_event(DropReadyTrigger("s3://gate_store@drops/n", "_SUCCESS",
                                                       time.time() + 2, poll_s=0.5)))
     assert event == {"status": "timeout"}

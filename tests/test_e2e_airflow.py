@@ -37,7 +37,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import struct
 import time
@@ -50,7 +49,14 @@ import pytest
 from image_etl import synth
 from image_etl.settings import SETTINGS
 
-from .airflow_stack import DEFAULT_QUEUE, GPU_QUEUE, AirflowStack, Chromium, wait_for
+from .airflow_stack import (
+    DEFAULT_QUEUE,
+    GPU_QUEUE,
+    AirflowStack,
+    Chromium,
+    sigterm_as_interrupt,
+    wait_for,
+)
 from .conftest import DEMO_MODEL, ROOT
 from .dbrows import result_rows as _rows
 from .pg import PostgresUnavailable, fresh_database
@@ -123,13 +129,9 @@ def e2e(tmp_path_factory):
     logs = ARTIFACTS / "e2e"
     shutil.rmtree(logs, ignore_errors=True)
 
-    # A CI timeout sends SIGTERM: turn it into an exception so that every process is stopped.
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        with fresh_database() as metadata_url, fresh_database() as results_url:
+        with sigterm_as_interrupt(), fresh_database() as metadata_url, \
+                fresh_database() as results_url:
             env = {
                 # Airflow maps postgresql:// to its "postgres" connection type.
                 "AIRFLOW_CONN_IMAGE_ETL_DB": results_url.replace("postgresql+psycopg2://", "postgresql://"),
@@ -153,8 +155,6 @@ def e2e(tmp_path_factory):
             assert stack.strays() == [], "processes of the stack outlived stop()"
     except PostgresUnavailable as e:
         _unavailable(f"PostgreSQL is not available: {e}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --- helpers -----------------------------------------------------------------------------------

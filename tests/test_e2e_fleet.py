@@ -29,7 +29,6 @@ import dataclasses
 import datetime as dt
 import json
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,14 @@ import pytest
 
 from image_etl import synth
 
-from .airflow_stack import DEFAULT_QUEUE, GPU_QUEUE, AirflowStack, Worker, wait_for
+from .airflow_stack import (
+    DEFAULT_QUEUE,
+    GPU_QUEUE,
+    AirflowStack,
+    Worker,
+    sigterm_as_interrupt,
+    wait_for,
+)
 from .conftest import DEMO_MODEL, ROOT
 from .dbrows import result_rows
 from .pg import PostgresUnavailable, fresh_database
@@ -111,12 +117,9 @@ def fleet(tmp_path_factory, s3_server: S3Server):
     hosts = {name: base / "hosts" / name for name in (*GPU_WORKERS, "cpu")}
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        with fresh_database() as metadata_url, fresh_database() as results_url:
+        with sigterm_as_interrupt(), fresh_database() as metadata_url, \
+                fresh_database() as results_url:
             connection = {"conn_type": "aws", "login": s3_server.key, "password": s3_server.secret,
                           "extra": {"endpoint_url": s3_server.endpoint_url,
                                     "region_name": s3_server.region}}
@@ -153,8 +156,6 @@ def fleet(tmp_path_factory, s3_server: S3Server):
             assert stack.strays() == [], "processes of the stack outlived stop()"
     except PostgresUnavailable as e:
         _unavailable(f"PostgreSQL is not available: {e}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --- helpers -----------------------------------------------------------------------------------
