@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from image_etl.discover import IMAGE_EXTENSIONS
+from image_etl.discover import IMAGE_EXTENSIONS, list_images
 from image_etl.storage import (
     BucketNotFoundError,
     LocalStorage,
@@ -97,16 +97,23 @@ def test_s3_listing_pages_past_1000_keys(s3_server, bucket):
 
 
 def test_s3_settle_by_last_modified(s3_server, bucket):
-    """An object's LastModified is its mtime: a just-written one is younger than settle_s."""
+    """An object's LastModified is its mtime, so a just-written one is left unsettled.
+
+    LastModified has whole seconds (S3 truncates), so the bounds allow for that and the settle
+    rule is checked at a chosen ``now``: a real clock made it flaky on a slow listing."""
+    before_old = time.time()
     _put(s3_server, bucket, {"n/old.jpg": b"1"})
     time.sleep(2.2)
+    before_new = time.time()
     _put(s3_server, bucket, {"n/new.jpg": b"2"})
-    files = {e.rel_path: e for e in
-             open_storage(f"s3://{bucket}/n", s3_server.options()).walk(IMAGE_EXTENSIONS).files}
-    assert files["new.jpg"].mtime - files["old.jpg"].mtime >= 1.0
-    now = time.time()
-    settled = [r for r, e in files.items() if now - e.mtime >= 1.5]
-    assert settled == ["old.jpg"]
+    after_new = time.time()
+    store = open_storage(f"s3://{bucket}/n", s3_server.options())
+    files = {e.rel_path: e for e in store.walk(IMAGE_EXTENSIONS).files}
+    assert int(before_old) <= files["old.jpg"].mtime <= before_new
+    assert int(before_new) <= files["new.jpg"].mtime <= after_new
+    listing = list_images(store, settle_s=1.0, now=files["new.jpg"].mtime + 0.5)
+    assert [i.rel_path for i in listing.images] == ["old.jpg"]
+    assert listing.unsettled == ["new.jpg"]
 
 
 def test_s3_empty_drop_is_zero_objects(s3_server, bucket):
