@@ -173,9 +173,14 @@ def test_a_writer_stuck_at_shutdown_is_an_error_naming_it_then_the_process_ends(
     watchdog = Watchdog(3.0, on_stall=recorder)
     start = time.monotonic()
     try:
-        with pytest.raises(StageStuckError, match=r"^writer stage stuck: 1 job\(s\) still running"):
+        with pytest.raises(StageStuckError, match=r"^writer stage stuck: 1 job\(s\) still running"
+                           ) as stuck:
             run_shard(tasks, cpu_model, InferSettings(batch_size=4), OutputLayout(tmp_path),
                       sink=sink, watchdog=watchdog)
+        # The join gives up before the watchdog would fire on the shutdown mark, so the error
+        # (not the watchdog's "stalled in stage 'shutdown'") is what names the writer.
+        waited_s = float(re.search(r"still running after ([0-9.]+) s", str(stuck.value))[1])
+        assert waited_s < watchdog.limit_s
         assert time.monotonic() - start < 30
         assert len(sink.written) == len(tasks) - 1
         assert recorder.fired.wait(10), "the watchdog let a process with a stuck thread live on"

@@ -68,6 +68,8 @@ from image_etl.watchdog import Watchdog, stall_limit_s
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+JOIN_SHARE_OF_STALL_LIMIT = 0.75  # a stage's join at shutdown waits this share of the stall limit
+
 # Object reads ahead of the decoders: enough concurrent GETs that decoding, not the network, is
 # the bound. A GET of a few MB takes ~50-100 ms on a cloud object store, an exact decode ~90 ms
 # of a core: two reads in flight per decode thread keep the decoders fed with room to spare
@@ -162,7 +164,9 @@ class _Shard:
         progress = ProgressLog(sum(not p.replay for p in self.picked), report,
                                self.settings.progress_every_s)
         mark = self.watchdog.mark
-        stuck_after = self.watchdog.limit_s  # a join that long without progress is stuck
+        # A join that long without progress is stuck. It gives up before the watchdog would
+        # (both count from the shutdown mark), so the error names the stuck stage.
+        stuck_after = JOIN_SHARE_OF_STALL_LIMIT * self.watchdog.limit_s
         try:
             with Writers(self._write, count=self.writers, capacity=self.write_capacity,
                          join_timeout_s=stuck_after) as out, \
