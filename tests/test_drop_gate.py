@@ -72,8 +72,8 @@ def test_the_trigger_fires_when_the_marker_appears_and_at_its_deadline(tmp_path)
     from image_etl_airflow.drop_gate import DropReadyTrigger
 
     folder = tmp_path / "2026-06-01"
+    started = time.monotonic()  # before the timer starts: a late start would shorten the wait
     threading.Timer(0.6, lambda: (folder.mkdir(), (folder / "_SUCCESS").write_text(""))).start()
-    started = time.monotonic()
     trigger = DropReadyTrigger(str(folder), "_SUCCESS", time.time() + 30, poll_s=0.1)
     assert asyncio.run(_first_event(trigger)) == {"status": "ready"}
     assert 0.5 < time.monotonic() - started < 10

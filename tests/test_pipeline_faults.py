@@ -243,8 +243,8 @@ def test_writers_bound_the_queue_and_raise_a_job_error_in_put():
             writers.put(0)
             writers.put(1)
             blocked = threading.Timer(0.3, gate.set)  # put(2) must wait for a free slot
+            t0 = time.perf_counter()  # before the timer starts: a late t0 would shorten the wait
             blocked.start()
-            t0 = time.perf_counter()
             writers.put(2)
             assert time.perf_counter() - t0 >= 0.25
             blocked.join()

@@ -149,8 +149,8 @@ def test_postgres_engines_have_connect_and_statement_timeouts(pg_url, monkeypatc
             assert conn.exec_driver_sql("SHOW search_path").scalar() == "elsewhere"
             started = time.monotonic()
             with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
-                conn.exec_driver_sql("SELECT pg_sleep(5)")
-            assert time.monotonic() - started < 2
+                conn.exec_driver_sql("SELECT pg_sleep(60)")
+            assert time.monotonic() - started < 20  # wide: the server shares a busy machine
     finally:
         engine.dispose()
     # The URL's (the connection's extras') own values win.
@@ -206,5 +206,6 @@ def test_a_server_that_never_answers_fails_the_connect_within_its_timeout(black_
     assert not worker.is_alive(), "the connect to a server that never answers did not time out"
     [error] = outcome
     assert isinstance(error, StoreError) and "timeout expired" in str(error), error
-    assert secret not in str(error) and 1.5 < took < 5, took
+    # Wide bounds (a busy machine; libpq before 17 rounds the timeout to whole seconds).
+    assert secret not in str(error) and 1.0 < took < 10, took
     engine.dispose()
