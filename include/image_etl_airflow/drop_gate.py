@@ -49,6 +49,7 @@ class DropReadyTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from image_etl.drop_ready import marker_exists
+        from image_etl.errors import NOT_RETRYABLE
         from image_etl.storage import StorageError, shown
         from image_etl_airflow.storage import storage_options_async
 
@@ -63,7 +64,7 @@ class DropReadyTrigger(BaseTrigger):
                 # stall the triggerer's loop.
                 found = await asyncio.to_thread(marker_exists, self.folder, self.marker, options)
             except StorageError as exc:
-                if type(exc) is not StorageError:  # refused, missing, misconfigured: final
+                if isinstance(exc, NOT_RETRYABLE):  # refused, missing, misconfigured: final
                     yield _error_event(exc)
                     return
                 self.log.warning("%s; looking again in %gs", exc, self.poll_s)
