@@ -53,6 +53,11 @@ class S3Server:
         opts.update(changes)
         return opts
 
+    def boto_env(self) -> dict[str, str]:
+        """The server through boto's own environment variables (code that reads no options)."""
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region}
+
     def client(self):
         import boto3
 

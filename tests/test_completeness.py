@@ -176,10 +176,7 @@ def test_a_refused_bucket_load_says_where_the_copied_files_live(drop, tmp_path, 
                                                                  monkeypatch):
     """The load reads a bucket's run folder from a temporary copy; an error naming a copied
     file also names the run folder in the bucket it came from."""
-    for name, value in {"AWS_ACCESS_KEY_ID": s3_server.key,
-                        "AWS_SECRET_ACCESS_KEY": s3_server.secret,
-                        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
-                        "AWS_DEFAULT_REGION": s3_server.region}.items():
+    for name, value in s3_server.boto_env().items():
         monkeypatch.setenv(name, value)
     bucket = s3_server.new_bucket()
     db = f"sqlite:///{tmp_path / 'results.db'}"

@@ -27,8 +27,7 @@ def _env(s3_server, **changes: str) -> dict[str, str]:
     """The CLI reaches the bucket through boto's own environment (no Airflow here)."""
     paths = [str(ROOT / "include"), str(ROOT / "plugins"), str(ROOT)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "YOLO_OFFLINE": "1",
-           "AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret,
-           "AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": s3_server.region}
+           **s3_server.boto_env()}
     env.update(changes)
     return env
 
